@@ -1,0 +1,91 @@
+"""Estimators: turn losses at perturbed weights into projected gradients (scalars) and seeds.
+
+An estimate is q pairs (seed_k, g_k); the gradient estimate it stands for is (1/q)·Σ_k g_k·z(seed_k),
+which is never materialized. Estimators leave the weights perturbed at `Estimate.pending` so the
+update can restore and step in the same pass (see `ParameterSpace.transition`).
+
+Cost per call, with q queries (the update then regenerates each z_k once more, restoring the
+pending offset in the same pass; MeZO with q = 1 totals 2 forwards and 3 regenerations a step):
+
+| estimator | forward passes | passes regenerating z |
+|-----------|----------------|-----------------------|
+| two-sided | 2q             | 3q - 1                |
+| one-sided | q + 1          | 2q - 1                |
+
+Neither keeps anything the size of the model: memory is one block of z per thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .directions import Offset, ParameterSpace
+
+Closure = Callable[[], "float | torch.Tensor"]
+
+
+@dataclass
+class Estimate:
+    seeds: list[int]
+    grads: list[float]  # projected gradients g_k, one per seed
+    loss: float  # the loss to report: mean of all evaluated losses (≈ L(θ) up to O(ε²))
+    forward_passes: int
+    pending: Offset | None = None  # where the estimator left the weights
+    losses: list[float] = field(default_factory=list)
+
+
+def evaluate(closure: Closure) -> float:
+    """Call the closure (a forward pass with no backward) and return its loss as a finite float."""
+    value = closure()
+    loss = float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the closure returned a non-finite loss ({loss})")
+    return loss
+
+
+def two_sided(
+    space: ParameterSpace, closure: Closure, seeds: Sequence[int], eps: float
+) -> Estimate:
+    """SPSA (MeZO): g_k = (L(θ + εz_k) - L(θ - εz_k)) / 2ε."""
+    grads, losses, pending = [], [], None
+    try:
+        for s in seeds:
+            space.transition(pending, Offset(s, eps))
+            pending = Offset(s, eps)
+            plus = evaluate(closure)
+            space.transition(pending, Offset(s, -eps))
+            pending = Offset(s, -eps)
+            minus = evaluate(closure)
+            grads.append((plus - minus) / (2 * eps))
+            losses += [plus, minus]
+    except BaseException:
+        space.transition(pending, None)  # never leave the model perturbed
+        raise
+    return Estimate(list(seeds), grads, sum(losses) / len(losses), len(losses), pending, losses)
+
+
+def one_sided(
+    space: ParameterSpace, closure: Closure, seeds: Sequence[int], eps: float
+) -> Estimate:
+    """g_k = (L(θ + εz_k) - L(θ)) / ε, with L(θ) evaluated once and shared by the q queries."""
+    pending = None
+    base = evaluate(closure)
+    grads, losses = [], [base]
+    try:
+        for s in seeds:
+            space.transition(pending, Offset(s, eps))
+            pending = Offset(s, eps)
+            plus = evaluate(closure)
+            grads.append((plus - base) / eps)
+            losses.append(plus)
+    except BaseException:
+        space.transition(pending, None)
+        raise
+    return Estimate(list(seeds), grads, base, len(losses), pending, losses)
+
+
+ESTIMATORS = {"two-sided": two_sided, "one-sided": one_sided}

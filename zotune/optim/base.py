@@ -1,0 +1,156 @@
+"""The zeroth-order optimizer shell: param groups, `step(closure)`, seeds and the trajectory.
+
+A `ZOOptimizer` is a `torch.optim.Optimizer`, so param groups, `state_dict` and the
+`torch.optim.lr_scheduler` classes work as users expect. A method is a composition of three parts:
+a direction law (directions.py), an estimator (estimators.py) and an update rule (rules.py).
+`step` asks the estimator for scalars, writes a trajectory record, then applies the record;
+`replay` applies the same records without any forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..directions import DIRECTIONS, Block, Offset, ParameterSpace, derive_seed
+from ..estimators import ESTIMATORS, Closure, Estimate
+from ..rules import Rule, new_state
+from ..trajectory import Trajectory
+
+
+def _check(name: str, value: float, *, positive: bool = False) -> None:
+    bad = not math.isfinite(value) or value < 0 or (positive and value == 0)
+    if bad:
+        need = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {need}, got {value}")
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class of zeroth-order optimizers (see the subclasses for update rules and costs).
+
+    Args:
+        params: parameters or param groups (dicts may set `lr` and `weight_decay`).
+        lr: learning rate η (a torch LR scheduler may change it between steps).
+        eps: perturbation scale ε.
+        weight_decay: λ, applied per group (see `zotune.optim.param_groups` to skip norms/biases).
+        queries: q, the number of random directions averaged per step.
+        estimator: "two-sided" or "one-sided".
+        direction: "gaussian" or "rademacher".
+        seed: seeds every step's directions; the same seed and data give the same run.
+        threads: worker threads for the perturbation loop (default: up to 2).
+    """
+
+    name = "zo"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        rule: Rule,
+        *,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        queries: int = 1,
+        estimator: str = "two-sided",
+        direction: str = "gaussian",
+        seed: int = 0,
+        threads: int | None = None,
+        **config: Any,
+    ):
+        _check("lr", lr)
+        _check("eps", eps, positive=True)
+        _check("weight_decay", weight_decay)
+        if int(queries) != queries or queries < 1:
+            raise ValueError(f"queries must be an integer >= 1, got {queries}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction '{direction}': choose one of {', '.join(DIRECTIONS)}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.rule, self.eps, self.queries, self.seed = rule, eps, int(queries), seed
+        self.estimator = estimator
+        self.config = dict(
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            queries=int(queries),
+            estimator=estimator,
+            direction=direction,
+            seed=seed,
+            **config,
+        )
+        tensors, self._group_of = [], []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                tensors.append(p)
+                self._group_of.append(gi)
+        self.space = ParameterSpace(tensors, direction=direction, mask=self.mask(), threads=threads)
+        self.steps = 0
+        self.forward_passes = 0
+        self.trajectory = Trajectory(self.name, self.config, tensors)
+        self.trajectory.groups = list(self._group_of)
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def mask(self):
+        """A `directions.Mask` restricting z, or None (dense)."""
+        return None
+
+    def estimate(self, closure: Closure, seeds: list[int]) -> Estimate:
+        return ESTIMATORS[self.estimator](self.space, closure, seeds, self.eps)
+
+    def coefficients(self, record: dict[str, Any]) -> list[tuple[int, float]]:
+        """ĝ = Σ c_k z_k for one record; default: the mean over queries."""
+        q = len(record["seeds"])
+        return [(s, g / q) for s, g in zip(record["seeds"], record["grads"])]
+
+    # -- the step ---------------------------------------------------------------------------
+    def step_seeds(self) -> list[int]:
+        return [derive_seed(self.seed, self.steps, k) for k in range(self.queries)]
+
+    @torch.no_grad()
+    def step(self, closure: Closure) -> float:  # type: ignore[override]
+        """One step: call `closure` (a forward pass returning the loss, no backward) as the
+        estimator needs, update the parameters in place, and return the step's loss."""
+        if closure is None:
+            raise ValueError("zeroth-order optimizers need a closure that returns the loss")
+        est = self.estimate(closure, self.step_seeds())
+        record = {
+            "seeds": est.seeds,
+            "grads": est.grads,
+            "lr": [g["lr"] for g in self.param_groups],
+            "wd": [g["weight_decay"] for g in self.param_groups],
+        }
+        self.apply(record, est.pending)
+        self.forward_passes += est.forward_passes
+        return est.loss
+
+    def apply(self, record: dict[str, Any], pending: Offset | None = None) -> None:
+        """Apply one trajectory record, restoring `pending` in the same pass."""
+        coeffs = self.coefficients(record)
+        t = self.steps
+        if coeffs:
+
+            if self.rule.buffers:  # create state up front: blocks run on threads
+                for p in self.space.tensors:
+                    if p not in self.state:
+                        self.state[p] = new_state(self.rule, p)
+
+            def update(block: Block) -> None:
+                gi = self._group_of[block.index]
+                p = self.space.tensors[block.index]
+                state = self.state[p] if self.rule.buffers else {}
+                self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
+
+            self.space.transition(pending, None, update)
+        else:
+            self.space.transition(pending, None)
+        self.trajectory.append(record)
+        self.steps += 1
+
+    @property
+    def regenerations(self) -> float:
+        """Full passes of z drawn so far (MeZO: 3 per step)."""
+        return self.space.regenerations

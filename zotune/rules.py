@@ -1,0 +1,124 @@
+"""Update rules: what a step does with the gradient estimate ĝ = Σ_k c_k·z_k.
+
+A rule works one block at a time (see `directions.Block`): it reads θ0 and regenerates the z_k it
+needs, and rewrites θ0 in place. Rules with state keep dense float32 buffers per parameter in
+the optimizer's `state` (torch.optim convention), so their memory is stated per rule.
+
+| rule     | update                                                    | extra memory |
+|----------|-----------------------------------------------------------|--------------|
+| sgd      | θ ← θ - η(ĝ + λθ)                                         | none         |
+| momentum | m ← βm + ĝ;  θ ← θ - η(m + λθ)                            | 1 × params   |
+| sign     | θ ← θ - η(sign(ĝ) + λθ)                                   | none         |
+| adam     | m, v ← EMAs of ĝ, ĝ²;  θ ← θ - η(m̂/(√v̂ + δ) + λθ)        | 2 × params   |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .directions import Block
+
+Coeffs = Sequence[tuple[int, float]]  # (seed_k, c_k): ĝ = Σ c_k z(seed_k)
+
+
+def estimate(block: Block, coeffs: Coeffs) -> torch.Tensor:
+    """ĝ for one block, as a fresh float32 tensor."""
+    (seed, c), *rest = coeffs
+    g = block.z(seed) * c
+    for seed, c in rest:
+        g.add_(block.z(seed) * c)
+    return g
+
+
+def _decay(theta: torch.Tensor, lr: float, weight_decay: float) -> None:
+    if weight_decay:
+        theta.sub_(theta * (lr * weight_decay))
+
+
+class Rule:
+    name = "rule"
+    buffers: tuple[str, ...] = ()  # names of dense per-parameter state buffers
+
+    def apply(
+        self,
+        block: Block,
+        coeffs: Coeffs,
+        lr: float,
+        weight_decay: float,
+        state: dict[str, torch.Tensor],
+        step: int,
+    ) -> None:
+        raise NotImplementedError
+
+
+def _view(state: dict[str, torch.Tensor], name: str, block: Block) -> torch.Tensor:
+    return state[name].view(-1)[block.start : block.start + block.theta.numel()]
+
+
+class SGD(Rule):
+    name = "sgd"
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        g = estimate(block, coeffs)
+        _decay(block.theta, lr, weight_decay)
+        block.theta.sub_(g.mul_(lr))
+
+
+@dataclass
+class Momentum(Rule):
+    """Heavy-ball momentum as torch.optim.SGD(momentum=β, dampening=0)."""
+
+    beta: float = 0.9
+    name = "momentum"
+    buffers = ("momentum",)
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        g = estimate(block, coeffs)
+        m = _view(state, "momentum", block)
+        m.mul_(self.beta).add_(g)
+        _decay(block.theta, lr, weight_decay)
+        block.theta.sub_(m * lr)
+
+
+@dataclass
+class Sign(Rule):
+    """Element-wise sign of the estimate (ZO-Bench's paper); `official=True` uses sign(Σc_k)·z."""
+
+    official: bool = False
+    name = "sign"
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        if self.official:
+            g = estimate(block, [(s, 1.0 if c > 0 else -1.0 if c < 0 else 0.0) for s, c in coeffs])
+        else:
+            g = estimate(block, coeffs).sign_()
+        _decay(block.theta, lr, weight_decay)
+        block.theta.sub_(g.mul_(lr))
+
+
+@dataclass
+class Adam(Rule):
+    """Adam on ĝ (ZO-Adam), with bias correction; decoupled weight decay when λ > 0."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    delta: float = 1e-8
+    name = "adam"
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        g = estimate(block, coeffs)
+        m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
+        m.mul_(self.beta1).add_(g * (1 - self.beta1))
+        v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
+        t = step + 1
+        denom = (v / (1 - self.beta2**t)).sqrt_().add_(self.delta)
+        _decay(block.theta, lr, weight_decay)
+        block.theta.sub_((m / denom).mul_(lr / (1 - self.beta1**t)))
+
+
+def new_state(rule: Rule, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(param.shape, dtype=torch.float32, device=param.device) for name in rule.buffers}
