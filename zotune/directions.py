@@ -8,11 +8,15 @@ be processed in any order, and only one block of z exists at a time.
 
 `ParameterSpace.transition` is the hot loop. The weights are always either at θ0 (their true
 value) or at θ0 + c·z for one (seed, c) (`Offset`). A transition moves from one such point to
-another, optionally changing θ0 on the way (the update), in a single pass over the weights. To
-make every move exactly invertible in any precision (fp32, fp16, bf16), a perturbed element is
-kept only when subtracting c·z from it gives θ0 back bit for bit; the rare element whose rounding
-would not invert is left unperturbed for that query. All arithmetic is plain IEEE mul/add in
-float32 (no fused multiply-add), so results do not depend on vector widths or thread counts.
+another, optionally changing θ0 on the way (the update), in a single pass over the weights.
+Moves are exactly invertible in any precision (fp32, fp16, bf16): undoing θ0 + c·z computes
+(θ0 + c·z) - c·z, which gives θ0 back bit for bit except where rounding lost low bits (typically
+elements much smaller than c·z). Those elements' θ0 are kept aside while the weights are
+perturbed (one bit per element marks them, 1/32 of fp32 weights, plus their values: a few
+percent of elements at ε = 1e-3), and put back on the way home. A mask, when there is one, is
+kept as bits for the same span. Everything kept is freed when the weights return to θ0. All
+arithmetic is plain IEEE mul/add in float32 (no fused multiply-add), so results do not depend on
+vector widths or thread counts.
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ def make_direction(name: str | Direction) -> Direction:
 
 
 # A mask restricts z to some coordinates. It is called with (tensor key, block start, the
-# block's unperturbed values θ0 as float32) and returns a float32 0/1 tensor of the same size, or
-# None for "all". Masks must be computable from θ0 alone: they are recomputed at every use.
+# block's unperturbed values θ0 as float32) and returns a bool tensor of the same size, or None
+# for "all". Masks are computed from θ0 alone and recomputed at every use: none is stored.
 Mask = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 
@@ -101,24 +105,30 @@ class Offset:
 class Block:
     """One block of one tensor during a transition: θ0 as float32, and z for any seed on demand."""
 
-    __slots__ = ("index", "key", "start", "theta", "draws", "_space", "_z", "_mask")
+    __slots__ = ("index", "key", "start", "theta", "draws", "_space", "_raw", "_z", "_mask")
 
     def __init__(self, space: ParameterSpace, index: int, start: int, theta: torch.Tensor):
         self.index, self.key, self.start, self.theta = index, space.keys[index], start, theta
-        self._space, self._z, self._mask, self.draws = space, {}, None, 0
+        self._space, self._raw, self._z, self._mask, self.draws = space, {}, {}, None, 0
 
-    def z(self, seed: int) -> torch.Tensor:
-        """z for this block at `seed` (masked if the space has a mask); cached within the block."""
-        if seed not in self._z:
+    def raw_z(self, seed: int) -> torch.Tensor:
+        """z for this block at `seed`, before any mask; cached within the block."""
+        if seed not in self._raw:
             buf = torch.empty_like(self.theta)
-            gen = self._space._generator()
+            gen = self._space._generator(buf.device)
             gen.manual_seed(derive_seed(seed, self.key, self.start // BLOCK))
             self._space.direction.sample_(buf, gen)
             self.draws += 1
-            m = self.mask()
-            if m is not None:
-                buf.mul_(m)
-            self._z[seed] = buf
+            self._raw[seed] = buf
+        return self._raw[seed]
+
+    def z(self, seed: int) -> torch.Tensor:
+        """z at `seed`, masked by the space's mask evaluated at the current θ0."""
+        m = self.mask()
+        if m is None:
+            return self.raw_z(seed)
+        if seed not in self._z:
+            self._z[seed] = self.raw_z(seed) * m
         return self._z[seed]
 
     def mask(self) -> torch.Tensor | None:
@@ -127,6 +137,11 @@ class Block:
         if self._mask is None:
             self._mask = self._space.mask(self.key, self.start, self.theta)
         return self._mask
+
+    def theta_changed(self) -> None:
+        """θ0 was updated: masks (and so masked z) follow it."""
+        self._mask = None
+        self._z.clear()
 
 
 # An update rewrites block.theta (θ0) in place; it may read z for any seeds via block.z(seed).
@@ -156,13 +171,14 @@ class ParameterSpace:
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
+        self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
 
-    def _generator(self) -> torch.Generator:
-        gen = getattr(self._local, "gen", None)
-        if gen is None:
-            gen = self._local.gen = torch.Generator()
-        return gen
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gens = self._local.__dict__.setdefault("gens", {})
+        if device not in gens:
+            gens[device] = torch.Generator(device)
+        return gens[device]
 
     def blocks(self) -> list[tuple[int, int, int]]:
         return [
@@ -200,22 +216,31 @@ class ParameterSpace:
         theta = flat.to(torch.float32, copy=True)
         block = Block(self, index, lo, theta)
         if current is not None:
-            # θ0 = θ - c·z, exact by construction of the move that put us here (see module doc).
-            theta.sub_(block.z(current.seed) * current.scale)
-            _round_(theta, flat.dtype)
+            inexact, aside, mask = self._aside.pop((index, lo))
+            z = block.raw_z(current.seed)
+            if mask is not None:
+                z = z * _unpack(mask, theta.numel())
+            _round_(theta.sub_(z * current.scale), flat.dtype)
+            if aside is not None:
+                theta[_unpack(inexact, theta.numel())] = aside
         if update is not None:
             update(block)
             _round_(theta, flat.dtype)
-            if self.mask is not None:  # the mask, hence z, follows the new θ0
-                block._mask = None
-                block._z.clear()
+            block.theta_changed()
         if target is None:
             flat.copy_(theta)
             return block.draws
         step = block.z(target.seed) * target.scale
         moved = _round_(theta + step, flat.dtype)
-        back = _round_(moved - step, flat.dtype)
-        flat.copy_(torch.where(back == theta, moved, theta))
+        inexact = _round_(moved - step, flat.dtype) != theta
+        aside = theta[inexact] if bool(inexact.any()) else None
+        mask = block.mask()
+        self._aside[(index, lo)] = (
+            _pack(inexact) if aside is not None else None,
+            aside,
+            _pack(mask) if mask is not None else None,
+        )
+        flat.copy_(moved)
         return block.draws
 
 
@@ -224,3 +249,20 @@ def _round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype != torch.float32:
         x.copy_(x.to(dtype))
     return x
+
+
+_BITS = [1 << i for i in range(8)]
+
+
+def _pack(flags: torch.Tensor) -> torch.Tensor:
+    """Bool vector -> uint8 vector of 1/8 the length."""
+    pad = (-flags.numel()) % 8
+    if pad:
+        flags = torch.cat([flags, flags.new_zeros(pad)])
+    bits = torch.tensor(_BITS, dtype=torch.uint8, device=flags.device)
+    return (flags.view(-1, 8).to(torch.uint8) * bits).sum(1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
+    return (packed.unsqueeze(1) & bits).ne(0).view(-1)[:n]

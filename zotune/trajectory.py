@@ -46,7 +46,7 @@ class Trajectory:
             "config": self.config,
             "block": self.block,
             "tensors": [dict(t, group=g, name=n) for t, g, n in zip(self.tensors, self.groups, self.names)],
-            "records": self.records,
+            "records": _columns(self.records),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -59,6 +59,17 @@ class Trajectory:
         return path
 
 
+def _columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Store records column by column (smaller once compressed); absent values become None."""
+    keys = sorted({k for r in records for k in r})
+    return {"n": len(records), **{k: [r.get(k) for r in records] for k in keys}}
+
+
+def _rows(columns: dict[str, Any]) -> list[dict[str, Any]]:
+    n = columns.pop("n")
+    return [{k: v[i] for k, v in columns.items() if v[i] is not None} for i in range(n)]
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -69,6 +80,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a zotune trajectory ({e})") from None
     if data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file")
+    data["records"] = _rows(data["records"])
     return data
 
 

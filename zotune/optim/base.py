@@ -103,12 +103,16 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def coefficients(self, record: dict[str, Any]) -> list[tuple[int, float]]:
         """ĝ = Σ c_k z_k for one record; default: the mean over queries."""
-        q = len(record["seeds"])
-        return [(s, g / q) for s, g in zip(record["seeds"], record["grads"])]
+        q = len(record["grads"])
+        return [(s, g / q) for s, g in zip(self.seeds_of(record), record["grads"])]
+
+    def seeds_of(self, record: dict[str, Any]) -> list[int]:
+        """A record stores seeds only when they are not the default ones derived from the step."""
+        return record["seeds"] if "seeds" in record else self.step_seeds(len(record["grads"]))
 
     # -- the step ---------------------------------------------------------------------------
-    def step_seeds(self) -> list[int]:
-        return [derive_seed(self.seed, self.steps, k) for k in range(self.queries)]
+    def step_seeds(self, queries: int | None = None) -> list[int]:
+        return [derive_seed(self.seed, self.steps, k) for k in range(queries or self.queries)]
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
@@ -118,7 +122,6 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
         est = self.estimate(closure, self.step_seeds())
         record = {
-            "seeds": est.seeds,
             "grads": est.grads,
             "lr": [g["lr"] for g in self.param_groups],
             "wd": [g["weight_decay"] for g in self.param_groups],

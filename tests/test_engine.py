@@ -1,0 +1,259 @@
+"""The engine: directions, exact moves, estimators, MeZO, trajectories."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import zotune
+from zotune.directions import BLOCK, Offset, ParameterSpace, derive_seed
+from zotune.estimators import one_sided, two_sided
+from zotune.optim import build, param_groups
+
+
+def draw_z(shape, seed: int, key: int, direction: str = "gaussian") -> torch.Tensor:
+    """z for one tensor, read off by moving a zero tensor to 0 + 1·z."""
+    t = torch.zeros(shape)
+    ParameterSpace([t], keys=[key], direction=direction).transition(None, Offset(seed, 1.0))
+    return t
+
+
+def reference_z(shape, seed: int, key: int) -> torch.Tensor:
+    """A separate implementation of the documented law: block j of tensor k from derive_seed(s, k, j)."""
+    n = torch.Size(shape).numel()
+    parts = []
+    for j, lo in enumerate(range(0, n, BLOCK)):
+        g = torch.Generator().manual_seed(derive_seed(seed, key, j))
+        parts.append(torch.randn(min(BLOCK, n - lo), generator=g))
+    return torch.cat(parts).view(shape)
+
+
+def test_z_depends_only_on_seed_and_key():
+    a, b = torch.zeros(7, 5), torch.zeros(BLOCK + 11)  # b spans two blocks
+    ParameterSpace([a, b], keys=[0, 1]).transition(None, Offset(123, 1.0))
+    b2, a2 = torch.zeros(BLOCK + 11), torch.zeros(7, 5)
+    ParameterSpace([b2, a2], keys=[1, 0], threads=1).transition(None, Offset(123, 1.0))
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert torch.equal(b, draw_z(b.shape, 123, 1))  # alone, without the other tensor
+    assert torch.equal(a, reference_z(a.shape, 123, 0))
+    assert torch.equal(b, reference_z(b.shape, 123, 1))
+    assert not torch.equal(a, draw_z(a.shape, 124, 0))
+    assert not torch.equal(a, draw_z(a.shape, 123, 2))
+
+
+def test_directions_have_unit_variance():
+    g = draw_z((200_000,), 1, 0)
+    r = draw_z((200_000,), 1, 0, "rademacher")
+    assert abs(g.mean()) < 0.01 and abs(g.var() - 1) < 0.02
+    assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_perturb_and_restore_is_exact(dtype):
+    torch.manual_seed(0)
+    tensors = [(torch.randn(300, 70) * 0.05).to(dtype), torch.randn(BLOCK + 5).to(dtype)]
+    before = [t.clone() for t in tensors]
+    space = ParameterSpace(tensors)
+    eps = 1e-2 if dtype != torch.float32 else 1e-3
+    for seed in (1, 2, 3):
+        space.transition(None, Offset(seed, eps))
+        changed = sum((t != b).sum().item() for t, b in zip(tensors, before))
+        assert changed > 0.5 * sum(t.numel() for t in tensors)  # it really perturbs
+        space.transition(Offset(seed, eps), Offset(seed, -eps))
+        space.transition(Offset(seed, -eps), None)
+        for t, b in zip(tensors, before):
+            assert torch.equal(t, b)  # bit for bit
+
+
+def test_perturbation_is_theta_plus_eps_z():
+    torch.manual_seed(0)
+    t = torch.randn(1000)
+    orig = t.clone()
+    ParameterSpace([t]).transition(None, Offset(9, 1e-3))
+    assert torch.allclose(t, orig + 1e-3 * reference_z((1000,), 9, 0), atol=1e-7, rtol=0)
+
+
+def test_two_sided_estimator_is_unbiased_on_a_quadratic():
+    torch.manual_seed(0)
+    d = 40
+    a = torch.randn(d, d)
+    hess = a @ a.T / d + torch.eye(d)
+    b = torch.randn(d)
+    theta = torch.randn(d)
+    true_grad = hess @ theta + b
+    space = ParameterSpace([theta], threads=1)
+
+    def loss():
+        return 0.5 * theta @ hess @ theta + b @ theta
+
+    total = torch.zeros(d)
+    n = 1500
+    for s in range(n):
+        est = two_sided(space, loss, [s], 1e-3)
+        space.transition(est.pending, None)
+        total += est.grads[0] * reference_z((d,), s, 0)
+    cos = torch.nn.functional.cosine_similarity(total / n, true_grad, dim=0)
+    assert cos > 0.9
+
+
+def test_closure_call_counts():
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return model(x).pow(2).mean()
+
+    for queries, estimator, expected in [(1, "two-sided", 2), (3, "two-sided", 6), (3, "one-sided", 4)]:
+        calls.clear()
+        opt = build("mezo", model.parameters(), lr=1e-3, eps=1e-3, queries=queries, estimator=estimator)
+        opt.step(closure)
+        assert len(calls) == expected
+        assert opt.forward_passes == expected
+
+
+def test_mezo_regenerates_z_three_times_per_step():
+    model = nn.Sequential(nn.Linear(30, 30), nn.Linear(30, 1))
+    opt = build("mezo", model.parameters(), lr=1e-3, eps=1e-3)
+    x = torch.randn(4, 30)
+    for _ in range(5):
+        opt.step(lambda: model(x).sum())
+    assert opt.regenerations == 15
+
+
+def test_mezo_reduces_the_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    x = torch.randn(128, 10)
+    y = x @ torch.randn(10, 1)
+
+    def closure():
+        return nn.functional.mse_loss(model(x), y)
+
+    start = closure().item()
+    opt = build("mezo", model.parameters(), lr=2e-3, eps=1e-3, seed=1)
+    for _ in range(600):
+        opt.step(closure)
+    assert closure().item() < 0.3 * start
+    assert opt.state_dict()["state"] == {}  # ZO-SGD keeps no per-parameter state
+
+
+def test_one_mezo_step_matches_algorithm_1():
+    """A direct implementation of the paper's Algorithm 1, on the same seed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    ref = copy.deepcopy(model)
+    lr, eps, wd = 0.05, 1e-3, 0.1
+    groups = param_groups(model, wd)
+    opt = build("mezo", groups, lr=lr, eps=eps, seed=7)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+
+    ref_params = [p for g in param_groups(ref, wd) for p in g["params"]]
+    decays = [g["weight_decay"] for g in param_groups(ref, wd) for _ in g["params"]]
+    seed = derive_seed(7, 0, 0)
+    zs = [reference_z(p.shape, seed, k) for k, p in enumerate(ref_params)]
+    with torch.no_grad():
+        for p, z in zip(ref_params, zs):
+            p.add_(eps * z)
+        plus = nn.functional.mse_loss(ref(x), y).item()
+        for p, z in zip(ref_params, zs):
+            p.sub_(2 * eps * z)
+        minus = nn.functional.mse_loss(ref(x), y).item()
+        for p, z in zip(ref_params, zs):
+            p.add_(eps * z)
+        g = (plus - minus) / (2 * eps)
+        for p, z, d in zip(ref_params, zs, decays):
+            p.sub_(lr * (g * z + d * p))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_weight_decay_skips_norms_and_biases_by_module_type():
+    class FancyRMSNorm(nn.Module):  # like transformers' LlamaRMSNorm: not an nn.RMSNorm
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4, bias=False))
+    model.add_module("norm", FancyRMSNorm())
+    decay, no_decay = param_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def test_replay_rebuilds_weights_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    initial = copy.deepcopy(model)
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    opt = build("mezo", param_groups(model, 0.01), lr=1e-2, eps=1e-3, queries=2, seed=3)
+    opt.trajectory.name_tensors(model, opt.space.tensors)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    for _ in range(30):
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+        sched.step()
+    path = opt.trajectory.save(tmp_path / "run.traj")
+    assert zotune.replay(initial, path) == 30
+    for p, q in zip(model.parameters(), initial.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_trajectory_is_kilobytes(tmp_path):
+    w = torch.zeros(10)
+    opt = build("mezo", [w], lr=1e-3, eps=1e-3)
+    for i in range(2000):
+        opt.step(lambda i=i: float(w.sum()) + i * 1e-3)
+    path = opt.trajectory.save(tmp_path / "t.traj")
+    assert path.stat().st_size < 40_000
+    fresh = torch.zeros(10)
+    zotune.replay([fresh], path)
+    assert torch.equal(fresh, w)
+
+
+def test_bad_hyperparameters_are_rejected():
+    p = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="eps"):
+        build("mezo", p, lr=1e-3, eps=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        build("mezo", p, lr=-1.0)
+    with pytest.raises(ValueError, match="queries"):
+        build("mezo", p, queries=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        build("mezzo", p)
+    assert "mezo" in zotune.optim.available()
+
+
+def test_failing_closure_leaves_weights_restored():
+    w = nn.Parameter(torch.randn(50))
+    before = w.detach().clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return w.sum()
+
+    opt = build("mezo", [w], lr=1e-3, eps=1e-3)
+    with pytest.raises(RuntimeError):
+        opt.step(closure)
+    assert torch.equal(w.detach(), before)
+
+
+def test_one_sided_estimator_matches_finite_difference():
+    w = torch.tensor([1.0, -2.0, 0.5])
+    space = ParameterSpace([w], threads=1)
+
+    def loss():
+        return float((w**2).sum())
+
+    est = one_sided(space, loss, [5], 1e-3)
+    z = reference_z((3,), 5, 0)
+    space.transition(est.pending, None)
+    expected = (float(((w + 1e-3 * z) ** 2).sum()) - loss()) / 1e-3
+    assert est.grads[0] == pytest.approx(expected, rel=1e-3)
