@@ -108,9 +108,15 @@ def test_closure_call_counts():
         calls.append(1)
         return model(x).pow(2).mean()
 
-    for queries, estimator, expected in [(1, "two-sided", 2), (3, "two-sided", 6), (3, "one-sided", 4)]:
+    for queries, estimator, expected in [
+        (1, "two-sided", 2),
+        (3, "two-sided", 6),
+        (3, "one-sided", 4),
+    ]:
         calls.clear()
-        opt = build("mezo", model.parameters(), lr=1e-3, eps=1e-3, queries=queries, estimator=estimator)
+        opt = build(
+            "mezo", model.parameters(), lr=1e-3, eps=1e-3, queries=queries, estimator=estimator
+        )
         opt.step(closure)
         assert len(calls) == expected
         assert opt.forward_passes == expected

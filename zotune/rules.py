@@ -121,4 +121,7 @@ class Adam(Rule):
 
 
 def new_state(rule: Rule, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {name: torch.zeros(param.shape, dtype=torch.float32, device=param.device) for name in rule.buffers}
+    return {
+        name: torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        for name in rule.buffers
+    }

@@ -25,7 +25,9 @@ class Trajectory:
         from .directions import BLOCK
 
         self.method, self.config = method, dict(config)
-        self.tensors = [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in tensors]
+        self.tensors = [
+            {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in tensors
+        ]
         self.block = BLOCK
         self.groups: list[int] = []  # group index of each tensor, set by the optimizer
         self.names: list[str | None] = [None] * len(tensors)
@@ -45,7 +47,9 @@ class Trajectory:
             "method": self.method,
             "config": self.config,
             "block": self.block,
-            "tensors": [dict(t, group=g, name=n) for t, g, n in zip(self.tensors, self.groups, self.names)],
+            "tensors": [
+                dict(t, group=g, name=n) for t, g, n in zip(self.tensors, self.groups, self.names)
+            ],
             "records": _columns(self.records),
         }
 
@@ -85,8 +89,13 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def replay(model_or_params: torch.nn.Module | Iterable[torch.Tensor], path: str | os.PathLike) -> int:
-    """Apply a saved trajectory to the initial weights, in place; returns the number of steps.
+def replay(
+    model_or_params: torch.nn.Module | Iterable[torch.Tensor],
+    path: str | os.PathLike,
+    steps: int | None = None,
+) -> int:
+    """Apply a saved trajectory (its first `steps` steps, default all) to the initial weights,
+    in place; returns the number of steps applied.
 
     Pass the model (tensors are found by the names saved with the run) or the same flat list of
     tensors, in the same order, that the optimizer was given.
@@ -99,7 +108,9 @@ def replay(model_or_params: torch.nn.Module | Iterable[torch.Tensor], path: str 
         named = dict(model_or_params.named_parameters())
         missing = [m["name"] for m in meta if m["name"] not in named]
         if missing:
-            raise ValueError(f"the model has no parameter {missing[0]!r} that the trajectory updates")
+            raise ValueError(
+                f"the model has no parameter {missing[0]!r} that the trajectory updates"
+            )
         tensors = [named[m["name"]] for m in meta]
     else:
         tensors = list(model_or_params)
@@ -107,14 +118,21 @@ def replay(model_or_params: torch.nn.Module | Iterable[torch.Tensor], path: str 
         raise ValueError(f"the trajectory updates {len(meta)} tensors, {len(tensors)} were given")
     for t, m in zip(tensors, meta):
         if list(t.shape) != m["shape"]:
-            raise ValueError(f"tensor shape {list(t.shape)} does not match the trajectory's {m['shape']}")
+            raise ValueError(
+                f"tensor shape {list(t.shape)} does not match the trajectory's {m['shape']}"
+            )
     from .directions import BLOCK
 
     if data["block"] != BLOCK:
-        raise ValueError(f"trajectory made with block size {data['block']}, this zotune uses {BLOCK}")
+        raise ValueError(
+            f"trajectory made with block size {data['block']}, this zotune uses {BLOCK}"
+        )
     ngroups = max((m["group"] for m in meta), default=-1) + 1
-    groups = [{"params": [t for t, m in zip(tensors, meta) if m["group"] == g]} for g in range(ngroups)]
+    groups = [
+        {"params": [t for t, m in zip(tensors, meta) if m["group"] == g]} for g in range(ngroups)
+    ]
     opt = build(data["method"], [g for g in groups if g["params"]], **data["config"])
-    for record in data["records"]:
+    records = data["records"][:steps] if steps is not None else data["records"]
+    for record in records:
         opt.apply(record)
-    return len(data["records"])
+    return len(records)

@@ -54,7 +54,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
                 continue
             seen.add(id(p))
             (no_decay if attr == "bias" or _is_norm(module) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 

@@ -66,9 +66,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if int(queries) != queries or queries < 1:
             raise ValueError(f"queries must be an integer >= 1, got {queries}")
         if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}")
+            raise ValueError(
+                f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}"
+            )
         if direction not in DIRECTIONS:
-            raise ValueError(f"unknown direction '{direction}': choose one of {', '.join(DIRECTIONS)}")
+            raise ValueError(
+                f"unknown direction '{direction}': choose one of {', '.join(DIRECTIONS)}"
+            )
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.rule, self.eps, self.queries, self.seed = rule, eps, int(queries), seed
         self.estimator = estimator
@@ -135,7 +139,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         coeffs = self.coefficients(record)
         t = self.steps
         if coeffs:
-
             if self.rule.buffers:  # create state up front: blocks run on threads
                 for p in self.space.tensors:
                     if p not in self.state:

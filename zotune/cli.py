@@ -1,0 +1,239 @@
+"""The `zotune` command: argument parsing only; the work is done by the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .train import ConfigError, TrainConfig
+
+_HELP = {
+    "model": "built-in name (smollm2-135m, minilm-l6), local path or hub id",
+    "task": "built-in task name or path to a task .yaml",
+    "method": "optimizer name (see `zotune methods`)",
+    "out": "output directory (must not exist or be empty)",
+    "peft": "full, lora, prefix or prompt",
+    "objective": "loss, or a non-differentiable objective: accuracy or f1",
+    "data_dir": "folder laid out like shared/data (default: $ZOTUNE_DATA, else the shipped sample)",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", default=None, help=_HELP.get(f.name))
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        p.add_argument(
+            flag, type=kind, default=None, help=_HELP.get(f.name), metavar=f.name.upper()
+        )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method-specific hyperparameter, e.g. --set momentum=0.9 (repeatable)",
+    )
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = TrainConfig.from_yaml(args.config) if args.config else {}
+    for f in fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "extra":
+            values[f.name] = v
+    extra = dict(values.get("extra") or {})
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = item.split("=", 1)
+        extra[key.strip().replace("-", "_")] = _parse_value(value)
+    values["extra"] = extra
+    return TrainConfig.from_dict(values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = config_from_args(args)
+    summary = train(cfg, quiet=args.quiet)
+    metric = next(iter(summary["dev"]), None)
+    if metric:
+        print(
+            f"{summary['model']} on {summary['task']} with {summary['method']} ({summary['peft']}): "
+            f"dev {metric} zero-shot {100 * summary['zero_shot'][metric]:.1f}% -> "
+            f"fine-tuned {100 * summary['dev'][metric]:.1f}% (step {summary['best_step']}); "
+            f"test {', '.join(f'{k} {100 * v:.1f}%' for k, v in summary['test'].items())}"
+        )
+    print(
+        f"wrote {cfg.out} ({summary['forward_passes']} forward passes, {summary['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
+def _load_run(run: str | os.PathLike) -> tuple[TrainConfig, Path]:
+    run = Path(run)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(
+            f"{run} is not a zotune run directory (no config.yaml): pass the --out of a `zotune train`"
+        )
+    cfg = TrainConfig.from_dict(TrainConfig.from_yaml(run / "config.yaml"))
+    if not (run / "trajectory.zot").exists():
+        raise ConfigError(f"{run} has no trajectory.zot (only zeroth-order runs can be replayed)")
+    return cfg, run / "trajectory.zot"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .objectives import make_objective
+    from .train import load_for
+    from .trajectory import replay
+
+    if args.run:
+        cfg, traj = _load_run(args.run)
+    else:
+        cfg, traj = TrainConfig(peft="full"), None
+    for name in ("model", "task", "data_dir", "num_dev", "num_test", "seed"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if traj is None and args.peft:
+        cfg.peft = args.peft
+    cfg.validate()
+    task, loaded, objective = load_for(cfg)
+    if traj is not None:
+        replay(loaded.model, traj)
+    if args.demos:
+        import numpy as np
+
+        rng = np.random.RandomState(cfg.seed)
+        demos = [task.train[i] for i in rng.permutation(len(task.train))[: args.demos]]
+        objective = make_objective(loaded, task.kind, max_length=cfg.max_length, demos=demos)
+    import torch
+
+    result = {}
+    with torch.no_grad():
+        for split in args.split:
+            result[split] = objective.evaluate(getattr(task, split), batch_size=cfg.eval_batch_size)
+    print(
+        json.dumps(
+            {"model": cfg.model, "task": cfg.task, "run": args.run, "demos": args.demos, **result}
+        )
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .train import load_for
+    from .trajectory import replay
+
+    cfg, traj = _load_run(args.run)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty: choose another --out")
+    _, loaded, _ = load_for(cfg)
+    steps = replay(loaded.model, traj)
+    tensors = {
+        n: p.detach().contiguous() for n, p in loaded.model.named_parameters() if p.requires_grad
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(work / "weights.safetensors"))
+        if out.exists():
+            out.rmdir()
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print(f"replayed {steps} steps onto {cfg.model}; wrote {out / 'weights.safetensors'}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from . import optim
+
+    print("\n".join(optim.available()))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import available_tasks
+
+    print("\n".join(available_tasks()))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zotune", description="Zeroth-order fine-tuning of language models."
+    )
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="fine-tune a model (no arguments: the built-in demo)")
+    t.add_argument("--config", help="YAML file of settings (flags override it)")
+    t.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    _add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a base model, or a fine-tuned run with --run")
+    e.add_argument("--model")
+    e.add_argument("--task")
+    e.add_argument("--run", help="a `zotune train` output directory")
+    e.add_argument("--peft", help="scheme to wrap the base model in (default full)")
+    e.add_argument("--data-dir")
+    e.add_argument("--num-dev", type=int)
+    e.add_argument("--num-test", type=int)
+    e.add_argument("--seed", type=int)
+    e.add_argument(
+        "--demos", type=int, default=0, help="in-context demonstrations per example (ICL)"
+    )
+    e.add_argument("--split", nargs="+", default=["dev", "test"], choices=["train", "dev", "test"])
+    e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("replay", help="rebuild a run's weights from its trajectory alone")
+    r.add_argument("run", help="a `zotune train` output directory")
+    r.add_argument("--out", required=True, help="folder to write weights.safetensors into")
+    r.set_defaults(func=cmd_replay)
+    sub.add_parser("methods", help="list the optimizers").set_defaults(func=cmd_methods)
+    sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 2
+    from .models import ModelError
+    from .tasks import TaskError
+
+    try:
+        return args.func(args)
+    except (ConfigError, TaskError, ModelError, FileNotFoundError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"zotune: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

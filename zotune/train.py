@@ -1,0 +1,338 @@
+"""The training loop: load, evaluate zero-shot, step with closures, evaluate on dev, report.
+
+Everything a run writes goes to a temporary folder beside `out` that is renamed into place when
+the run finishes, so a failed or interrupted run leaves no half-written output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from . import optim
+from .tasks import Task, load_task
+
+
+class ConfigError(ValueError):
+    """A nonsense setting; the message says what to fix."""
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run. Defaults are the built-in demo (`zotune train` with no arguments)."""
+
+    model: str = "smollm2-135m"
+    task: str = "sst2"
+    method: str = "mezo"
+    out: str | None = None  # default: runs/<model>-<task>-<method>-<time>
+    steps: int = 200
+    lr: float = 1e-3
+    eps: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    queries: int = 1
+    estimator: str = "two-sided"
+    direction: str = "gaussian"
+    peft: str = "lora"  # full | lora | prefix | prompt
+    lora_r: int = 8
+    lora_alpha: int = 16
+    num_virtual_tokens: int = 5
+    objective: str = "loss"  # loss | accuracy | f1 (non-differentiable objectives)
+    dtype: str = "float32"
+    seed: int = 0
+    data_dir: str | None = None
+    num_train: int = 1000
+    num_dev: int = 500
+    num_test: int = 1000
+    template: str = "mezo"
+    k: int = 16
+    kshot_seed: int = 42
+    eval_every: int = 50
+    eval_batch_size: int = 16
+    max_length: int = 256
+    save_weights: bool = False
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific hyperparameters
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting '{unknown[0]}': valid settings are {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> dict[str, Any]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"config file {path} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must be a mapping of setting: value")
+        return {k.replace("-", "_"): v for k, v in values.items()}
+
+    def validate(self) -> None:
+        positive_ints = (
+            "steps",
+            "batch_size",
+            "queries",
+            "eval_every",
+            "eval_batch_size",
+            "max_length",
+        )
+        for name in positive_ints:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
+        for name in ("lr", "eps", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}"
+                )
+        if self.eps <= 0:
+            raise ConfigError(f"--eps must be > 0 (the perturbation scale), got {self.eps}")
+        if self.method not in optim.available():
+            raise ConfigError(
+                f"unknown method '{self.method}': choose one of {', '.join(optim.available())}"
+            )
+        if self.peft not in ("full", "lora", "prefix", "prompt"):
+            raise ConfigError(f"unknown --peft '{self.peft}': choose full, lora, prefix or prompt")
+        if self.objective not in ("loss", "accuracy", "f1"):
+            raise ConfigError(
+                f"unknown --objective '{self.objective}': choose loss, accuracy or f1"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
+            )
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (CPU), or CUDA allocator peak when on GPU."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batches(n: int, batch_size: int, seed: int):
+    """Endless minibatches of indices: a fresh seeded permutation each epoch."""
+    rng = np.random.RandomState(seed)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i : i + batch_size].tolist()
+
+
+def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
+    """The task, the (PEFT-wrapped) model and the objective a config names."""
+    from .models import apply_peft, load_model
+    from .objectives import make_objective
+
+    task = load_task(
+        cfg.task,
+        cfg.data_dir,
+        num_train=cfg.num_train,
+        num_dev=cfg.num_dev,
+        num_test=cfg.num_test,
+        seed=cfg.seed,
+        template=cfg.template,
+        k=cfg.k,
+        kshot_seed=cfg.kshot_seed,
+    )
+    if cfg.batch_size > len(task.train):
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(task.train)} training examples: lower it"
+        )
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(
+        cfg.model, dtype=cfg.dtype, num_labels=max(task.num_labels, 2), seed=cfg.seed
+    )
+    if cfg.peft != "full":
+        loaded = apply_peft(
+            loaded,
+            cfg.peft,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            num_virtual_tokens=cfg.num_virtual_tokens,
+            seed=cfg.seed,
+        )
+    objective = make_objective(loaded, task.kind, max_length=cfg.max_length)
+    return task, loaded, objective
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    hp = dict(lr=cfg.lr, eps=cfg.eps, queries=cfg.queries, estimator=cfg.estimator)
+    hp.update(direction=cfg.direction, seed=cfg.seed, threads=cfg.threads, **cfg.extra)
+    groups = optim.param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    opt = optim.build(cfg.method, groups, **hp)
+    if isinstance(opt, optim.ZOOptimizer):
+        opt.trajectory.name_tensors(model, opt.space.tensors)
+    return opt
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool):
+        self.quiet, self.total, self.bar = quiet, total, None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, loss: float, forwards: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", fwd=forwards, refresh=False)
+            self.bar.update(1)
+        elif step % max(self.total // 20, 1) == 0 or step == self.total:
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  forward passes {forwards}", flush=True
+            )
+
+    def write(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job and write it to `cfg.out`; returns the summary."""
+    cfg.validate()
+    if cfg.out is None:
+        cfg.out = f"runs/{Path(cfg.model).name}-{Path(cfg.task).stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(
+            f"output directory {out} already exists and is not empty: choose another --out"
+        )
+    start = time.time()
+    task, loaded, objective = load_for(cfg)
+    model = loaded.model
+    opt = build_optimizer(cfg, model)
+    is_zo = isinstance(opt, optim.ZOOptimizer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        summary = _run(cfg, task, model, objective, opt, is_zo, work, start, quiet)
+        if out.exists():
+            out.rmdir()
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
+def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quiet: bool):
+    (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    log = open(work / "metrics.jsonl", "w", encoding="utf-8")
+    progress = _Progress(cfg.steps, quiet)
+    evaluate = lambda examples: objective.evaluate(examples, batch_size=cfg.eval_batch_size)  # noqa: E731
+    with torch.no_grad():
+        zero_shot = evaluate(task.dev)
+    progress.write(f"zero-shot dev: {_fmt(zero_shot)}")
+    metric = task.metric
+    best: dict[str, Any] = {"step": 0, "dev": zero_shot}
+    loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
+    forward_base = objective.forward_passes
+    train_forwards = 0
+    batch_iter = batches(len(task.train), cfg.batch_size, cfg.seed)
+    step_seconds = []
+    for step in range(1, cfg.steps + 1):
+        batch = [task.train[i] for i in next(batch_iter)]
+        t0 = time.perf_counter()
+        if is_zo:
+            loss = opt.step(lambda b=batch: loss_fn(b))
+        else:
+
+            def closure(b=batch):
+                opt.zero_grad()
+                value = loss_fn(b)
+                value.backward()
+                return value
+
+            with torch.enable_grad():
+                loss = float(opt.step(closure))
+        step_seconds.append(time.perf_counter() - t0)
+        train_forwards = objective.forward_passes - forward_base
+        row = {
+            "step": step,
+            "loss": loss,
+            "forward_passes": train_forwards,
+            "elapsed": time.time() - start,
+        }
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            with torch.no_grad():
+                dev = evaluate(task.dev)
+            row["dev"] = dev
+            if dev[metric] > best["dev"][metric]:
+                # Test is measured at each new best-on-dev step, and never used to choose one.
+                with torch.no_grad():
+                    test = evaluate(task.test) if task.test else {}
+                best = {"step": step, "dev": dev, "test": test}
+            progress.write(f"step {step}: dev {_fmt(dev)}")
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        progress.update(step, loss, train_forwards)
+    progress.close()
+    log.close()
+    if is_zo:
+        opt.trajectory.save(work / "trajectory.zot")
+    if "test" not in best:  # no step beat zero-shot on dev: report the initial model
+        with torch.no_grad():
+            best["test"] = evaluate(task.test) if task.test else {}
+    if cfg.save_weights:
+        from safetensors.torch import save_file
+
+        tensors = {
+            n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        }
+        save_file(tensors, str(work / "weights.safetensors"))
+    summary = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "method": cfg.method,
+        "peft": cfg.peft,
+        "steps": cfg.steps,
+        "forward_passes": train_forwards,
+        "zero_shot": zero_shot,
+        "dev": best["dev"],
+        "test": best["test"],
+        "best_step": best["step"],
+        "final_dev": row.get("dev"),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "wall_seconds": round(time.time() - start, 2),
+        "seconds_per_step": round(float(np.mean(step_seconds)), 4),
+        "notes": task.notes,
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
