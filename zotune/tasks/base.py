@@ -50,4 +50,4 @@ class Task:
     dev: list[Example]
     test: list[Example]
     num_labels: int = 0  # classification only
-    notes: list[str] = field(default_factory=list)  # deviations from the papers' protocol, said plainly
+    notes: list[str] = field(default_factory=list)  # deviations from the papers, said plainly
