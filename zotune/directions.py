@@ -1,10 +1,16 @@
-"""Random directions z: drawn from a seed, block by block, in place; never stored.
+"""Random directions z: drawn from a seed, in place, block by block; never stored.
 
 Every trainable tensor has a stable integer key (its index in the optimizer's parameter list).
-Its direction is cut into fixed blocks of `BLOCK` elements, and block j of tensor k at step seed s
-is drawn from its own generator seeded with `derive_seed(s, k, j)`. So z depends only on
-(s, k), never on the order tensors are visited, on other tensors, or on threads: the blocks can
-be processed in any order, and only one block of z exists at a time.
+Element i of tensor k's direction at step seed s is a pure function of (s, k, i): a keyed 32-bit
+hash (two rounds of lowbias32 keyed by the halves of derive_seed(s, k)) of i, turned into a
+number by the direction law. Nothing depends on the
+order tensors are visited, on other tensors, on threads, or on the device, so blocks are
+processed in any order, only one block of z exists at a time, and a CPU run and a GPU run draw
+the same z. Laws, each with mean 0 and variance exactly 1 (so E[z zᵀ] = I):
+
+- `gaussian`: N(0, 1) through a 4096-cell equiprobable inverse-CDF table with linear
+  interpolation inside each cell (tails cut at ±3.9; rescaled to unit variance);
+- `rademacher`: ±1 from the hash's top bit.
 
 `ParameterSpace.transition` is the hot loop. The weights are always either at θ0 (their true
 value) or at θ0 + c·z for one (seed, c) (`Offset`). A transition moves from one such point to
@@ -16,12 +22,14 @@ perturbed (one bit per element marks them, 1/32 of fp32 weights, plus their valu
 percent of elements at ε = 1e-3), and put back on the way home. A mask, when there is one, is
 kept as bits for the same span. Everything kept is freed when the weights return to θ0. All
 arithmetic is plain IEEE mul/add in float32 (no fused multiply-add), so results do not depend on
-vector widths or thread counts.
+vector widths, thread counts or whether the C kernel (`_native.py`) or torch computes them.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 1 << 18  # elements per independently seeded block; part of what a trajectory replays
+from . import _native
+
+BLOCK = 1 << 16  # elements processed together (fits in L2); z does not depend on it
 
 _M64 = (1 << 64) - 1
 
@@ -49,32 +59,89 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding 32-bit values (low 32 bits kept after each multiply)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def hash32(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 32-bit hash of elements start .. start+n-1 under `key`, as int64 values in [0, 2^32)
+    (torch code; `_native.SOURCE` computes the same in C)."""
+    i = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    x = _mix32((i + (key & 0xFFFFFFFF)) & 0xFFFFFFFF)
+    return _mix32(x ^ ((key >> 32) & 0xFFFFFFFF))
+
+
+def _normal_table(cells: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes of a piecewise-linear inverse CDF of N(0, 1) over equiprobable cells, symmetric,
+    with the tail cells' means matching the normal's, rescaled to variance exactly 1."""
+    nd = statistics.NormalDist()
+    half = [nd.inv_cdf(j / cells) for j in range(1, cells // 2)]
+    a = -half[0]
+    tail_mean = math.exp(-a * a / 2) / math.sqrt(2 * math.pi) / (1 - nd.cdf(a))
+    lower = [-(2 * tail_mean - a)] + half
+    nodes = lower + [0.0] + [-v for v in reversed(lower)]
+    var = sum(u * u + u * v + v * v for u, v in zip(nodes, nodes[1:])) / (3 * cells)
+    table = torch.tensor(nodes, dtype=torch.float64).div_(math.sqrt(var)).float()
+    return table, table[1:] - table[:-1]
+
+
 class Direction:
     """How z is drawn: i.i.d. entries with mean 0 and variance 1, so E[z zᵀ] = I."""
 
     name = "direction"
 
-    def sample_(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
+        """Write z[start : start + len(out)] of the direction whose hash key is `key`."""
         raise NotImplementedError
 
 
 class Gaussian(Direction):
-    """z ~ N(0, I), as in MeZO."""
+    """z ~ N(0, I) (MeZO), through the inverse-CDF table (module doc)."""
 
     name = "gaussian"
 
-    def sample_(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return out.normal_(generator=generator)
+    def __init__(self) -> None:
+        self.table, self.delta = _normal_table()
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
+        lib = _native.lib()
+        if lib is not None and out.device.type == "cpu":
+            lib.zt_fill_normal(
+                _native.ptr(out),
+                out.numel(),
+                key,
+                start,
+                _native.ptr(self.table),
+                _native.ptr(self.delta),
+            )
+            return out
+        if out.device not in self._on:
+            self._on[out.device] = (self.table.to(out.device), self.delta.to(out.device))
+        table, delta = self._on[out.device]
+        u = hash32(key, start, out.numel(), out.device)
+        cell = u >> 20
+        frac = (u & 0xFFFFF).to(torch.float32).mul_(2.0**-20)
+        return out.copy_(frac.mul_(delta[cell]).add_(table[cell]))
 
 
 class Rademacher(Direction):
-    """z uniform on {-1, +1}: cheaper to draw, and ε·z is exact in any precision."""
+    """z uniform on {-1, +1}: cheaper, and ε·z is exact in any precision."""
 
     name = "rademacher"
 
-    def sample_(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        out.uniform_(generator=generator)
-        return out.lt_(0.5).mul_(-2.0).add_(1.0)
+    def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
+        lib = _native.lib()
+        if lib is not None and out.device.type == "cpu":
+            lib.zt_fill_sign(_native.ptr(out), out.numel(), key, start)
+            return out
+        bit = hash32(key, start, out.numel(), out.device) >> 31
+        return out.copy_(bit.to(torch.float32).mul_(2.0).sub_(1.0))
 
 
 DIRECTIONS: dict[str, type[Direction]] = {"gaussian": Gaussian, "rademacher": Rademacher}
@@ -115,9 +182,7 @@ class Block:
         """z for this block at `seed`, before any mask; cached within the block."""
         if seed not in self._raw:
             buf = torch.empty_like(self.theta)
-            gen = self._space._generator(buf.device)
-            gen.manual_seed(derive_seed(seed, self.key, self.start // BLOCK))
-            self._space.direction.sample_(buf, gen)
+            self._space.direction.fill_(buf, derive_seed(seed, self.key), self.start)
             self.draws += 1
             self._raw[seed] = buf
         return self._raw[seed]
@@ -164,6 +229,8 @@ class ParameterSpace:
         if len(self.keys) != len(self.tensors):
             raise ValueError("one key per tensor")
         for t in self.tensors:
+            if t.numel() >= 1 << 32:
+                raise ValueError("tensors of 2^32 elements or more are not supported: split them")
             if not t.is_contiguous():
                 raise ValueError("zotune perturbs tensors in place: they must be contiguous")
         self.direction = make_direction(direction)
@@ -173,12 +240,6 @@ class ParameterSpace:
         self._pool: ThreadPoolExecutor | None = None
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gens = self._local.__dict__.setdefault("gens", {})
-        if device not in gens:
-            gens[device] = torch.Generator(device)
-        return gens[device]
 
     def blocks(self) -> list[tuple[int, int, int]]:
         return [
@@ -213,16 +274,28 @@ class ParameterSpace:
         update: Update | None,
     ) -> int:
         flat = self.tensors[index].detach().view(-1)[lo:hi]
-        theta = flat.to(torch.float32, copy=True)
-        block = Block(self, index, lo, theta)
-        if current is not None:
+        n = flat.numel()
+        # The C kernel covers float32 on the CPU; everything else runs the same math in torch.
+        lib = _native.lib() if flat.dtype == torch.float32 and flat.device.type == "cpu" else None
+        if current is None:
+            theta = flat.to(torch.float32, copy=True)
+            block = Block(self, index, lo, theta)
+        else:
             inexact, aside, mask = self._aside.pop((index, lo))
+            block = Block(self, index, lo, torch.empty(n, device=flat.device))
             z = block.raw_z(current.seed)
             if mask is not None:
-                z = z * _unpack(mask, theta.numel())
-            _round_(theta.sub_(z * current.scale), flat.dtype)
-            if aside is not None:
-                theta[_unpack(inexact, theta.numel())] = aside
+                z = z * _unpack(mask, n)
+            if lib is not None:
+                lib.zt_decode(
+                    _native.ptr(flat), _native.ptr(z), current.scale, _native.ptr(block.theta),
+                    _native.bptr(inexact), None if aside is None else _native.ptr(aside), n,
+                )  # fmt: skip
+            else:
+                _round_(torch.sub(flat.float(), z * current.scale, out=block.theta), flat.dtype)
+                if aside is not None:
+                    block.theta[_unpack(inexact, n)] = aside
+            theta = block.theta
         if update is not None:
             update(block)
             _round_(theta, flat.dtype)
@@ -230,18 +303,32 @@ class ParameterSpace:
         if target is None:
             flat.copy_(theta)
             return block.draws
-        step = block.z(target.seed) * target.scale
-        moved = _round_(theta + step, flat.dtype)
-        inexact = _round_(moved - step, flat.dtype) != theta
-        aside = theta[inexact] if bool(inexact.any()) else None
+        z = block.z(target.seed)
         mask = block.mask()
-        self._aside[(index, lo)] = (
-            _pack(inexact) if aside is not None else None,
-            aside,
-            _pack(mask) if mask is not None else None,
-        )
-        flat.copy_(moved)
+        if lib is not None:
+            scratch = self._scratch()
+            bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+            count = lib.zt_encode(
+                _native.ptr(theta), _native.ptr(z), target.scale, _native.ptr(flat),
+                _native.bptr(bits), _native.ptr(scratch), n,
+            )  # fmt: skip
+            aside = scratch[:count].clone() if count else None
+            inexact = bits if count else None
+        else:
+            step = z * target.scale
+            moved = _round_(theta + step, flat.dtype)
+            flags = _round_(moved - step, flat.dtype) != theta
+            aside = theta[flags] if bool(flags.any()) else None
+            inexact = _pack(flags) if aside is not None else None
+            flat.copy_(moved)
+        self._aside[(index, lo)] = (inexact, aside, _pack(mask) if mask is not None else None)
         return block.draws
+
+    def _scratch(self) -> torch.Tensor:
+        buf = getattr(self._local, "scratch", None)
+        if buf is None:
+            buf = self._local.scratch = torch.empty(BLOCK)
+        return buf
 
 
 def _round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
