@@ -263,13 +263,13 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
     metric = task.metric
     best: dict[str, Any] = {"step": 0, "dev": zero_shot}
     loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
-    forward_base = objective.forward_passes
-    train_forwards = 0
+    train_forwards = 0  # forward passes made by training steps only (not by evaluation)
     batch_iter = batches(len(task.train), cfg.batch_size, cfg.seed)
     step_seconds = []
     for step in range(1, cfg.steps + 1):
         batch = [task.train[i] for i in next(batch_iter)]
         t0 = time.perf_counter()
+        before = objective.forward_passes
         if is_zo:
             loss = opt.step(lambda b=batch: loss_fn(b))
         else:
@@ -283,7 +283,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
             with torch.enable_grad():
                 loss = float(opt.step(closure))
         step_seconds.append(time.perf_counter() - t0)
-        train_forwards = objective.forward_passes - forward_base
+        train_forwards += objective.forward_passes - before
         row = {
             "step": step,
             "loss": loss,

@@ -1,0 +1,191 @@
+"""The `zotune` command end to end on a tiny random model: files, replay, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.cli import main
+
+SMALL = ["--num-train", "48", "--num-dev", "24", "--num-test", "24", "--eval-batch-size", "24"]
+
+
+def train_args(model: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        model,
+        "--task",
+        "sst2",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--eps",
+        "1e-3",
+        "--peft",
+        "full",
+        "--out",
+        str(out),
+        "--quiet",
+        *SMALL,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(train_args(tiny_model_dir, out, "--save-weights")) == 0
+    return out
+
+
+def test_train_writes_consistent_files(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "trajectory.zot",
+        "summary.json",
+        "weights.safetensors",
+    } <= names
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "dev" in r] == [3, 6]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("model", "task", "method", "steps", "forward_passes", "zero_shot", "dev", "test"):
+        assert key in summary
+    assert summary["steps"] == 6 and summary["method"] == "mezo" and summary["task"] == "sst2"
+    assert summary["forward_passes"] == rows[-1]["forward_passes"] == 12  # 2 per MeZO step
+    assert 0 <= summary["dev"]["accuracy"] <= 1 and "accuracy" in summary["test"]
+    assert summary["dev"]["accuracy"] >= summary["zero_shot"]["accuracy"]  # best-on-dev
+    assert summary["peak_memory_mb"] > 0 and summary["wall_seconds"] > 0
+    assert all(r["elapsed"] > 0 and "loss" in r for r in rows)
+    assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_replay_rebuilds_the_saved_weights_bit_for_bit(run_dir, tmp_path, capsys):
+    out = tmp_path / "weights"
+    assert main(["replay", str(run_dir), "--out", str(out)]) == 0
+    rebuilt = load_file(str(out / "weights.safetensors"))
+    saved = load_file(str(run_dir / "weights.safetensors"))
+    assert rebuilt.keys() == saved.keys()
+    assert all(torch.equal(rebuilt[k], saved[k]) for k in saved)
+    base = load_file(
+        os.path.join(
+            json.loads((run_dir / "summary.json").read_text())["model"], "model.safetensors"
+        )
+    )
+    assert any(
+        not torch.equal(saved[k], base[k]) for k in saved if k in base
+    )  # training moved them
+
+
+def test_eval_of_a_run_reproduces_its_final_dev_accuracy(run_dir, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir), "--split", "dev"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["dev"]["accuracy"] == pytest.approx(summary["final_dev"]["accuracy"])
+
+
+def test_eval_of_a_base_model_and_icl(tiny_model_dir, capsys):
+    args = [
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--task",
+        "sst2",
+        "--num-dev",
+        "16",
+        "--split",
+        "dev",
+    ]
+    assert main(args) == 0
+    assert main([*args, "--demos", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["demos"] == 4 and "accuracy" in json.loads(lines[-1])["dev"]
+
+
+def test_config_file_and_custom_yaml_task(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["text,label"] + [
+        f"{'good fun' if i % 2 else 'bad dull'} film {i},{i % 2}" for i in range(40)
+    ]
+    for split in ("train", "dev", "test"):
+        (data / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    task = data / "task.yaml"
+    task.write_text(
+        "name: mini\ntrain: train.csv\ndev: dev.csv\ntest: test.csv\n"
+        "template: '{text} It was'\nlabel_column: label\nlabel_words: {0: bad, 1: great}\n"
+    )
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\ntask: {task}\nsteps: 4\neval_every: 2\npeft: full\nbatch_size: 4\n"
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and "accuracy" in summary["test"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--model", "no-such-model-here"], "model"),
+        (["--task", "sst3"], "unknown task"),
+        (["--method", "mezzo"], "unknown method"),
+        (["--eps", "0"], "eps"),
+        (["--eps", "-1"], "eps"),
+        (["--batch-size", "1000"], "batch-size"),
+        (["--data-dir", "EMPTY"], "missing data file"),
+        (["--steps", "0"], "steps"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(
+    tiny_model_dir, tmp_path, capsys, change, message
+):
+    out = tmp_path / "run"
+    change = [str(tmp_path) if c == "EMPTY" else c for c in change]
+    args = train_args(tiny_model_dir, out) + change
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("zotune: error:") and message in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_malformed_row_exits_2(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text(
+        "sentence\tlabel\na fine film\t1\nbroken row without label\n"
+    )
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, out, "--data-dir", str(tmp_path))) == 2
+    assert "malformed" in capsys.readouterr().err and not out.exists()
+
+
+def test_console_script_reports_errors_with_exit_code_2(tmp_path):
+    exe = Path(sys.executable).with_name("zotune")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "zotune.cli"]
+    done = subprocess.run(
+        [*cmd, "train", "--method", "nope", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "unknown method 'nope'" in done.stderr
+    assert not (tmp_path / "x").exists()
