@@ -52,8 +52,11 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values: dict[str, Any] = TrainConfig.from_yaml(args.config) if args.config else {}
+def config_from_args(args: argparse.Namespace, demo: bool = False) -> TrainConfig:
+    from .train import DEMO
+
+    values: dict[str, Any] = dict(DEMO) if demo else {}
+    values.update(TrainConfig.from_yaml(args.config) if args.config else {})
     for f in fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None and f.name != "extra":
@@ -71,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, demo=args.demo)
     summary = train(cfg, quiet=args.quiet)
     metric = next(iter(summary["dev"]), None)
     if metric:
@@ -215,9 +218,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        argv = ["train"]
-    args = parser().parse_args(argv)
+    # `zotune train` with no settings (only --quiet / --out) runs the built-in default job.
+    demo = argv[:1] in ([], ["train"]) and {
+        a.split("=")[0] for a in argv if a.startswith("--")
+    } <= {"--quiet", "--out"}
+    args = parser().parse_args(argv or ["train"])
+    args.demo = demo
     if args.command is None:
         parser().print_help()
         return 2

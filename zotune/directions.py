@@ -156,9 +156,9 @@ def make_direction(name: str | Direction) -> Direction:
 
 
 # A mask restricts z to some coordinates. It is called with (tensor key, block start, the
-# block's unperturbed values θ0 as float32) and returns a bool tensor of the same size, or None
-# for "all". Masks are computed from θ0 alone and recomputed at every use: none is stored.
-Mask = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
+# block's unperturbed values θ0 as float32, the space's mask seed) and returns a bool tensor of
+# the same size, or None for "all". It is recomputed from θ0 at every use: none is stored.
+Mask = Callable[[int, int, torch.Tensor, int], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class Block:
         if self._space.mask is None:
             return None
         if self._mask is None:
-            self._mask = self._space.mask(self.key, self.start, self.theta)
+            self._mask = self._space.mask(self.key, self.start, self.theta, self._space.mask_seed)
         return self._mask
 
     def theta_changed(self) -> None:
@@ -235,6 +235,7 @@ class ParameterSpace:
                 raise ValueError("zotune perturbs tensors in place: they must be contiguous")
         self.direction = make_direction(direction)
         self.mask = mask
+        self.mask_seed = 0  # set by the optimizer each step (random masks change per step)
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
@@ -353,3 +354,40 @@ def _pack(flags: torch.Tensor) -> torch.Tensor:
 def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
     return (packed.unsqueeze(1) & bits).ne(0).view(-1)[:n]
+
+
+class MagnitudeMask:
+    """Sparse MeZO's mask: perturb only the (1 - sparsity) fraction of smallest-|θ| entries of
+    each tensor. Per-tensor thresholds h_k are fixed once (at construction); the mask |θ0| <= h_k
+    is recomputed from the current unperturbed θ0 at every use, so none is stored."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], keys: Sequence[int], sparsity: float):
+        self.thresholds: dict[int, float] = {}
+        for t, k in zip(tensors, keys):
+            keep = round((1 - sparsity) * t.numel())
+            if keep <= 0:
+                self.thresholds[k] = -1.0  # nothing kept
+            elif keep >= t.numel():
+                self.thresholds[k] = math.inf
+            else:
+                mags = t.detach().reshape(-1).abs().float()
+                self.thresholds[k] = float(mags.kthvalue(keep).values)
+
+    def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
+        return theta.abs() <= self.thresholds[key]
+
+
+class RandomMask:
+    """A random mask keeping exactly round((1 - sparsity) · n) entries of every block of n,
+    drawn afresh from each step's seed (R-MeZO; ZO-Bench's random sparse perturbation)."""
+
+    def __init__(self, sparsity: float):
+        self.sparsity = sparsity
+
+    def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
+        n = theta.numel()
+        keep = round((1 - self.sparsity) * n)
+        if keep <= 0:
+            return torch.zeros(n, dtype=torch.bool, device=theta.device)
+        scores = hash32(derive_seed(seed, key, 0x4D41534B), start, n, theta.device)  # distinct
+        return scores <= scores.kthvalue(keep).values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,11 +10,30 @@ import torch
 from torch import nn
 
 from .base import ZOOptimizer
+from .blockwise import BlockwiseZO
+from .fo import FOSGD, FOAdam
+from .forward_grad import ForwardGrad
+from .hybrid import HybridZOFO
 from .mezo import MeZO
+from .sparse import RMeZO, SparseMeZO
+from .svrg import MeZOSVRG
+from .zo_bench import ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "mezo": MeZO,
     "zo-sgd": MeZO,
+    "zo-sgd-mmt": ZOSGDMomentum,
+    "zo-sgd-sign": ZOSGDSign,
+    "zo-sgd-cons": ZOSGDConservative,
+    "zo-adam": ZOAdam,
+    "forward-grad": ForwardGrad,
+    "mezo-svrg": MeZOSVRG,
+    "sparse-mezo": SparseMeZO,
+    "r-mezo": RMeZO,
+    "zo-blockwise": BlockwiseZO,
+    "hybrid-zo-fo": HybridZOFO,
+    "fo-sgd": FOSGD,
+    "fo-adam": FOAdam,
 }
 
 
@@ -61,4 +81,54 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["MeZO", "ZOOptimizer", "available", "build", "param_groups"]
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """One param group per numbered layer (`...layers.N...`), plus one per other top-level
+    part (embeddings, head), in model order: the blocks of block-wise ZO."""
+    decayed = {
+        id(p) for g in param_groups(model, weight_decay) if g["weight_decay"] for p in g["params"]
+    }
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            m = _LAYER.search(name)
+            key = name[: m.end()] if m else name.split(".")[0] + ":" + name.rsplit(".", 1)[0]
+            groups.setdefault(key, []).append(p)
+    out = []
+    for params in groups.values():
+        for decay in (True, False):
+            part = [p for p in params if (id(p) in decayed) == decay]
+            if part:
+                out.append({"params": part, "weight_decay": weight_decay if decay else 0.0})
+    return out
+
+
+def split_top(model: nn.Module, layers: int) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(lower, top): top = the last `layers` numbered layers and everything after them (final
+    norm, head); lower = the rest. The split hybrid ZO-FO trains by ZO and by backprop."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    numbers = [int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))]
+    last = max(numbers, default=-1)
+    top, seen_layers = [], False
+    lower = []
+    for name, p in named:
+        m = _LAYER.search(name)
+        if m:
+            seen_layers = True
+            (top if int(m.group(1)) > last - layers else lower).append(p)
+        else:
+            (top if seen_layers else lower).append(p)
+    return lower, top
+
+
+__all__ = [
+    "ZOOptimizer",
+    "available",
+    "build",
+    "layer_groups",
+    "param_groups",
+    "split_top",
+    *[c.__name__ for c in set(OPTIMIZERS.values())],
+]

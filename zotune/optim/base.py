@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from ..directions import DIRECTIONS, Block, Offset, ParameterSpace, derive_seed
+from ..directions import (
+    DIRECTIONS,
+    Block,
+    MagnitudeMask,
+    Offset,
+    ParameterSpace,
+    RandomMask,
+    Update,
+    derive_seed,
+)
 from ..estimators import ESTIMATORS, Closure, Estimate
 from ..rules import Rule, new_state
 from ..trajectory import Trajectory
@@ -41,9 +50,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         direction: "gaussian" or "rademacher".
         seed: seeds every step's directions; the same seed and data give the same run.
         threads: worker threads for the perturbation loop (default: up to 2).
+        mask: sparse perturbation: "none", "magnitude" (Sparse MeZO: smallest-|θ| entries, per
+            tensor thresholds fixed at the start) or "random" (a fresh random mask each step).
+        sparsity: fraction of each tensor's entries a mask leaves out (0 <= sparsity < 1).
     """
 
     name = "zo"
+    replayable = True  # a trajectory of this optimizer rebuilds the weights
 
     def __init__(
         self,
@@ -58,6 +71,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         direction: str = "gaussian",
         seed: int = 0,
         threads: int | None = None,
+        mask: str = "none",
+        sparsity: float = 0.0,
         **config: Any,
     ):
         _check("lr", lr)
@@ -69,6 +84,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"unknown estimator '{estimator}': choose one of {', '.join(ESTIMATORS)}"
             )
+        if mask not in ("none", "magnitude", "random"):
+            raise ValueError(f"unknown mask '{mask}': choose none, magnitude or random")
+        if not (0 <= sparsity < 1) or (mask != "none" and sparsity == 0):
+            raise ValueError(f"sparsity must be in (0, 1) with a mask (0 without), got {sparsity}")
         if direction not in DIRECTIONS:
             raise ValueError(
                 f"unknown direction '{direction}': choose one of {', '.join(DIRECTIONS)}"
@@ -84,6 +103,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             estimator=estimator,
             direction=direction,
             seed=seed,
+            mask=mask,
+            sparsity=sparsity,
             **config,
         )
         tensors, self._group_of = [], []
@@ -91,17 +112,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 tensors.append(p)
                 self._group_of.append(gi)
-        self.space = ParameterSpace(tensors, direction=direction, mask=self.mask(), threads=threads)
+        masks = {
+            "none": lambda: None,
+            "magnitude": lambda: MagnitudeMask(tensors, range(len(tensors)), sparsity),
+            "random": lambda: RandomMask(sparsity),
+        }
+        self.space = ParameterSpace(
+            tensors, direction=direction, mask=masks[mask](), threads=threads
+        )
         self.steps = 0
         self.forward_passes = 0
         self.trajectory = Trajectory(self.name, self.config, tensors)
         self.trajectory.groups = list(self._group_of)
 
     # -- hooks for subclasses -------------------------------------------------------------
-    def mask(self):
-        """A `directions.Mask` restricting z, or None (dense)."""
-        return None
-
     def estimate(self, closure: Closure, seeds: list[int]) -> Estimate:
         return ESTIMATORS[self.estimator](self.space, closure, seeds, self.eps)
 
@@ -124,6 +148,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         estimator needs, update the parameters in place, and return the step's loss."""
         if closure is None:
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
+        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
         est = self.estimate(closure, self.step_seeds())
         record = {
             "grads": est.grads,
@@ -136,25 +161,28 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def apply(self, record: dict[str, Any], pending: Offset | None = None) -> None:
         """Apply one trajectory record, restoring `pending` in the same pass."""
-        coeffs = self.coefficients(record)
-        t = self.steps
-        if coeffs:
-            if self.rule.buffers:  # create state up front: blocks run on threads
-                for p in self.space.tensors:
-                    if p not in self.state:
-                        self.state[p] = new_state(self.rule, p)
-
-            def update(block: Block) -> None:
-                gi = self._group_of[block.index]
-                p = self.space.tensors[block.index]
-                state = self.state[p] if self.rule.buffers else {}
-                self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
-
-            self.space.transition(pending, None, update)
-        else:
-            self.space.transition(pending, None)
+        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
+        self.space.transition(pending, None, self.update_for(self.coefficients(record), record))
         self.trajectory.append(record)
         self.steps += 1
+
+    def update_for(self, coeffs: list[tuple[int, float]], record: dict[str, Any]) -> Update | None:
+        """The block update of this optimizer's rule for ĝ = Σ c_k z_k (None if no coefficient)."""
+        if not coeffs:
+            return None
+        if self.rule.buffers:  # create state up front: blocks run on threads
+            for p in self.space.tensors:
+                if p not in self.state:
+                    self.state[p] = new_state(self.rule, p)
+        t = self.steps
+
+        def update(block: Block) -> None:
+            gi = self._group_of[block.key]
+            p = self.space.tensors[block.key]
+            state = self.state[p] if self.rule.buffers else {}
+            self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
+
+        return update
 
     @property
     def regenerations(self) -> float:

@@ -1,0 +1,36 @@
+"""Sparse MeZO (Liu et al., 2024, arXiv 2402.15751) and its random-mask baseline R-MeZO."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .mezo import MeZO
+
+
+class SparseMeZO(MeZO):
+    """MeZO restricted to small-magnitude weights.
+
+    Per tensor, a threshold h is fixed once so that the (1 − sparsity) fraction of entries with
+    the smallest |θ| falls under it. Each use of z is masked by m = |θ0| ≤ h, recomputed from the
+    current unperturbed weights: ẑ = m ⊙ z, g = (L(θ + εẑ) − L(θ − εẑ))/2ε, θ ← θ − η·g·ẑ.
+    Masked-out weights are neither perturbed nor updated. Cost per step as MeZO: 2 forward
+    passes, 3 regenerations of z; no mask is stored beyond a 1-bit record while perturbed.
+    """
+
+    name = "sparse-mezo"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, sparsity: float = 0.8, **kw: Any):
+        kw.pop("mask", None)
+        super().__init__(params, lr=lr, mask="magnitude", sparsity=sparsity, **kw)
+
+
+class RMeZO(MeZO):
+    """R-MeZO: MeZO with a random mask of the same sparsity, drawn afresh every step
+    (the Sparse MeZO paper's baseline). Costs as MeZO."""
+
+    name = "r-mezo"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, sparsity: float = 0.8, **kw: Any):
+        kw.pop("mask", None)
+        super().__init__(params, lr=lr, mask="random", sparsity=sparsity, **kw)
