@@ -17,16 +17,13 @@ with each method. The ratio to forward-only is printed.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 from zotune import optim
+from zotune.memory import measure_in_process
 from zotune.models import load_model
 
 BATCH, SEQ = 16, 64
@@ -71,16 +68,40 @@ def official_step(params, loss_fn, seed: int, lr: float, eps: float) -> float:
     return float(loss1)
 
 
-def time_model(name: str, methods: list[str], reps: int) -> dict:
+def build_for(method: str, params, loaded, loss_fn, threads: int | None = None):
+    hp: dict = dict(lr=1e-7)
+    if method.startswith("fo-"):
+        return optim.build(method, params, **hp)
+    hp.update(eps=1e-3, threads=threads)
+    if method == "forward-grad":
+        hp["model"] = loaded.model
+    if method == "zo-blockwise":
+        groups = optim.layer_groups(loaded.model, 0.0)
+        return optim.build(method, groups, **hp)
+    if method == "hybrid-zo-fo":
+        lower, top = optim.split_top(loaded.model, 1)
+        return optim.build(method, lower, fo_params=top, **hp)
+    if method == "mezo-svrg":
+        hp["refresh"] = 10**9  # after the first (full-batch) step, every step is a minibatch step
+    opt = optim.build(method, params, **hp)
+    if method == "mezo-svrg":
+        opt.full_closure = loss_fn
+    return opt
+
+
+def time_model(name: str, methods: list[str], reps: int, threads: int | None) -> dict:
     loaded = load_model(name, dtype="float32")
     model = loaded.model
     for p in model.parameters():
         p.requires_grad_(True)
     params = [p for p in model.parameters()]
     loss_fn = make_loss(loaded)
-    opts = {m: optim.build(m, params, lr=1e-7, eps=1e-3) for m in methods}
-    forwards_per_step = {m: 2 for m in methods}
     times: dict[str, list[float]] = {"forward": [], "official": [], **{m: [] for m in methods}}
+    forwards: dict[str, float] = {}
+    opts = {}
+    for m in methods:
+        opts[m] = build_for(m, params, loaded, loss_fn, threads)
+        opts[m].step(loss_fn)  # warm up (and MeZO-SVRG's full-batch step)
     with torch.no_grad():
         loss_fn()  # warm up
         for r in range(reps):
@@ -91,58 +112,36 @@ def time_model(name: str, methods: list[str], reps: int) -> dict:
             official_step(params, loss_fn, seed=r, lr=1e-7, eps=1e-3)
             times["official"].append(time.perf_counter() - t)
             for m, opt in opts.items():
+                before = opt.forward_passes
                 t = time.perf_counter()
                 opt.step(loss_fn)
                 times[m].append(time.perf_counter() - t)
+                forwards[m] = opt.forward_passes - before
     fwd = statistics.median(times["forward"])
     row = {"model": name, "params": sum(p.numel() for p in params), "forward_s": fwd}
     row["official_ratio"] = statistics.median(times["official"]) / (2 * fwd)
     for m in methods:
         row[f"{m}_s"] = statistics.median(times[m])
-        row[f"{m}_ratio"] = row[f"{m}_s"] / (forwards_per_step[m] * fwd)
+        row[f"{m}_forwards"] = forwards[m]
+        row[f"{m}_ratio"] = row[f"{m}_s"] / (forwards[m] * fwd)
     return row
 
 
-def memory_child(name: str, method: str, steps: int) -> None:
-    """Run in a fresh process: load, then forwards only or training steps; print peak RSS."""
-    loaded = load_model(name, dtype="float32")
-    loss_fn = make_loss(loaded)
-    params = list(loaded.model.parameters())
-    for p in params:
-        p.requires_grad_(method != "forward")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if method == "forward":
-        with torch.no_grad():
-            for _ in range(2 * steps):
-                loss_fn()
-    elif method.startswith("fo-"):
-        opt = optim.build(method, params, lr=1e-7)
+def fo_closure(opt, loss_fn):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
 
-        def closure():
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        for _ in range(steps):
-            opt.step(closure)
-    else:
-        opt = optim.build(method, params, lr=1e-7, eps=1e-3)
-        for _ in range(steps):
-            opt.step(loss_fn)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"method": method, "peak_mb": peak, "loaded_mb": base}))
+    return closure
 
 
 def memory(name: str, methods: list[str], steps: int) -> list[dict]:
-    rows = []
-    for method in ["forward", *methods]:
-        cmd = [sys.executable, __file__, "--child", name, method, str(steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = [measure_in_process(name, m, BATCH, SEQ, steps) for m in ["forward", *methods]]
     fwd = rows[0]["peak_mb"]
     for r in rows:
-        r["ratio_to_forward"] = r["peak_mb"] / fwd
+        r["ratio_to_forward"] = r["peak_mb"] / fwd if "peak_mb" in r else float("nan")
     return rows
 
 
@@ -151,23 +150,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--models", nargs="+", default=["minilm-l6", "smollm2-135m"])
-    ap.add_argument("--methods", nargs="+", default=["mezo"])
-    ap.add_argument("--memory-methods", nargs="+", default=["mezo"])
+    zo = [
+        "mezo",
+        "zo-sgd-mmt",
+        "zo-sgd-sign",
+        "zo-sgd-cons",
+        "zo-adam",
+        "mezo-svrg",
+        "sparse-mezo",
+        "r-mezo",
+    ]
+    ap.add_argument("--methods", nargs="+", default=zo, help="ZO methods to time")
+    ap.add_argument(
+        "--memory-methods", nargs="+", default=["mezo", "mezo-svrg", "fo-sgd", "fo-adam"]
+    )
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="perturbation threads (default 2)")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument(
-        "--child", nargs=3, metavar=("MODEL", "METHOD", "STEPS"), help=argparse.SUPPRESS
-    )
     args = ap.parse_args()
-    if args.child:
-        memory_child(args.child[0], args.child[1], int(args.child[2]))
-        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ} tokens, fp32"
     )
     for name in args.models:
-        row = time_model(name, args.methods, args.reps)
+        row = time_model(name, args.methods, args.reps, args.threads)
         print(f"\n{name} ({row['params'] / 1e6:.1f}M params): forward {row['forward_s']:.3f} s")
         print(f"  official MeZO step / its 2 forwards: {row['official_ratio']:.2f}")
         for m in args.methods:

@@ -189,3 +189,48 @@ def test_console_script_reports_errors_with_exit_code_2(tmp_path):
     )
     assert done.returncode == 2 and "unknown method 'nope'" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+ALL_METHODS = ["mezo", "zo-sgd", "zo-sgd-mmt", "zo-sgd-sign", "zo-sgd-cons", "zo-adam", "forward-grad",
+               "mezo-svrg", "sparse-mezo", "r-mezo", "zo-blockwise", "hybrid-zo-fo", "fo-sgd", "fo-adam"]  # fmt: skip
+
+
+@pytest.mark.parametrize("peft", ["full", "lora", "prefix", "prompt"])
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_and_scheme_trains_end_to_end(tiny_model_dir, tmp_path, capsys, method, peft):
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_model_dir, "--task", "sst2", "--method", method, "--peft", peft,
+            "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--lr", "1e-3", "--eps", "1e-2",
+            "--num-train", "12", "--num-dev", "8", "--num-test", "8", "--out", str(out), "--quiet"]  # fmt: skip
+    code = main(args)
+    if method == "hybrid-zo-fo" and peft in ("prefix", "prompt"):  # one tensor: nothing to split
+        assert code == 2 and "hybrid-zo-fo needs" in capsys.readouterr().err
+        return
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["peft"] == peft and summary["forward_passes"] > 0
+    replayable = method not in ("hybrid-zo-fo", "fo-sgd", "fo-adam")
+    assert (out / "trajectory.zot").exists() == replayable
+
+
+def test_bench_smoke_suite(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "smoke", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"mezo", "zo-adam", "fo-sgd"}
+    assert all(
+        "error" not in r and r["forward_passes"] > 0 and r["peak_memory_mb"] > 0 for r in rows
+    )
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert "dev.accuracy" in header and "seconds_per_step" in header
+    assert "| mezo |" in (out / "report.md").read_text()
+    for png in ("dev_vs_forward_passes.png", "peak_memory.png", "seconds_per_step.png"):
+        assert (out / png).stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["bench", "smoke", "--out", str(out)]) == 0  # finished runs are not redone
+    assert capsys.readouterr().out.count("(done before)") == 3
+
+
+def test_bench_rejects_unknown_suite(tmp_path, capsys):
+    assert main(["bench", "nope", "--out", str(tmp_path / "b")]) == 2
+    assert "unknown suite" in capsys.readouterr().err

@@ -169,6 +169,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_suite
+
+    results = run_suite(args.suite, args.out, data_dir=args.data_dir, dry_run=args.dry_run)
+    failed = [r for r in results if "error" in r]
+    if not args.dry_run:
+        print(f"wrote {args.out}: {len(results) - len(failed)} runs, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import optim
 
@@ -211,6 +221,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="a `zotune train` output directory")
     r.add_argument("--out", required=True, help="folder to write weights.safetensors into")
     r.set_defaults(func=cmd_replay)
+    b = sub.add_parser("bench", help="run a named benchmark suite, one process per run")
+    b.add_argument("suite", help="smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue")
+    b.add_argument("--out", default=None, help="results folder (default bench-out/SUITE)")
+    b.add_argument("--data-dir")
+    b.add_argument("--dry-run", action="store_true", help="list the runs without running them")
+    b.set_defaults(func=cmd_bench)
     sub.add_parser("methods", help="list the optimizers").set_defaults(func=cmd_methods)
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
     return p
@@ -224,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     } <= {"--quiet", "--out"}
     args = parser().parse_args(argv or ["train"])
     args.demo = demo
+    if args.command == "bench" and args.out is None:
+        args.out = f"bench-out/{args.suite}"
     if args.command is None:
         parser().print_help()
         return 2

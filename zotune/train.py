@@ -340,7 +340,8 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
                 return value
 
             with torch.enable_grad():
-                loss = float(opt.step(closure))
+                value = opt.step(closure)
+            loss = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         step_seconds.append(time.perf_counter() - t0)
         train_forwards += objective.forward_passes - before
         row = {

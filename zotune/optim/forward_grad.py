@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..directions import derive_seed
 from ..estimators import Closure, Estimate
@@ -59,7 +60,9 @@ class ForwardGrad(ZOOptimizer):
                     for module, attr in owners.get(id(p), []):
                         module._parameters[attr] = dual  # a plain swap, as torch.func does
                         swapped.append((module, attr, p))
-                loss = closure()
+                # The fused attention kernels have no forward-mode AD; the math one does.
+                with sdpa_kernel([SDPBackend.MATH]):
+                    loss = closure()
                 primal, tangent = fwAD.unpack_dual(loss)
             finally:
                 for module, attr, p in swapped:

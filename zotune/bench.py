@@ -1,0 +1,355 @@
+"""`zotune bench`: run a grid of fine-tuning jobs, one process each, and report.
+
+A suite is a list of runs (each a `TrainConfig`). Every run executes `zotune train` in its own
+process, so peak-memory figures do not bleed between runs, and writes `<out>/runs/<id>/`;
+a run whose `summary.json` exists is not redone when a grid is re-run. Results land in
+`results.jsonl`, `results.csv`, `report.md` and PNG plots (dev accuracy against forward passes,
+peak memory and seconds per step per method).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .train import ConfigError, TrainConfig
+
+
+def make_tiny_model(path: str | os.PathLike) -> str:
+    """A 2-layer random Llama with a byte-level tokenizer trained on the shipped SST-2 sample:
+    seconds to build, for smoke runs and tests."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return str(path)
+    sample = Path(__file__).parent / "data" / "sst2" / "train.tsv"
+    lines = sample.read_text(encoding="utf-8").splitlines()[1:]
+    corpus = [ln.split("\t")[0] + " It was great terrible good bad Yes No Maybe\n" for ln in lines]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=600, min_frequency=1, special_tokens=["<eos>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>"
+    )
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    LlamaForCausalLM(cfg).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def grid(**axes: list[Any]) -> list[dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in product(*(axes[k] for k in keys))]
+
+
+# Forward passes a step costs, to give every method the same budget of forward passes.
+FORWARDS = {
+    "zo-sgd-cons": 5,
+    "mezo-svrg": 4,
+    "forward-grad": 1,
+    "fo-sgd": 1,
+    "fo-adam": 1,
+    "hybrid-zo-fo": 3,
+}
+# Learning rates per (method family, scheme), in the ranges the papers' grids use, chosen on dev.
+LRS = {
+    ("zo", "full"): 1e-5, ("zo", "lora"): 1e-3, ("zo", "prefix"): 3e-2, ("zo", "prompt"): 1e-2,
+    ("adaptive", "full"): 1e-5, ("adaptive", "lora"): 1e-3, ("adaptive", "prefix"): 1e-2,
+    ("adaptive", "prompt"): 1e-2, ("fo", "full"): 1e-5, ("fo", "lora"): 1e-3, ("fo", "prefix"): 1e-2,
+    ("fo", "prompt"): 1e-2,
+}  # fmt: skip
+EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
+
+
+def family(method: str) -> str:
+    if method.startswith("fo-"):
+        return "fo"
+    return "adaptive" if method in ("zo-adam", "zo-sgd-sign") else "zo"
+
+
+def equal_budget(method: str, peft: str, budget: int, **extra: Any) -> dict[str, Any]:
+    fw = FORWARDS.get(method, 2)
+    lr = LRS[(family(method), peft)] * (1e2 if method == "zo-sgd-sign" and peft == "full" else 1)
+    run = dict(method=method, peft=peft, lr=lr, eps=EPS[peft], steps=max(budget // fw, 1), **extra)
+    run["eval_every"] = max(run["steps"] // 5, 1)
+    return run
+
+
+ZO_BENCH = [
+    "zo-sgd",
+    "zo-sgd-mmt",
+    "zo-sgd-sign",
+    "zo-sgd-cons",
+    "zo-adam",
+    "forward-grad",
+    "fo-sgd",
+    "fo-adam",
+]
+BASE = dict(
+    model="smollm2-135m", task="sst2", batch_size=8, num_train=1000, num_dev=200, num_test=500
+)
+
+
+def suite(name: str, out: Path) -> list[dict[str, Any]]:
+    """The runs of a named suite (see docs/RESULTS.md for what each reproduces)."""
+    if name == "smoke":
+        tiny = make_tiny_model(out / "tiny-model")
+        common = dict(
+            model=tiny,
+            task="sst2",
+            steps=4,
+            eval_every=2,
+            batch_size=4,
+            num_train=16,
+            num_dev=8,
+            num_test=8,
+        )
+        return [dict(common, method=m, lr=1e-3, eps=1e-2) for m in ("mezo", "zo-adam", "fo-sgd")]
+    if name == "zo-bench":
+        runs = [
+            dict(BASE, **equal_budget(m, s, 800))
+            for m, s in product(ZO_BENCH, ["full", "lora", "prefix", "prompt"])
+        ]
+        runs += [dict(BASE, **equal_budget("zo-sgd", "prefix", 800), template="empty")]
+        return runs
+    if name == "mezo-svrg":
+        runs = []
+        for model, task, peft in [
+            ("minilm-l6", "sst2", "full"),
+            ("minilm-l6", "kshot-rte", "full"),
+            ("smollm2-135m", "sst2", "prefix"),
+        ]:
+            common = dict(
+                model=model,
+                task=task,
+                batch_size=16,
+                num_train=512,
+                num_dev=128,
+                num_test=500,
+                k=512,
+            )
+            for method in ("mezo", "mezo-svrg"):
+                run = dict(common, **equal_budget(method, peft, 1200))
+                if method == "mezo-svrg":
+                    run["extra"] = {"lr_full": run["lr"] * 10, "refresh": 10}
+                    run["steps"] = 1200 // 4
+                runs.append(run)
+        return runs
+    if name == "sparse-mezo":
+        runs = []
+        for task in ("rte", "sst2"):
+            for method in ("mezo", "sparse-mezo", "r-mezo"):
+                runs.append(dict(BASE, task=task, **equal_budget(method, "lora", 1000)))
+        return runs
+    if name == "superglue":
+        runs = []
+        for task in ("sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "squad"):
+            common = dict(
+                BASE, task=task, num_dev=100 if task in ("cb", "copa") else 200, batch_size=8
+            )
+            for peft in ("full", "lora", "prefix"):
+                runs.append(dict(common, **equal_budget("mezo", peft, 600)))
+            runs.append(dict(common, **equal_budget("fo-adam", "lora", 150)))
+        return runs
+    raise ConfigError(
+        f"unknown suite '{name}': choose smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue"
+    )
+
+
+def run_id(run: dict[str, Any]) -> str:
+    text = json.dumps(run, sort_keys=True, default=str)
+    name = f"{Path(str(run['model'])).name}-{Path(str(run['task'])).stem}-{run['method']}-{run.get('peft', 'full')}"
+    return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def execute(
+    runs: list[dict[str, Any]], out: Path, *, data_dir: str | None = None, quiet: bool = True
+) -> list[dict]:
+    """Run each job in its own process (skipping finished ones) and collect the summaries."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, run in enumerate(runs, 1):
+        run = dict(run)
+        if data_dir and "data_dir" not in run:
+            run["data_dir"] = data_dir
+        TrainConfig.from_dict(run).validate()
+        rid = run_id(run)
+        target = out / "runs" / rid
+        if not (target / "summary.json").exists():
+            print(f"[{i}/{len(runs)}] {rid}", flush=True)
+            cfg_path = out / "configs" / f"{rid}.yaml"
+            cfg_path.parent.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(yaml.safe_dump(run, sort_keys=True))
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)  # an unfinished run left by an interrupted grid
+            cmd = [
+                sys.executable,
+                "-m",
+                "zotune.cli",
+                "train",
+                "--config",
+                str(cfg_path),
+                "--out",
+                str(target),
+            ]
+            done = subprocess.run(
+                cmd + (["--quiet"] if quiet else []), capture_output=quiet, text=True
+            )
+            if done.returncode != 0:
+                err = (done.stderr or "").strip().splitlines()[-1:] or ["failed"]
+                print(f"  failed: {err[0]}", flush=True)
+                results.append({"id": rid, **run, "error": err[0]})
+                continue
+        else:
+            print(f"[{i}/{len(runs)}] {rid} (done before)", flush=True)
+        summary = json.loads((target / "summary.json").read_text())
+        results.append({"id": rid, **run, **summary})
+    return results
+
+
+def write_results(results: list[dict], out: Path, title: str) -> None:
+    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r, default=str) + "\n")
+    flat = [_flatten(r) for r in results]
+    keys = sorted({k for r in flat for k in r})
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(flat)
+    _report(results, out, title)
+    _plots(results, out)
+
+
+def _flatten(r: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in r.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _metric(d: dict | None) -> str:
+    if not d:
+        return "-"
+    k = next(iter(d))
+    return f"{100 * d[k]:.1f}"
+
+
+def _report(results: list[dict], out: Path, title: str) -> None:
+    lines = [
+        f"# {title}",
+        "",
+        "| model | task | method | scheme | steps | forward passes | zero-shot dev | dev | test | peak MB | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(
+                f"| {Path(str(r['model'])).name} | {r['task']} | {r['method']} | {r.get('peft', 'full')} | failed: {r['error']} |||||||"
+            )
+            continue
+        lines.append(
+            f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem}{' (empty template)' if r.get('template') == 'empty' else ''} | "
+            f"{r['method']} | {r.get('peft', 'full')} | {r['steps']} | {r['forward_passes']} | {_metric(r.get('zero_shot'))} | "
+            f"{_metric(r.get('dev'))} | {_metric(r.get('test'))} | {r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} |"
+        )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _plots(results: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in ok:
+        rows = [
+            json.loads(x)
+            for x in (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        pts = [(0, next(iter(r["zero_shot"].values())))] + [
+            (x["forward_passes"], next(iter(x["dev"].values()))) for x in rows if "dev" in x
+        ]
+        ax.plot(
+            [p[0] for p in pts],
+            [100 * p[1] for p in pts],
+            marker="o",
+            ms=3,
+            label=f"{r['method']}/{r.get('peft', 'full')} {Path(str(r['task'])).stem}",
+        )
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel("dev accuracy / F1 (%)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "dev_vs_forward_passes.png", dpi=120)
+    plt.close(fig)
+    for key, fname, label in [
+        ("peak_memory_mb", "peak_memory.png", "peak resident memory (MB)"),
+        ("seconds_per_step", "seconds_per_step.png", "seconds per step"),
+    ]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = [f"{r['method']}/{r.get('peft', 'full')}\n{Path(str(r['task'])).stem}" for r in ok]
+        ax.bar(range(len(ok)), [r[key] for r in ok])
+        ax.set_xticks(range(len(ok)), names, rotation=90, fontsize=6)
+        ax.set_ylabel(label)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+
+def run_suite(
+    name: str, out: str | os.PathLike, *, data_dir: str | None = None, dry_run: bool = False
+) -> list[dict]:
+    """Run a named suite into `out` and write its results; returns one dict per run."""
+    out = Path(out)
+    if name == "memory":
+        from .memory import memory_suite
+
+        return memory_suite(out)
+    runs = suite(name, out)
+    if dry_run:
+        for run in runs:
+            print(run_id(run), json.dumps(run, default=str))
+        return []
+    results = execute(runs, out, data_dir=data_dir)
+    write_results(results, out, f"zotune bench {name}")
+    return results
+
+
+__all__ = ["asdict", "execute", "grid", "make_tiny_model", "run_suite", "suite", "write_results"]

@@ -1,0 +1,165 @@
+"""Peak memory of inference vs ZO vs FO training steps, each measured in its own process.
+
+    python -m zotune.memory MODEL METHOD BATCH SEQ STEPS    # one measurement, prints JSON
+
+CPU: peak resident memory of the process (ru_maxrss), with the resident size right after loading
+noted as the baseline. CUDA: `max_memory_allocated`, reset before the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = [
+    "forward",
+    "mezo",
+    "zo-sgd-sign",
+    "zo-adam",
+    "mezo-svrg",
+    "sparse-mezo",
+    "fo-sgd",
+    "fo-adam",
+]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
+    """Next-token CE (decoders) or head CE (encoders) on random tokens of a fixed shape."""
+    g = torch.Generator().manual_seed(seed)
+    model = loaded.model
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
+    if loaded.kind == "causal":
+        return lambda: model(input_ids=ids, labels=ids).loss.float()
+    labels = torch.randint(0, model.config.num_labels, (batch,), generator=g).to(device)
+    return lambda: torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels)
+
+
+def make_optimizer(method: str, loaded, params, loss_fn):
+    from . import optim
+
+    if method.startswith("fo-"):
+        return optim.build(method, params, lr=1e-7)
+    hp: dict[str, Any] = dict(lr=1e-7, eps=1e-3)
+    if method == "forward-grad":
+        hp["model"] = loaded.model
+    opt = optim.build(method, params, **hp)
+    if method == "mezo-svrg":
+        opt.full_closure = loss_fn
+    return opt
+
+
+def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
+    """Load, then run `steps` training steps (or 2·steps forward passes for "forward")."""
+    from .models import load_model
+
+    loaded = load_model(
+        model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    params = list(loaded.model.parameters())
+    loss_fn = random_batch_loss(loaded, batch, seq)
+    cuda = torch.cuda.is_available()
+    loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    if method == "forward":
+        with torch.no_grad():
+            for _ in range(2 * steps):
+                loss_fn()
+    else:
+        opt = make_optimizer(method, loaded, params, loss_fn)
+
+        def fo():
+            opt.zero_grad()
+            value = loss_fn()
+            value.backward()
+            return value
+
+        for _ in range(steps):
+            opt.step(fo if method.startswith("fo-") else loss_fn)
+    seconds = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+    return dict(
+        model=model,
+        method=method,
+        batch=batch,
+        seq=seq,
+        peak_mb=round(peak, 1),
+        loaded_mb=round(loaded_mb, 1),
+        seconds_per_step=round(seconds, 3),
+        device="cuda" if cuda else "cpu",
+    )
+
+
+def measure_in_process(
+    model: str, method: str, batch: int, seq: int, steps: int = 2
+) -> dict[str, Any]:
+    """`measure` in a fresh interpreter, so one measurement's peak never leaks into another."""
+    cmd = [sys.executable, "-m", "zotune.memory", model, method, str(batch), str(seq), str(steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        err = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return dict(model=model, method=method, batch=batch, seq=seq, error=err)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_suite(
+    out: str | Path,
+    model: str = "smollm2-135m",
+    batches=(1, 8, 32),
+    seqs=(64, 256),
+    methods=METHODS,
+) -> list[dict]:
+    """Inference vs every listed method at each batch size and sequence length (the shape of
+    MeZO's and MeZO-SVRG's memory tables); finished cells are not redone."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["method"], r["batch"], r["seq"])] = r
+    rows = []
+    for seq in seqs:
+        for batch in batches:
+            for method in methods:
+                key = (method, batch, seq)
+                if key not in done:
+                    print(f"memory: {method} batch {batch} seq {seq}", flush=True)
+                    done[key] = measure_in_process(model, method, batch, seq)
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(done[key]) + "\n")
+                rows.append(done[key])
+    lines = [f"# Peak memory, {model}, fp32 ({rows[0].get('device', 'cpu') if rows else 'cpu'})", "",
+             "| seq | batch | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]  # fmt: skip
+    for seq in seqs:
+        for batch in batches:
+            fwd = done[("forward", batch, seq)].get("peak_mb")
+            cells = []
+            for m in methods:
+                r = done[(m, batch, seq)]
+                if "error" in r or not fwd:
+                    cells.append("failed")
+                else:
+                    cells.append(f"{r['peak_mb']:.0f} MB (×{r['peak_mb'] / fwd:.2f})")
+            lines.append(f"| {seq} | {batch} | " + " | ".join(cells) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    m, meth, b, s, n = sys.argv[1:6]
+    print(json.dumps(measure(m, meth, int(b), int(s), int(n))))
