@@ -71,6 +71,10 @@ def config_from_args(args: argparse.Namespace, demo: bool = False) -> TrainConfi
     return TrainConfig.from_dict(values)
 
 
+def _pct(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()) or "-"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
@@ -82,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{summary['model']} on {summary['task']} with {summary['method']} ({summary['peft']}): "
             f"dev {metric} zero-shot {100 * summary['zero_shot'][metric]:.1f}% -> "
             f"fine-tuned {100 * summary['dev'][metric]:.1f}% (step {summary['best_step']}); "
-            f"test {', '.join(f'{k} {100 * v:.1f}%' for k, v in summary['test'].items())}"
+            f"test zero-shot {_pct(summary['zero_shot_test'])} -> {_pct(summary['test'])}"
         )
     print(
         f"wrote {cfg.out} ({summary['forward_passes']} forward passes, {summary['wall_seconds']:.0f} s)"

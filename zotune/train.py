@@ -140,7 +140,7 @@ DEMO: dict[str, Any] = dict(
     lr=3e-2,
     eps=1e-1,
     batch_size=8,
-    steps=250,
+    steps=150,
     eval_every=50,
     num_train=500,
     num_dev=100,
@@ -318,7 +318,8 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
     evaluate = lambda examples: objective.evaluate(examples, batch_size=cfg.eval_batch_size)  # noqa: E731
     with torch.no_grad():
         zero_shot = evaluate(task.dev)
-    progress.write(f"zero-shot dev: {_fmt(zero_shot)}")
+        zero_shot_test = evaluate(task.test) if task.test else {}
+    progress.write(f"zero-shot dev: {_fmt(zero_shot)}; test: {_fmt(zero_shot_test)}")
     metric = task.metric
     best: dict[str, Any] = {"step": 0, "dev": zero_shot}
     loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
@@ -368,8 +369,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
     if is_zo and opt.replayable:
         opt.trajectory.save(work / "trajectory.zot")
     if "test" not in best:  # no step beat zero-shot on dev: report the initial model
-        with torch.no_grad():
-            best["test"] = evaluate(task.test) if task.test else {}
+        best["test"] = zero_shot_test
     if cfg.save_weights:
         from safetensors.torch import save_file
 
@@ -385,6 +385,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
         "steps": cfg.steps,
         "forward_passes": train_forwards,
         "zero_shot": zero_shot,
+        "zero_shot_test": zero_shot_test,
         "dev": best["dev"],
         "test": best["test"],
         "best_step": best["step"],
