@@ -234,3 +234,12 @@ def test_bench_smoke_suite(tmp_path, capsys):
 def test_bench_rejects_unknown_suite(tmp_path, capsys):
     assert main(["bench", "nope", "--out", str(tmp_path / "b")]) == 2
     assert "unknown suite" in capsys.readouterr().err
+
+
+def test_non_differentiable_objective_trains(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        main(train_args(tiny_model_dir, out, "--objective", "accuracy", "--method", "zo-sgd")) == 0
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1 <= r["loss"] <= 0 for r in rows)  # the loss is minus the batch accuracy
