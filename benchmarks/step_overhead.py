@@ -168,11 +168,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="perturbation threads (default 2)")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-time", action="store_true")
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ} tokens, fp32"
     )
-    for name in args.models:
+    for name in [] if args.skip_time else args.models:
         row = time_model(name, args.methods, args.reps, args.threads)
         print(f"\n{name} ({row['params'] / 1e6:.1f}M params): forward {row['forward_s']:.3f} s")
         print(f"  official MeZO step / its 2 forwards: {row['official_ratio']:.2f}")

@@ -181,7 +181,7 @@ class Block:
     def raw_z(self, seed: int) -> torch.Tensor:
         """z for this block at `seed`, before any mask; cached within the block."""
         if seed not in self._raw:
-            buf = torch.empty_like(self.theta)
+            buf = self.buffer(f"z{len(self._raw)}")
             self._space.direction.fill_(buf, derive_seed(seed, self.key), self.start)
             self.draws += 1
             self._raw[seed] = buf
@@ -193,8 +193,13 @@ class Block:
         if m is None:
             return self.raw_z(seed)
         if seed not in self._z:
-            self._z[seed] = self.raw_z(seed) * m
+            self._z[seed] = torch.mul(self.raw_z(seed), m, out=self.buffer(f"m{len(self._z)}"))
         return self._z[seed]
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """A float32 scratch buffer of this block's size, reused by the thread's next blocks
+        (allocating fresh ones per block made glibc hold on to hundreds of MB)."""
+        return self._space._buffer(name, self.theta.numel(), self.theta.device)
 
     def mask(self) -> torch.Tensor | None:
         if self._space.mask is None:
@@ -278,12 +283,12 @@ class ParameterSpace:
         n = flat.numel()
         # The C kernel covers float32 on the CPU; everything else runs the same math in torch.
         lib = _native.lib() if flat.dtype == torch.float32 and flat.device.type == "cpu" else None
+        theta = self._buffer("theta", n, flat.device)
+        block = Block(self, index, lo, theta)
         if current is None:
-            theta = flat.to(torch.float32, copy=True)
-            block = Block(self, index, lo, theta)
+            theta.copy_(flat)
         else:
             inexact, aside, mask = self._aside.pop((index, lo))
-            block = Block(self, index, lo, torch.empty(n, device=flat.device))
             z = block.raw_z(current.seed)
             if mask is not None:
                 z = z * _unpack(mask, n)
@@ -326,10 +331,15 @@ class ParameterSpace:
         return block.draws
 
     def _scratch(self) -> torch.Tensor:
-        buf = getattr(self._local, "scratch", None)
-        if buf is None:
-            buf = self._local.scratch = torch.empty(BLOCK)
-        return buf
+        return self._buffer("scratch", BLOCK, torch.device("cpu"))
+
+    def _buffer(self, name: str, n: int, device: torch.device) -> torch.Tensor:
+        """Per-thread float32 buffers of BLOCK elements, reused block after block."""
+        bufs = self._local.__dict__.setdefault("buffers", {})
+        key = (name, device)
+        if key not in bufs:
+            bufs[key] = torch.empty(BLOCK, dtype=torch.float32, device=device)
+        return bufs[key][:n]
 
 
 def _round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
     python -m zotune.memory MODEL METHOD BATCH SEQ STEPS    # one measurement, prints JSON
 
-CPU: peak resident memory of the process (ru_maxrss), with the resident size right after loading
-noted as the baseline. CUDA: `max_memory_allocated`, reset before the first step.
+CPU: peak resident memory of the process while it runs the steps (the peak is reset after the
+model is loaded), with the resident size right after loading noted as the baseline. CUDA: `max_memory_allocated`, reset before the first step.
 """
 
 from __future__ import annotations
@@ -30,8 +30,37 @@ METHODS = [
 ]
 
 
-def _rss_mb() -> float:
+def reset_peak() -> None:
+    """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM), so loading a model,
+    whose transient copies can exceed any later step, does not mask the steps' own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak` (ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
 
 
 def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
@@ -70,9 +99,11 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[s
     params = list(loaded.model.parameters())
     loss_fn = random_batch_loss(loaded, batch, seq)
     cuda = torch.cuda.is_available()
-    loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak()
     t = time.perf_counter()
     if method == "forward":
         with torch.no_grad():
@@ -90,7 +121,7 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[s
         for _ in range(steps):
             opt.step(fo if method.startswith("fo-") else loss_fn)
     seconds = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return dict(
         model=model,
         method=method,

@@ -25,17 +25,18 @@ Coeffs = Sequence[tuple[int, float]]  # (seed_k, c_k): ĝ = Σ c_k z(seed_k)
 
 
 def estimate(block: Block, coeffs: Coeffs) -> torch.Tensor:
-    """ĝ for one block, as a fresh float32 tensor."""
+    """ĝ for one block, in the block's reusable "g" buffer (valid until the next block)."""
     (seed, c), *rest = coeffs
-    g = block.z(seed) * c
+    g = torch.mul(block.z(seed), c, out=block.buffer("g"))
     for seed, c in rest:
-        g.add_(block.z(seed) * c)
+        g.add_(torch.mul(block.z(seed), c, out=block.buffer("tmp")))
     return g
 
 
-def _decay(theta: torch.Tensor, lr: float, weight_decay: float) -> None:
+def _decay(block: Block, lr: float, weight_decay: float) -> None:
     if weight_decay:
-        theta.sub_(theta * (lr * weight_decay))
+        theta = block.theta
+        theta.sub_(torch.mul(theta, lr * weight_decay, out=block.buffer("tmp")))
 
 
 class Rule:
@@ -63,7 +64,7 @@ class SGD(Rule):
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
-        _decay(block.theta, lr, weight_decay)
+        _decay(block, lr, weight_decay)
         block.theta.sub_(g.mul_(lr))
 
 
@@ -79,8 +80,8 @@ class Momentum(Rule):
         g = estimate(block, coeffs)
         m = _view(state, "momentum", block)
         m.mul_(self.beta).add_(g)
-        _decay(block.theta, lr, weight_decay)
-        block.theta.sub_(m * lr)
+        _decay(block, lr, weight_decay)
+        block.theta.sub_(torch.mul(m, lr, out=block.buffer("tmp")))
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Sign(Rule):
             g = estimate(block, [(s, 1.0 if c > 0 else -1.0 if c < 0 else 0.0) for s, c in coeffs])
         else:
             g = estimate(block, coeffs).sign_()
-        _decay(block.theta, lr, weight_decay)
+        _decay(block, lr, weight_decay)
         block.theta.sub_(g.mul_(lr))
 
 
@@ -116,7 +117,7 @@ class Adam(Rule):
         v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
         t = step + 1
         denom = (v / (1 - self.beta2**t)).sqrt_().add_(self.delta)
-        _decay(block.theta, lr, weight_decay)
+        _decay(block, lr, weight_decay)
         block.theta.sub_((m / denom).mul_(lr / (1 - self.beta1**t)))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -149,10 +148,12 @@ DEMO: dict[str, Any] = dict(
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (CPU), or CUDA allocator peak when on GPU."""
+    """Peak resident memory since the model was loaded (CPU), or the CUDA allocator's peak."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from .memory import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def batches(n: int, batch_size: int, seed: int):
@@ -293,6 +294,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     start = time.time()
     task, loaded, objective = load_for(cfg)
     model = loaded.model
+    from .memory import reset_peak, rss_mb
+
+    loaded_mb = rss_mb()
+    reset_peak()  # the summary's peak covers training, not the transient copies of loading
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         opt = build_optimizer(cfg, model, objective, task)
     except (TypeError, ValueError) as e:  # e.g. an unknown --set key or a bad hyperparameter
@@ -302,6 +309,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         summary = _run(cfg, task, model, objective, opt, is_zo, work, start, quiet)
+        summary["loaded_memory_mb"] = round(loaded_mb, 1)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2))
         if out.exists():
             out.rmdir()
         os.replace(work, out)
