@@ -40,6 +40,7 @@ import torch
 from . import _native
 
 BLOCK = 1 << 16  # elements processed together (fits in L2); z does not depend on it
+GENERATOR = "lowbias32x2-icdf4096/1"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
 

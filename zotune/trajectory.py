@@ -22,13 +22,13 @@ FORMAT = "zotune-trajectory/1"
 
 class Trajectory:
     def __init__(self, method: str, config: dict[str, Any], tensors: Sequence[torch.Tensor]):
-        from .directions import BLOCK
+        from .directions import GENERATOR
 
         self.method, self.config = method, dict(config)
         self.tensors = [
             {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in tensors
         ]
-        self.block = BLOCK
+        self.generator = GENERATOR
         self.groups: list[int] = []  # group index of each tensor, set by the optimizer
         self.names: list[str | None] = [None] * len(tensors)
         self.records: list[dict[str, Any]] = []
@@ -46,7 +46,7 @@ class Trajectory:
             "format": FORMAT,
             "method": self.method,
             "config": self.config,
-            "block": self.block,
+            "generator": self.generator,
             "tensors": [
                 dict(t, group=g, name=n) for t, g, n in zip(self.tensors, self.groups, self.names)
             ],
@@ -121,11 +121,11 @@ def replay(
             raise ValueError(
                 f"tensor shape {list(t.shape)} does not match the trajectory's {m['shape']}"
             )
-    from .directions import BLOCK
+    from .directions import GENERATOR
 
-    if data["block"] != BLOCK:
+    if data.get("generator") != GENERATOR:
         raise ValueError(
-            f"trajectory made with block size {data['block']}, this zotune uses {BLOCK}"
+            f"trajectory made with directions {data.get('generator')}, this zotune draws {GENERATOR}"
         )
     ngroups = max((m["group"] for m in meta), default=-1) + 1
     groups = [
