@@ -194,7 +194,8 @@ class Block:
         if m is None:
             return self.raw_z(seed)
         if seed not in self._z:
-            self._z[seed] = torch.mul(self.raw_z(seed), m, out=self.buffer(f"m{len(self._z)}"))
+            masked = self.buffer(f"m{len(self._z)}").copy_(self.raw_z(seed))
+            self._z[seed] = masked.masked_fill_(m.logical_not(), 0.0)  # no float temporary
         return self._z[seed]
 
     def buffer(self, name: str) -> torch.Tensor:
@@ -292,7 +293,7 @@ class ParameterSpace:
             inexact, aside, mask = self._aside.pop((index, lo))
             z = block.raw_z(current.seed)
             if mask is not None:
-                z = z * _unpack(mask, n)
+                z = block.buffer("unmasked").copy_(z).masked_fill_(_unpack(mask, n).logical_not(), 0.0)
             if lib is not None:
                 lib.zt_decode(
                     _native.ptr(flat), _native.ptr(z), current.scale, _native.ptr(block.theta),
@@ -385,7 +386,8 @@ class MagnitudeMask:
                 self.thresholds[k] = float(mags.kthvalue(keep).values)
 
     def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
-        return theta.abs() <= self.thresholds[key]
+        h = self.thresholds[key]
+        return (theta <= h) & (theta >= -h)  # |θ| <= h without a float temporary
 
 
 class RandomMask:
