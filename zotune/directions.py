@@ -293,7 +293,11 @@ class ParameterSpace:
             inexact, aside, mask = self._aside.pop((index, lo))
             z = block.raw_z(current.seed)
             if mask is not None:
-                z = block.buffer("unmasked").copy_(z).masked_fill_(_unpack(mask, n).logical_not(), 0.0)
+                z = (
+                    block.buffer("unmasked")
+                    .copy_(z)
+                    .masked_fill_(_unpack(mask, n).logical_not(), 0.0)
+                )
             if lib is not None:
                 lib.zt_decode(
                     _native.ptr(flat), _native.ptr(z), current.scale, _native.ptr(block.theta),
