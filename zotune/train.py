@@ -123,6 +123,12 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --objective '{self.objective}': choose loss, accuracy or f1"
             )
+        if self.objective != "loss" and (
+            self.method.startswith("fo-") or self.method == "hybrid-zo-fo"
+        ):
+            raise ConfigError(
+                f"--objective {self.objective} has no gradient: use a zeroth-order method with it"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(
                 f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
