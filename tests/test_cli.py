@@ -243,3 +243,12 @@ def test_non_differentiable_objective_trains(tiny_model_dir, tmp_path):
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(-1 <= r["loss"] <= 0 for r in rows)  # the loss is minus the batch accuracy
+
+
+def test_linear_probe_baseline(tiny_model_dir, tmp_path):
+    out = tmp_path / "lp"
+    assert main(train_args(tiny_model_dir, out, "--method", "linear-probe")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "linear-probe" and summary["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert 0 <= summary["dev"]["accuracy"] <= 1 and "accuracy" in summary["test"]
+    assert not (out / "trajectory.zot").exists()

@@ -113,10 +113,9 @@ class TrainConfig:
                 )
         if self.eps <= 0:
             raise ConfigError(f"--eps must be > 0 (the perturbation scale), got {self.eps}")
-        if self.method not in optim.available():
-            raise ConfigError(
-                f"unknown method '{self.method}': choose one of {', '.join(optim.available())}"
-            )
+        methods = [*optim.available(), "linear-probe"]
+        if self.method not in methods:
+            raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(methods)}")
         if self.peft not in ("full", "lora", "prefix", "prompt"):
             raise ConfigError(f"unknown --peft '{self.peft}': choose full, lora, prefix or prompt")
         if self.objective not in ("loss", "accuracy", "f1"):
@@ -302,6 +301,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     model = loaded.model
     from .memory import reset_peak, rss_mb
 
+    if cfg.method == "linear-probe":
+        return _write_atomically(
+            out, lambda work: _probe(cfg, task, loaded, objective, work, start)
+        )
+
     loaded_mb = rss_mb()
     reset_peak()  # the summary's peak covers training, not the transient copies of loading
     if torch.cuda.is_available():
@@ -311,18 +315,70 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     except (TypeError, ValueError) as e:  # e.g. an unknown --set key or a bad hyperparameter
         raise ConfigError(f"cannot build {cfg.method}: {e}") from None
     is_zo = isinstance(opt, optim.ZOOptimizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def run(work: Path) -> dict[str, Any]:
         summary = _run(cfg, task, model, objective, opt, is_zo, work, start, quiet)
         summary["loaded_memory_mb"] = round(loaded_mb, 1)
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    return _write_atomically(out, run)
+
+
+def _write_atomically(out: Path, fill) -> dict[str, Any]:
+    """Let `fill` write into a temporary folder beside `out`, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        summary = fill(work)
         if out.exists():
             out.rmdir()
         os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    return summary
+
+
+def _probe(
+    cfg: TrainConfig, task: Task, loaded: Any, objective: Any, work: Path, start: float
+) -> dict[str, Any]:
+    """MeZO's linear-probing baseline: a logistic-regression head on frozen features."""
+    from .probe import linear_probe
+
+    if task.kind != "classification":
+        raise ConfigError("linear-probe needs a classification task")
+    (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    with torch.no_grad():
+        zero_shot = objective.evaluate(task.dev, batch_size=cfg.eval_batch_size)
+        zero_shot_test = (
+            objective.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
+        )
+    result = linear_probe(loaded, task.train, task.dev, task.test, max(task.num_labels, 2))
+    n = len(task.train) + len(task.dev) + len(task.test)
+    (work / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "l2": result["l2"], "dev": result["dev"]}) + "\n"
+    )
+    summary = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "method": "linear-probe",
+        "peft": "none",
+        "steps": 0,
+        "forward_passes": -(-n // 16),
+        "zero_shot": zero_shot,
+        "zero_shot_test": zero_shot_test,
+        "dev": result["dev"],
+        "test": result["test"],
+        "best_step": 0,
+        "final_dev": result["dev"],
+        "l2": result["l2"],
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "wall_seconds": round(time.time() - start, 2),
+        "seconds_per_step": 0.0,
+        "notes": task.notes,
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
