@@ -22,23 +22,10 @@ import time
 
 import torch
 
-from zotune import optim
-from zotune.memory import measure_in_process
+from zotune.memory import make_optimizer, measure_in_process, random_batch_loss
 from zotune.models import load_model
 
 BATCH, SEQ = 16, 64
-
-
-def make_loss(loaded, seed: int = 0):
-    """A real loss on random tokens: next-token CE (decoders) or head CE (encoders)."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = loaded.model.config.vocab_size
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
-    model = loaded.model
-    if loaded.kind == "causal":
-        return lambda: model(input_ids=ids, labels=ids).loss.float()
-    labels = torch.randint(0, model.config.num_labels, (BATCH,), generator=g)
-    return lambda: torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels)
 
 
 @torch.no_grad()
@@ -68,39 +55,18 @@ def official_step(params, loss_fn, seed: int, lr: float, eps: float) -> float:
     return float(loss1)
 
 
-def build_for(method: str, params, loaded, loss_fn, threads: int | None = None):
-    hp: dict = dict(lr=1e-7)
-    if method.startswith("fo-"):
-        return optim.build(method, params, **hp)
-    hp.update(eps=1e-3, threads=threads)
-    if method == "forward-grad":
-        hp["model"] = loaded.model
-    if method == "zo-blockwise":
-        groups = optim.layer_groups(loaded.model, 0.0)
-        return optim.build(method, groups, **hp)
-    if method == "hybrid-zo-fo":
-        lower, top = optim.split_top(loaded.model, 1)
-        return optim.build(method, lower, fo_params=top, **hp)
-    if method == "mezo-svrg":
-        hp["refresh"] = 10**9  # after the first (full-batch) step, every step is a minibatch step
-    opt = optim.build(method, params, **hp)
-    if method == "mezo-svrg":
-        opt.full_closure = loss_fn
-    return opt
-
-
 def time_model(name: str, methods: list[str], reps: int, threads: int | None) -> dict:
     loaded = load_model(name, dtype="float32")
     model = loaded.model
     for p in model.parameters():
         p.requires_grad_(True)
     params = [p for p in model.parameters()]
-    loss_fn = make_loss(loaded)
+    loss_fn = random_batch_loss(loaded, BATCH, SEQ)
     times: dict[str, list[float]] = {"forward": [], "official": [], **{m: [] for m in methods}}
     forwards: dict[str, float] = {}
     opts = {}
     for m in methods:
-        opts[m] = build_for(m, params, loaded, loss_fn, threads)
+        opts[m] = make_optimizer(m, loaded, params, loss_fn, threads)
         opts[m].step(loss_fn)  # warm up (and MeZO-SVRG's full-batch step)
     with torch.no_grad():
         loss_fn()  # warm up

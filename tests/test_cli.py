@@ -252,3 +252,11 @@ def test_linear_probe_baseline(tiny_model_dir, tmp_path):
     assert summary["method"] == "linear-probe" and summary["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
     assert 0 <= summary["dev"]["accuracy"] <= 1 and "accuracy" in summary["test"]
     assert not (out / "trajectory.zot").exists()
+
+
+def test_memory_measurement_in_its_own_process(tiny_model_dir):
+    from zotune.memory import measure_in_process
+
+    rows = [measure_in_process(tiny_model_dir, m, 2, 8, 1) for m in ("forward", "mezo", "fo-adam")]
+    assert all("error" not in r and r["peak_mb"] > 0 and r["loaded_mb"] > 0 for r in rows), rows
+    assert {r["method"] for r in rows} == {"forward", "mezo", "fo-adam"}

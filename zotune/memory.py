@@ -75,14 +75,22 @@ def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
     return lambda: torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels)
 
 
-def make_optimizer(method: str, loaded, params, loss_fn):
+def make_optimizer(method: str, loaded, params, loss_fn, threads: int | None = None):
+    """`method` over all of a model's parameters with tiny steps, for measuring cost."""
     from . import optim
 
     if method.startswith("fo-"):
         return optim.build(method, params, lr=1e-7)
-    hp: dict[str, Any] = dict(lr=1e-7, eps=1e-3)
+    hp: dict[str, Any] = dict(lr=1e-7, eps=1e-3, threads=threads)
     if method == "forward-grad":
         hp["model"] = loaded.model
+    if method == "zo-blockwise":
+        return optim.build(method, optim.layer_groups(loaded.model, 0.0), **hp)
+    if method == "hybrid-zo-fo":
+        lower, top = optim.split_top(loaded.model, 1)
+        return optim.build(method, lower, fo_params=top, **hp)
+    if method == "mezo-svrg":
+        hp["refresh"] = 10**9  # after the first (full-batch) step, every step is a minibatch step
     opt = optim.build(method, params, **hp)
     if method == "mezo-svrg":
         opt.full_closure = loss_fn
