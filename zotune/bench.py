@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -60,11 +59,6 @@ def make_tiny_model(path: str | os.PathLike) -> str:
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
     return str(path)
-
-
-def grid(**axes: list[Any]) -> list[dict[str, Any]]:
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in product(*(axes[k] for k in keys))]
 
 
 # Forward passes a step costs, to give every method the same budget of forward passes.
@@ -352,4 +346,4 @@ def run_suite(
     return results
 
 
-__all__ = ["asdict", "execute", "grid", "make_tiny_model", "run_suite", "suite", "write_results"]
+__all__ = ["execute", "make_tiny_model", "run_suite", "suite", "write_results"]

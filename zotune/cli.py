@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -147,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from .train import load_for
+    from .train import load_for, write_atomically
     from .trajectory import replay
 
     cfg, traj = _load_run(args.run)
@@ -159,16 +157,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tensors = {
         n: p.detach().contiguous() for n, p in loaded.model.named_parameters() if p.requires_grad
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(work / "weights.safetensors"))
-        if out.exists():
-            out.rmdir()
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    write_atomically(out, lambda work: save_file(tensors, str(work / "weights.safetensors")))
     print(f"replayed {steps} steps onto {cfg.model}; wrote {out / 'weights.safetensors'}")
     return 0
 

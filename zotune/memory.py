@@ -40,27 +40,27 @@ def reset_peak() -> None:
         pass
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last `reset_peak` (ru_maxrss where /proc is missing)."""
+def _proc_status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak` (ru_maxrss where /proc is missing)."""
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
+    """Resident memory now."""
+    now = _proc_status_mb("VmRSS")
+    return now if now is not None else peak_rss_mb()
 
 
 def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):

@@ -302,9 +302,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     from .memory import reset_peak, rss_mb
 
     if cfg.method == "linear-probe":
-        return _write_atomically(
-            out, lambda work: _probe(cfg, task, loaded, objective, work, start)
-        )
+        return write_atomically(out, lambda work: _probe(cfg, task, loaded, objective, work, start))
 
     loaded_mb = rss_mb()
     reset_peak()  # the summary's peak covers training, not the transient copies of loading
@@ -322,10 +320,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    return _write_atomically(out, run)
+    return write_atomically(out, run)
 
 
-def _write_atomically(out: Path, fill) -> dict[str, Any]:
+def write_atomically(out: Path, fill) -> dict[str, Any]:
     """Let `fill` write into a temporary folder beside `out`, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
