@@ -1,0 +1,54 @@
+"""Per-element cost of the engine's kernels on one 65,536-element block (single thread).
+
+    python benchmarks/kernels.py
+
+Prints nanoseconds per element for drawing z, perturb + exactness check, undo, and the float32
+copy of θ0: the pieces of one pass of a ZO step (docs/PERFORMANCE.md, "profile").
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from zotune import _native
+from zotune.directions import BLOCK, Gaussian, Rademacher
+
+
+def per_element_ns(fn, n: int, reps: int = 300) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps / n * 1e9
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    lib = _native.lib()
+    n = BLOCK
+    z, theta, out, scratch = torch.empty(n), torch.randn(n) * 0.02, torch.empty(n), torch.empty(n)
+    bits = torch.empty(n // 8, dtype=torch.uint8)
+    g, r = Gaussian(), Rademacher()
+    print(f"C kernel: {'yes' if lib else 'no (torch code)'}; block {n} elements; ns per element:")
+    print(f"  draw z, gaussian     {per_element_ns(lambda: g.fill_(z, 12345, 0), n):.2f}")
+    print(f"  draw z, rademacher   {per_element_ns(lambda: r.fill_(z, 12345, 0), n):.2f}")
+    print(
+        f"  copy θ0 to float32   {per_element_ns(lambda: theta.to(torch.float32, copy=True), n):.2f}"
+    )
+    if lib:
+        p = _native.ptr
+
+        def encode():
+            lib.zt_encode(p(theta), p(z), 1e-3, p(out), _native.bptr(bits), p(scratch), n)
+
+        def decode():
+            lib.zt_decode(p(out), p(z), 1e-3, p(scratch), None, None, n)
+
+        print(f"  perturb + check      {per_element_ns(encode, n):.2f}")
+        print(f"  undo                 {per_element_ns(decode, n):.2f}")
+
+
+if __name__ == "__main__":
+    main()
