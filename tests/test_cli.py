@@ -217,18 +217,21 @@ def test_bench_smoke_suite(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "smoke", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"mezo", "zo-adam", "fo-sgd"}
+    assert {r["method"] for r in rows} == {"mezo", "zo-adam", "fo-sgd", "icl"}
     assert all(
         "error" not in r and r["forward_passes"] > 0 and r["peak_memory_mb"] > 0 for r in rows
     )
+    trained = [r for r in rows if r["method"] != "icl"]
+    assert all(r["step_to_forward_ratio"] > 1 for r in trained)  # a step contains its forwards
     header = (out / "results.csv").read_text().splitlines()[0]
     assert "dev.accuracy" in header and "seconds_per_step" in header
-    assert "| mezo |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| mezo |" in report and "| icl (2 demos) |" in report
     for png in ("dev_vs_forward_passes.png", "peak_memory.png", "seconds_per_step.png"):
         assert (out / png).stat().st_size > 1000
     capsys.readouterr()
     assert main(["bench", "smoke", "--out", str(out)]) == 0  # finished runs are not redone
-    assert capsys.readouterr().out.count("(done before)") == 3
+    assert capsys.readouterr().out.count("(done before)") == 4
 
 
 def test_bench_rejects_unknown_suite(tmp_path, capsys):

@@ -105,8 +105,7 @@ def _load_run(run: str | os.PathLike) -> tuple[TrainConfig, Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .objectives import make_objective
-    from .train import load_for
+    from .train import icl_objective, load_for
     from .trajectory import replay
 
     if args.run:
@@ -123,11 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if traj is not None:
         replay(loaded.model, traj)
     if args.demos:
-        import numpy as np
-
-        rng = np.random.RandomState(cfg.seed)
-        demos = [task.train[i] for i in rng.permutation(len(task.train))[: args.demos]]
-        objective = make_objective(loaded, task.kind, max_length=cfg.max_length, demos=demos)
+        objective = icl_objective(cfg, task, loaded, args.demos)
     import torch
 
     result = {}

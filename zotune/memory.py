@@ -21,10 +21,15 @@ import torch
 METHODS = [
     "forward",
     "mezo",
+    "zo-sgd-mmt",
     "zo-sgd-sign",
+    "zo-sgd-cons",
     "zo-adam",
     "mezo-svrg",
     "sparse-mezo",
+    "r-mezo",
+    "zo-blockwise",
+    "forward-grad",
     "fo-sgd",
     "fo-adam",
 ]
@@ -178,7 +183,10 @@ def memory_suite(
                 key = (method, batch, seq)
                 if key not in done:
                     print(f"memory: {method} batch {batch} seq {seq}", flush=True)
-                    done[key] = measure_in_process(model, method, batch, seq)
+                    # one step holds every buffer a method allocates; MeZO-SVRG's second step
+                    # is its first minibatch step
+                    steps = 2 if method == "mezo-svrg" else 1
+                    done[key] = measure_in_process(model, method, batch, seq, steps)
                     with open(path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(done[key]) + "\n")
                 rows.append(done[key])

@@ -113,7 +113,7 @@ class TrainConfig:
                 )
         if self.eps <= 0:
             raise ConfigError(f"--eps must be > 0 (the perturbation scale), got {self.eps}")
-        methods = [*optim.available(), "linear-probe"]
+        methods = [*optim.available(), *BASELINES]
         if self.method not in methods:
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(methods)}")
         if self.peft not in ("full", "lora", "prefix", "prompt"):
@@ -286,6 +286,21 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
 
 
+# Methods that train no weights: baselines measured with the same loading, data and summary.
+BASELINES = ("linear-probe", "icl")
+
+
+def icl_objective(cfg: TrainConfig, task: Task, loaded: Any, demos: int) -> Any:
+    """The objective with `demos` training examples (drawn with cfg.seed) before every prompt."""
+    from .objectives import make_objective
+
+    if demos < 1:
+        raise ConfigError(f"demos must be a positive integer, got {demos}")
+    rng = np.random.RandomState(cfg.seed)
+    picked = [task.train[i] for i in rng.permutation(len(task.train))[:demos]]
+    return make_objective(loaded, task.kind, max_length=cfg.max_length, demos=picked)
+
+
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Run one fine-tuning job and write it to `cfg.out`; returns the summary."""
     cfg.validate()
@@ -303,6 +318,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
 
     if cfg.method == "linear-probe":
         return write_atomically(out, lambda work: _probe(cfg, task, loaded, objective, work, start))
+    if cfg.method == "icl":
+        demos = int(cfg.extra.get("demos", 32))
+        icl = icl_objective(cfg, task, loaded, demos)
+        return write_atomically(out, lambda work: _icl(cfg, task, objective, icl, work, start))
 
     loaded_mb = rss_mb()
     reset_peak()  # the summary's peak covers training, not the transient copies of loading
@@ -380,6 +399,43 @@ def _probe(
     return summary
 
 
+def _icl(
+    cfg: TrainConfig, task: Task, objective: Any, icl: Any, work: Path, start: float
+) -> dict[str, Any]:
+    """MeZO's in-context baseline: the base model with demonstrations before each prompt."""
+    (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    with torch.no_grad():
+        zero_shot = objective.evaluate(task.dev, batch_size=cfg.eval_batch_size)
+        zero_shot_test = (
+            objective.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
+        )
+        before = icl.forward_passes
+        dev = icl.evaluate(task.dev, batch_size=cfg.eval_batch_size)
+        test = icl.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
+    (work / "metrics.jsonl").write_text(json.dumps({"step": 0, "dev": dev}) + "\n")
+    summary = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "method": "icl",
+        "peft": "none",
+        "demos": len(icl.demos),
+        "steps": 0,
+        "forward_passes": icl.forward_passes - before,
+        "zero_shot": zero_shot,
+        "zero_shot_test": zero_shot_test,
+        "dev": dev,
+        "test": test,
+        "best_step": 0,
+        "final_dev": dev,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "wall_seconds": round(time.time() - start, 2),
+        "seconds_per_step": 0.0,
+        "notes": task.notes,
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quiet: bool):
     (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     log = open(work / "metrics.jsonl", "w", encoding="utf-8")
@@ -391,7 +447,17 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
     progress.write(f"zero-shot dev: {_fmt(zero_shot)}; test: {_fmt(zero_shot_test)}")
     metric = task.metric
     best: dict[str, Any] = {"step": 0, "dev": zero_shot}
-    loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
+    base_loss = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
+    forward_seconds = [
+        0.0
+    ]  # time inside the objective's forward passes, for the step/forward ratio
+
+    def loss_fn(b):
+        t = time.perf_counter()
+        value = base_loss(b)
+        forward_seconds[0] += time.perf_counter() - t
+        return value
+
     train_forwards = 0  # forward passes made by training steps only (not by evaluation)
     batch_iter = batches(len(task.train), cfg.batch_size, cfg.seed)
     step_seconds = []
@@ -462,6 +528,9 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "wall_seconds": round(time.time() - start, 2),
         "seconds_per_step": round(float(np.mean(step_seconds)), 4),
+        # step time over the time its forward passes took inside it (FO: forward only, so the
+        # backward pass counts as overhead)
+        "step_to_forward_ratio": round(sum(step_seconds) / max(forward_seconds[0], 1e-9), 3),
         "notes": task.notes,
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
