@@ -138,7 +138,7 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         runs = []
         for model, task, peft, budget in [
             ("minilm-l6", "sst2", "full", 800),
-            ("minilm-l6", "kshot-rte", "full", 800),
+            ("minilm-l6", "rte", "full", 800),
             ("smollm2-135m", "sst2", "prefix", 240),
         ]:
             common = dict(
@@ -148,7 +148,6 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
                 num_train=256,
                 num_dev=200,
                 num_test=200,
-                k=256,
             )
             for method in ("mezo", "mezo-svrg"):
                 run = dict(common, **equal_budget(method, peft, budget))
