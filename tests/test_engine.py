@@ -72,17 +72,36 @@ def test_directions_have_unit_variance():
     assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
 
 
+class _Counter:
+    def __init__(self, fn):
+        self.fn, self.count = fn, 0
+
+    def __get__(self, obj, cls):
+        def call(*args, **kwargs):
+            self.count += 1
+            return self.fn(obj, *args, **kwargs)
+
+        return call
+
+
 @pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
-@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
-def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, monkeypatch):
+@pytest.mark.parametrize(
+    "direction,method",
+    [("gaussian", "mezo"), ("rademacher", "mezo"), ("gaussian", "zo-sgd-mmt")],
+)
+def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, monkeypatch):
+    # zo-sgd-mmt: fused kernel for the estimator's moves, torch blocks for the momentum update
     torch.manual_seed(0)
-    weights = [torch.randn(BLOCK + 77) * 0.02, torch.randn(33, 9)]
+    weights = [torch.randn(2 * BLOCK + 77) * 0.02, torch.randn(33, 9)]
     runs = []
+    fused = _Counter(ParameterSpace._move_native)
+    monkeypatch.setattr(ParameterSpace, "_move_native", fused)
     for native in ("1", "0"):
         monkeypatch.setenv("ZOTUNE_NATIVE", native)
         ts = [w.clone() for w in weights]
         model = nn.ParameterList([nn.Parameter(t) for t in ts])
-        opt = build("mezo", model.parameters(), lr=1e-2, eps=1e-3, direction=direction)
+        groups = [{"params": [model[0]], "weight_decay": 0.1}, {"params": [model[1]]}]
+        opt = build(method, groups, lr=1e-2, eps=1e-3, direction=direction)
         snapshots = []
         for _ in range(3):
             opt.step(lambda m=model: sum((p**2).sum() for p in m.parameters()))
@@ -91,6 +110,8 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, monkeypatch):
         space.transition(None, Offset(5, 1e-3))
         snapshots += [p.detach().clone() for p in model.parameters()]
         runs.append(snapshots)
+        if native == "1" and method == "mezo":  # 3 fused calls per unit a step
+            assert fused.count == 3 * 3 * 2 + 2
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

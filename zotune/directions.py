@@ -39,7 +39,8 @@ import torch
 
 from . import _native
 
-BLOCK = 1 << 16  # elements processed together (fits in L2); z does not depend on it
+BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
+UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 GENERATOR = "lowbias32x2-icdf4096/1"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
@@ -249,11 +250,12 @@ class ParameterSpace:
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
 
-    def blocks(self) -> list[tuple[int, int, int]]:
+    def units(self) -> list[tuple[int, int, int]]:
+        """Work items (tensor index, lo, hi): what is kept aside is kept per unit."""
         return [
-            (i, lo, min(lo + BLOCK, t.numel()))
+            (i, lo, min(lo + UNIT, t.numel()))
             for i, t in enumerate(self.tensors)
-            for lo in range(0, t.numel(), BLOCK)
+            for lo in range(0, t.numel(), UNIT)
         ]
 
     def transition(
@@ -262,17 +264,17 @@ class ParameterSpace:
         """Move the weights from θ0 + current to θ0' + target, where θ0' = update(θ0), in one pass."""
         if current is None and target is None and update is None:
             return
-        work = self.blocks()
+        work = self.units()
         if self.threads > 1 and len(work) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
-            draws = self._pool.map(lambda w: self._move_block(*w, current, target, update), work)
+            draws = self._pool.map(lambda w: self._move_unit(*w, current, target, update), work)
         else:
-            draws = [self._move_block(*w, current, target, update) for w in work]
+            draws = [self._move_unit(*w, current, target, update) for w in work]
         self.regenerations += sum(draws) / max(len(work), 1)
 
     @torch.no_grad()
-    def _move_block(
+    def _move_unit(
         self,
         index: int,
         lo: int,
@@ -280,17 +282,57 @@ class ParameterSpace:
         current: Offset | None,
         target: Offset | None,
         update: Update | None,
-    ) -> int:
+    ) -> float:
+        """Move one unit: one C call when the fused kernel covers the move, else block by block
+        in torch ops. Returns the passes of z drawn, as a fraction of the unit's elements."""
         flat = self.tensors[index].detach().view(-1)[lo:hi]
-        n = flat.numel()
         # The C kernel covers float32 on the CPU; everything else runs the same math in torch.
         lib = _native.lib() if flat.dtype == torch.float32 and flat.device.type == "cpu" else None
+        sgd = getattr(update, "sgd", None)
+        kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
+        if lib is not None and self.mask is None and (update is None or sgd is not None):
+            return self._move_native(lib, flat, index, lo, current, target, sgd, kept)
+        inexact, aside, mask = kept
+        used, out, draws = 0, [], 0.0
+        for start in range(lo, hi, BLOCK):
+            n = min(BLOCK, hi - start)
+            a, b = (start - lo) // 8, (start - lo + n + 7) // 8
+            sub = (inexact[a:b] if inexact is not None else None, None, None)
+            if sub[0] is not None:
+                k = int(_unpack(sub[0], n).sum())
+                sub = (sub[0] if k else None, aside[used : used + k] if k else None, None)
+                used += k
+            if mask is not None:
+                sub = (*sub[:2], mask[a:b])
+            d, moved = self._move_block(
+                flat[start - lo : start - lo + n], index, start, sub, current, target, update, lib
+            )
+            draws += d * n
+            out.append((moved, n))
+        if target is not None:
+            self._aside[(index, lo)] = _join(out)
+        return draws / max(hi - lo, 1)
+
+    def _move_block(
+        self,
+        flat: torch.Tensor,
+        index: int,
+        lo: int,
+        kept: tuple,
+        current: Offset | None,
+        target: Offset | None,
+        update: Update | None,
+        lib: object,
+    ) -> tuple[int, tuple | None]:
+        """One block through the torch path (any dtype, device, mask or rule); returns the z
+        passes drawn and what is kept aside for the block (None without a target)."""
+        n = flat.numel()
         theta = self._buffer("theta", n, flat.device)
         block = Block(self, index, lo, theta)
         if current is None:
             theta.copy_(flat)
         else:
-            inexact, aside, mask = self._aside.pop((index, lo))
+            inexact, aside, mask = kept
             z = block.raw_z(current.seed)
             if mask is not None:
                 z = (
@@ -314,7 +356,7 @@ class ParameterSpace:
             block.theta_changed()
         if target is None:
             flat.copy_(theta)
-            return block.draws
+            return block.draws, None
         z = block.z(target.seed)
         mask = block.mask()
         if lib is not None:
@@ -333,19 +375,83 @@ class ParameterSpace:
             aside = theta[flags] if bool(flags.any()) else None
             inexact = _pack(flags) if aside is not None else None
             flat.copy_(moved)
-        self._aside[(index, lo)] = (inexact, aside, _pack(mask) if mask is not None else None)
-        return block.draws
+        return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
+
+    def _move_native(
+        self,
+        lib: object,
+        flat: torch.Tensor,
+        index: int,
+        lo: int,
+        current: Offset | None,
+        target: Offset | None,
+        sgd: Callable[[int], tuple[int, float, float, float]] | None,
+        kept: tuple,
+    ) -> int:
+        """The whole block move in one C call (no torch op on the worker thread): the same
+        arithmetic as the general path, for unmasked float32 blocks and plain SGD updates."""
+        n, key = flat.numel(), self.keys[index]
+        bits_in, aside_in, _ = kept
+        upd = sgd(key) if sgd is not None else None
+        bits = scratch = None
+        if target is not None:
+            bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+            scratch = self._buffer("aside", n, flat.device, UNIT)
+        gaussian = isinstance(self.direction, Gaussian)
+        table = (self.direction.table, self.direction.delta) if gaussian else (None, None)
+        ptr = _native.ptr
+        count = lib.zt_move(
+            ptr(flat), n, lo, 0 if gaussian else 1,
+            *(None if t is None else ptr(t) for t in table),
+            current is not None, derive_seed(current.seed, key) if current else 0,
+            current.scale if current else 0.0,
+            _native.bptr(bits_in), None if aside_in is None else ptr(aside_in),
+            upd is not None, derive_seed(upd[0], key) if upd else 0,
+            upd[1] if upd else 0.0, upd[2] if upd else 0.0,
+            bool(upd and upd[3]), upd[2] * upd[3] if upd else 0.0,
+            target is not None, derive_seed(target.seed, key) if target else 0,
+            target.scale if target else 0.0,
+            _native.bptr(bits), None if scratch is None else ptr(scratch),
+        )  # fmt: skip
+        if target is not None:
+            self._aside[(index, lo)] = (
+                bits if count else None,
+                scratch[:count].clone() if count else None,
+                None,
+            )
+        seeds = {o.seed for o in (current, target) if o is not None}
+        return len(seeds | ({upd[0]} if upd else set()))
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, torch.device("cpu"))
 
-    def _buffer(self, name: str, n: int, device: torch.device) -> torch.Tensor:
-        """Per-thread float32 buffers of BLOCK elements, reused block after block."""
+    def _buffer(self, name: str, n: int, device: torch.device, size: int = BLOCK) -> torch.Tensor:
+        """Per-thread float32 buffers (of BLOCK elements by default), reused block after block."""
         bufs = self._local.__dict__.setdefault("buffers", {})
         key = (name, device)
         if key not in bufs:
-            bufs[key] = torch.empty(BLOCK, dtype=torch.float32, device=device)
+            bufs[key] = torch.empty(size, dtype=torch.float32, device=device)
         return bufs[key][:n]
+
+
+def _join(parts: list[tuple[tuple, int]]) -> tuple:
+    """One unit's (inexact bits, aside values, mask bits) from its blocks' (in order)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    joined = []
+    for j in range(3):
+        if all(kept[j] is None for kept, _ in parts):
+            joined.append(None)
+            continue
+        fill = torch.zeros if j != 1 else torch.empty
+        pieces = []
+        for kept, n in parts:
+            if kept[j] is not None:
+                pieces.append(kept[j])
+            elif j != 1:
+                pieces.append(fill((n + 7) // 8, dtype=torch.uint8))
+        joined.append(torch.cat(pieces))
+    return tuple(joined)
 
 
 def _round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..directions import (
     derive_seed,
 )
 from ..estimators import ESTIMATORS, Closure, Estimate
-from ..rules import Rule, new_state
+from ..rules import SGD, Rule, new_state
 from ..trajectory import Trajectory
 
 
@@ -182,6 +182,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             state = self.state[p] if self.rule.buffers else {}
             self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
 
+        if type(self.rule) is SGD and len(coeffs) == 1:
+            # plain SGD along one z: the engine may run restore + update + perturb as one fused
+            # kernel call per block (same arithmetic); it asks for (seed, c, lr, wd) per tensor
+            (seed, c), group = coeffs[0], self._group_of
+            update.sgd = lambda key: (seed, c, record["lr"][group[key]], record["wd"][group[key]])  # type: ignore[attr-defined]
         return update
 
     @property
