@@ -331,6 +331,23 @@ def test_greedy_generation_stops_at_newline(bpe_tokenizer):
     assert obj.forward_passes == 4
 
 
+@pytest.mark.parametrize("kind", ["classification", "multiple_choice"])
+def test_cached_demonstrations_score_as_the_full_context(llama, kind):
+    # one-token candidates (one forward over the prompts) and multi-token continuations
+    examples = SST2 if kind == "classification" else multi_token_examples()
+    demos, batch = examples[:2], examples[1:]
+    plain = make_objective(llama, kind, demos=demos)
+    cached = make_objective(llama, kind, demos=demos, cache_demos=True)
+    with torch.no_grad():
+        want = plain.candidate_scores(batch)
+        got = cached.candidate_scores(batch)
+        assert cached._demo_kv is not None  # the cached path ran
+        again = cached.candidate_scores(batch)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got, again)
+    assert cached.forward_passes == 3  # the demonstrations once, then one call per batch
+
+
 def test_demonstrations_are_prepended(llama, bpe_tokenizer):
     demos = [SST2[0], SST2[1]]
     obj = make_objective(llama, "classification", demos=demos)

@@ -106,9 +106,11 @@ ZO_BENCH = [
 ]
 # Sized for a 2-core CPU: every suite finishes in well under an hour there (see docs/RESULTS.md).
 BASE = dict(
-    model="smollm2-135m", task="sst2", batch_size=8, num_train=1000, num_dev=200, num_test=200
+    model="smollm2-135m", task="sst2", batch_size=8, num_train=1000, num_dev=100, num_test=200
 )
-SUPERGLUE = ("sst2", "rte", "cb", "boolq", "wsc", "wic", "copa", "multirc")
+# MeZO's list minus BoolQ, MultiRC and ReCoRD (passages 4-10x longer than these tasks' inputs)
+# and SQuAD/DROP (generation): those do not fit this CPU's budget; `--task` runs any of them.
+SUPERGLUE = ("sst2", "rte", "cb", "wsc", "wic", "copa")
 
 
 def suite(name: str, out: Path) -> list[dict[str, Any]]:
@@ -161,18 +163,22 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         runs = []
         for task in ("rte", "sst2"):
             for method in ("mezo", "sparse-mezo", "r-mezo"):
-                run = dict(BASE, task=task, num_dev=200, **equal_budget(method, "full", 160))
+                run = dict(BASE, task=task, **equal_budget(method, "full", 120))
                 runs.append(run)
         return runs
     if name == "superglue":
         runs = []
         for task in SUPERGLUE:
-            common = dict(BASE, task=task, num_dev=100, num_test=200, num_train=500)
+            common = dict(BASE, task=task, num_test=100, num_train=500)
             for peft in ("full", "lora", "prefix"):
                 runs.append(dict(common, **equal_budget("mezo", peft, 120)))
             runs.append(dict(common, **equal_budget("fo-adam", "lora", 60)))
             runs.append(dict(common, method="linear-probe") if task != "copa" else None)
-            runs.append(dict(common, method="icl", max_length=2048, extra={"demos": 32}))
+            # MeZO's ICL baseline: 32 demonstrations (BoolQ's and MultiRC's passages would allow
+            # 16 and 8 within SmolLM2's 8192-token context)
+            demos = {"boolq": 16, "multirc": 8}.get(task, 32)
+            icl = dict(method="icl", max_length=8192, eval_batch_size=8, extra={"demos": demos})
+            runs.append(dict(common, **icl))
         return [r for r in runs if r is not None]
     raise ConfigError(
         f"unknown suite '{name}': choose smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue"

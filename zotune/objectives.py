@@ -79,12 +79,14 @@ class Objective:
         max_length: int = 256,
         max_new_tokens: int = 50,
         demos: Sequence[Example] = (),
+        cache_demos: bool = False,
     ) -> None:
         self.loaded = loaded
         self.task_kind = task_kind
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.demos = tuple(demos)
+        self.cache_demos = cache_demos
         self.forward_passes = 0
 
     @property
@@ -189,6 +191,7 @@ class CausalObjective(Objective):
         self._left = loaded.scheme != "prompt"
         self._positions = self._left and "position_ids" in params
         self._demo_text = "".join(d.prompt + self._gold_text(d) + "\n\n" for d in self.demos)
+        self._demo_kv: tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._stop_ids: list[int] | None = None
 
     # ---- encoding
@@ -256,15 +259,20 @@ class CausalObjective(Objective):
         that scores a token on are materialized when the model supports `logits_to_keep`.
         """
         lengths = [len(s) for s in seqs]
-        width = max(lengths)
+        past = self._shared_demos(seqs)
+        if past is not None:  # run only what follows the cached demonstrations
+            shift = len(past[0])
+            seqs = [s[shift:] for s in seqs]
+        width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         starts = []
+        shift = len(past[0]) if past is not None else 0
         for i, s in enumerate(seqs):
             a = width - len(s) if self._left else 0
             ids[i, a : a + len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, a : a + len(s)] = 1
-            starts.append(a)
+            starts.append(a - shift)  # where the row's full sequence would start
         # the earliest logit needed: the one predicting the first scored token of some row
         first = min(a + n - k - 1 for a, n, k in zip(starts, lengths, tail))
         keep = width - first
@@ -275,12 +283,46 @@ class CausalObjective(Objective):
         }
         if self._positions:
             # explicit positions make left padding exact for every architecture
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).add_(shift).to(self.device)
+        if past is not None:
+            from transformers import DynamicCache
+
+            b = len(seqs)
+            layers = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in past[1]]
+            inputs["past_key_values"] = DynamicCache(layers)
+            ones = torch.ones((b, shift), dtype=torch.long)
+            inputs["attention_mask"] = torch.cat([ones, mask], 1).to(self.device)
         if self._keep_logits:
             inputs["logits_to_keep"] = keep
         logits = self._call(**inputs).logits
         # prompt tuning prepends virtual-token logits; the kept window is always the last `keep`
         return logits[:, logits.shape[1] - keep :], first, starts, lengths
+
+    def _shared_demos(self, seqs: list[list[int]]) -> tuple | None:
+        """The demonstrations' keys and values, computed once, when every sequence starts with
+        them (ICL evaluation only: `cache_demos`, no PEFT, no gradient, left padding)."""
+        if not (self.cache_demos and self.demos and self._positions) or torch.is_grad_enabled():
+            return None
+        if self.loaded.scheme != "full":
+            return None
+        if self._demo_kv is None:
+            ids = self._encode_many([self._demo_text])[0]
+            # the text's last tokens may merge with the prompt after it: cache the longest
+            # prefix the sequences really start with
+            n = len(ids)
+            while n and tuple(seqs[0][:n]) != ids[:n]:
+                n -= 1
+            ids = ids[:n]
+            if n < 2:
+                return None
+            self.forward_passes += 1
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            cache = out.past_key_values
+            self._demo_kv = (ids, [(layer.keys, layer.values) for layer in cache.layers])
+        ids = self._demo_kv[0]
+        if all(len(s) > len(ids) and tuple(s[: len(ids)]) == ids for s in seqs):
+            return self._demo_kv
+        return None
 
     def _tail_logprobs(
         self, seqs: list[list[int]], tail: list[int]
@@ -551,8 +593,11 @@ def make_objective(
     max_length: int = 256,
     max_new_tokens: int = 50,
     demos: Sequence[Example] = (),
+    cache_demos: bool = False,
 ) -> Objective:
-    """The objective for this model kind and task kind (demos: in-context examples, decoders only)."""
+    """The objective for this model kind and task kind (demos: in-context examples, decoders
+    only). `cache_demos` computes the demonstrations' keys and values once and reuses them for
+    every prompt: for evaluation only (the cache would go stale once the weights change)."""
     if task_kind not in KINDS:
         raise ValueError(f"unknown task kind '{task_kind}': use one of {', '.join(KINDS)}")
     if demos and loaded.kind != "causal":
@@ -560,4 +605,11 @@ def make_objective(
     cls = {"causal": CausalObjective, "masked": MaskedObjective, "classifier": ClassifierObjective}[
         loaded.kind
     ]
-    return cls(loaded, task_kind, max_length=max_length, max_new_tokens=max_new_tokens, demos=demos)
+    return cls(
+        loaded,
+        task_kind,
+        max_length=max_length,
+        max_new_tokens=max_new_tokens,
+        demos=demos,
+        cache_demos=cache_demos,
+    )

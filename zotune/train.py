@@ -298,7 +298,9 @@ def icl_objective(cfg: TrainConfig, task: Task, loaded: Any, demos: int) -> Any:
         raise ConfigError(f"demos must be a positive integer, got {demos}")
     rng = np.random.RandomState(cfg.seed)
     picked = [task.train[i] for i in rng.permutation(len(task.train))[:demos]]
-    return make_objective(loaded, task.kind, max_length=cfg.max_length, demos=picked)
+    return make_objective(
+        loaded, task.kind, max_length=cfg.max_length, demos=picked, cache_demos=True
+    )
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
