@@ -22,6 +22,7 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -159,58 +160,85 @@ static void zt_fill(int law, float *out, int64_t n, uint64_t key, int64_t start,
     else zt_fill_sign(out, n, key, start);
 }
 
+enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
+
 #define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
 
 /* One block's whole move in one call (ParameterSpace.transition for an unmasked fp32 block):
-   undo the current offset (decode), apply an SGD update with one coefficient
-   (theta -= theta*decay; theta -= (z_upd*c)*lr, in torch's order), then perturb to the target
+   undo the current offset (decode), apply an update rule to g = z_upd*c (rules.py's SGD, sign,
+   momentum or Adam, operation for operation as their torch code), then perturb to the target
    (encode), chunk by chunk. Each z is drawn once even when seeds repeat. Returns the target's
    kept-aside count (0 without a target). */
 int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 const float *table, const float *delta,
                 int has_cur, uint64_t key_cur, float cur_scale,
                 const uint8_t *bits_in, const float *aside_in,
-                int has_upd, uint64_t key_upd, float upd_c, float upd_lr, int has_decay,
-                float upd_decay,
+                int mode, uint64_t key_upd, float upd_c, float upd_lr, int has_decay,
+                float upd_decay, float *m, float *v, float h1, float h2, float h3, float h4,
+                float h5, float h6, float h7,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out) {
     float za[ZT_SUB], zb[ZT_SUB], theta[ZT_SUB];
     int64_t used = 0, kept = 0;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
-        int64_t m = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
+        int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
         int a_full = 0, b_full = 0;
         float *p = flat + j0;
         if (has_cur) {
-            zt_fill(law, za, m, key_cur, start + j0, table, delta);
+            zt_fill(law, za, cm, key_cur, start + j0, table, delta);
             a_full = 1;
             used += zt_decode(p, za, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
-                              aside_in ? aside_in + used : 0, m);
+                              aside_in ? aside_in + used : 0, cm);
         } else {
-            memcpy(theta, p, (size_t)m * sizeof(float));
+            memcpy(theta, p, (size_t)cm * sizeof(float));
         }
-        if (has_upd) {
+        if (mode) {
             const float *z = za;
             if (!(a_full && key_cur == key_upd)) {
-                zt_fill(law, zb, m, key_upd, start + j0, table, delta);
+                zt_fill(law, zb, cm, key_upd, start + j0, table, delta);
                 b_full = 1; z = zb;
             }
-            for (int64_t j = 0; j < m; j++) {
+            float *mm = m ? m + j0 : 0, *vv = v ? v + j0 : 0;
+            for (int64_t j = 0; j < cm; j++) {
                 float t = theta[j];
                 if (has_decay) { float d = t * upd_decay; t = t - d; }
-                float g = z[j] * upd_c;
-                g = g * upd_lr;
-                theta[j] = t - g;
+                float g = z[j] * upd_c, step;
+                if (mode == ZT_SGD) {
+                    step = g * upd_lr;
+                } else if (mode == ZT_SIGN) {  /* torch.sign: 0 stays 0, NaN stays NaN */
+                    float sg = g > 0.0f ? 1.0f : g < 0.0f ? -1.0f : g;
+                    step = sg * upd_lr;
+                } else if (mode == ZT_MOMENTUM) {  /* h1 = beta */
+                    float a = mm[j] * h1;
+                    a = a + g;
+                    mm[j] = a;
+                    step = a * upd_lr;
+                } else {  /* ZT_ADAM: h1..h7 = b1, 1-b1, b2, 1-b2, 1-b2^t, delta, lr/(1-b1^t) */
+                    float a = mm[j] * h1, b = g * h2;
+                    a = a + b;
+                    mm[j] = a;
+                    float c = vv[j] * h3, gg = g * g;
+                    gg = gg * h4;
+                    c = c + gg;
+                    vv[j] = c;
+                    float d = c / h5;
+                    d = sqrtf(d);
+                    d = d + h6;
+                    float r = a / d;
+                    step = r * h7;
+                }
+                theta[j] = t - step;
             }
         }
         if (!has_tgt) {
-            memcpy(p, theta, (size_t)m * sizeof(float));
+            memcpy(p, theta, (size_t)cm * sizeof(float));
             continue;
         }
         const float *z;
         if (a_full && key_cur == key_tgt) z = za;
         else if (b_full && key_upd == key_tgt) z = zb;
-        else { zt_fill(law, zb, m, key_tgt, start + j0, table, delta); z = zb; }
-        kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, m);
+        else { zt_fill(law, zb, cm, key_tgt, start + j0, table, delta); z = zb; }
+        kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);
     }
     return kept;
 }
@@ -257,7 +285,7 @@ def _compile() -> ctypes.CDLL | None:
     fl, i32 = ctypes.c_float, ctypes.c_int
     c.zt_move.argtypes = [f32, i64, i64, i32, f32, f32,
                           i32, u64, fl, u8, f32,
-                          i32, u64, fl, fl, i32, fl,
+                          i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
                           i32, u64, fl, u8, f32]  # fmt: skip
     c.zt_move.restype = i64
     return c

@@ -288,10 +288,11 @@ class ParameterSpace:
         flat = self.tensors[index].detach().view(-1)[lo:hi]
         # The C kernel covers float32 on the CPU; everything else runs the same math in torch.
         lib = _native.lib() if flat.dtype == torch.float32 and flat.device.type == "cpu" else None
-        sgd = getattr(update, "sgd", None)
+        fused = getattr(update, "fused", None)
+        args = fused(self.keys[index]) if fused is not None and lib is not None else None
         kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
-        if lib is not None and self.mask is None and (update is None or sgd is not None):
-            return self._move_native(lib, flat, index, lo, current, target, sgd, kept)
+        if lib is not None and self.mask is None and (update is None or args is not None):
+            return self._move_native(lib, flat, index, lo, hi, current, target, args, kept)
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
         for start in range(lo, hi, BLOCK):
@@ -383,16 +384,17 @@ class ParameterSpace:
         flat: torch.Tensor,
         index: int,
         lo: int,
+        hi: int,
         current: Offset | None,
         target: Offset | None,
-        sgd: Callable[[int], tuple[int, float, float, float]] | None,
+        args: tuple | None,
         kept: tuple,
     ) -> int:
-        """The whole block move in one C call (no torch op on the worker thread): the same
-        arithmetic as the general path, for unmasked float32 blocks and plain SGD updates."""
+        """The whole unit's move in one C call (no torch op on the worker thread): the same
+        arithmetic as the torch path, for unmasked float32 units and one-term updates.
+        `args` = (seed, lr, weight decay, *rule.kernel(...)) or None without an update."""
         n, key = flat.numel(), self.keys[index]
         bits_in, aside_in, _ = kept
-        upd = sgd(key) if sgd is not None else None
         bits = scratch = None
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
@@ -400,15 +402,19 @@ class ParameterSpace:
         gaussian = isinstance(self.direction, Gaussian)
         table = (self.direction.table, self.direction.delta) if gaussian else (None, None)
         ptr = _native.ptr
+        mode, seed, c, lr, wd, m, v, consts = 0, 0, 0.0, 0.0, 0.0, None, None, ()
+        if args is not None:
+            seed, lr, wd, mode, c, m, v, consts = args
+        views = [None if b is None else ptr(b.view(-1)[lo:hi]) for b in (m, v)]
+        h = [*consts, *[0.0] * (7 - len(consts))]
         count = lib.zt_move(
             ptr(flat), n, lo, 0 if gaussian else 1,
             *(None if t is None else ptr(t) for t in table),
             current is not None, derive_seed(current.seed, key) if current else 0,
             current.scale if current else 0.0,
             _native.bptr(bits_in), None if aside_in is None else ptr(aside_in),
-            upd is not None, derive_seed(upd[0], key) if upd else 0,
-            upd[1] if upd else 0.0, upd[2] if upd else 0.0,
-            bool(upd and upd[3]), upd[2] * upd[3] if upd else 0.0,
+            mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
+            *views, *h,
             target is not None, derive_seed(target.seed, key) if target else 0,
             target.scale if target else 0.0,
             _native.bptr(bits), None if scratch is None else ptr(scratch),
@@ -420,7 +426,7 @@ class ParameterSpace:
                 None,
             )
         seeds = {o.seed for o in (current, target) if o is not None}
-        return len(seeds | ({upd[0]} if upd else set()))
+        return len(seeds | ({seed} if args else set()))
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, torch.device("cpu"))

@@ -39,9 +39,21 @@ def _decay(block: Block, lr: float, weight_decay: float) -> None:
         theta.sub_(torch.mul(theta, lr * weight_decay, out=block.buffer("tmp")))
 
 
+# Update modes of the fused C kernel (`_native.zt_move`), which repeats a rule's torch
+# arithmetic operation for operation when ĝ = c·z has one term (tests check they agree bit for bit).
+KERNEL_SGD, KERNEL_SIGN, KERNEL_MOMENTUM, KERNEL_ADAM = 1, 2, 3, 4
+
+
 class Rule:
     name = "rule"
     buffers: tuple[str, ...] = ()  # names of dense per-parameter state buffers
+
+    def kernel(
+        self, c: float, lr: float, state: dict[str, torch.Tensor], step: int
+    ) -> tuple | None:
+        """(mode, c, buffer m, buffer v, constants) for the fused kernel when ĝ = c·z, or None
+        when this rule runs as torch ops only."""
+        return None
 
     def apply(
         self,
@@ -62,6 +74,9 @@ def _view(state: dict[str, torch.Tensor], name: str, block: Block) -> torch.Tens
 class SGD(Rule):
     name = "sgd"
 
+    def kernel(self, c, lr, state, step):
+        return KERNEL_SGD, c, None, None, ()
+
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
         _decay(block, lr, weight_decay)
@@ -75,6 +90,9 @@ class Momentum(Rule):
     beta: float = 0.9
     name = "momentum"
     buffers = ("momentum",)
+
+    def kernel(self, c, lr, state, step):
+        return KERNEL_MOMENTUM, c, state["momentum"], None, (self.beta,)
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
@@ -90,6 +108,11 @@ class Sign(Rule):
 
     official: bool = False
     name = "sign"
+
+    def kernel(self, c, lr, state, step):
+        if self.official:
+            return KERNEL_SGD, 1.0 if c > 0 else -1.0 if c < 0 else 0.0, None, None, ()
+        return KERNEL_SIGN, c, None, None, ()
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         if self.official:
@@ -110,13 +133,21 @@ class Adam(Rule):
     name = "adam"
     buffers = ("exp_avg", "exp_avg_sq")
 
+    def kernel(self, c, lr, state, step):
+        t = step + 1
+        b1, b2 = self.beta1, self.beta2
+        consts = (b1, 1 - b1, b2, 1 - b2, 1 - b2**t, self.delta, lr / (1 - b1**t))
+        return KERNEL_ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts
+
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
         m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
         m.mul_(self.beta1).add_(g * (1 - self.beta1))
         v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
         t = step + 1
-        denom = (v / (1 - self.beta2**t)).sqrt_().add_(self.delta)
+        # sqrt through float64: correctly rounded on every device, as the C kernel's sqrtf
+        # (torch's float32 CPU sqrt is not: it differs in the last bit for ~20% of inputs)
+        denom = (v / (1 - self.beta2**t)).double().sqrt_().float().add_(self.delta)
         _decay(block, lr, weight_decay)
         block.theta.sub_((m / denom).mul_(lr / (1 - self.beta1**t)))
 

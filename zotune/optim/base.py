@@ -26,7 +26,7 @@ from ..directions import (
     derive_seed,
 )
 from ..estimators import ESTIMATORS, Closure, Estimate
-from ..rules import SGD, Rule, new_state
+from ..rules import Rule, new_state
 from ..trajectory import Trajectory
 
 
@@ -182,11 +182,18 @@ class ZOOptimizer(torch.optim.Optimizer):
             state = self.state[p] if self.rule.buffers else {}
             self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
 
-        if type(self.rule) is SGD and len(coeffs) == 1:
-            # plain SGD along one z: the engine may run restore + update + perturb as one fused
-            # kernel call per block (same arithmetic); it asks for (seed, c, lr, wd) per tensor
+        if len(coeffs) == 1:
+            # ĝ = c·z: the engine may run restore + update + perturb as one fused kernel call per
+            # unit (the rule's arithmetic, op for op); it asks for the arguments per tensor
             (seed, c), group = coeffs[0], self._group_of
-            update.sgd = lambda key: (seed, c, record["lr"][group[key]], record["wd"][group[key]])  # type: ignore[attr-defined]
+
+            def fused(key: int) -> tuple | None:
+                gi = group[key]
+                state = self.state[self.space.tensors[key]] if self.rule.buffers else {}
+                args = self.rule.kernel(c, record["lr"][gi], state, t)
+                return None if args is None else (seed, record["lr"][gi], record["wd"][gi], *args)
+
+            update.fused = fused  # type: ignore[attr-defined]
         return update
 
     @property
