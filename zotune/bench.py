@@ -108,9 +108,9 @@ ZO_BENCH = [
 BASE = dict(
     model="smollm2-135m", task="sst2", batch_size=8, num_train=1000, num_dev=100, num_test=200
 )
-# MeZO's list minus BoolQ, MultiRC and ReCoRD (passages 4-10x longer than these tasks' inputs)
-# and SQuAD/DROP (generation): those do not fit this CPU's budget; `--task` runs any of them.
-SUPERGLUE = ("sst2", "rte", "cb", "wsc", "wic", "copa")
+# MeZO's list minus WSC, WiC (time), BoolQ, MultiRC and ReCoRD (passages 4-10x longer) and
+# SQuAD/DROP (generation): they did not fit this CPU's budget; `--task` runs any of them.
+SUPERGLUE = ("sst2", "rte", "cb", "copa")
 
 
 def suite(name: str, out: Path) -> list[dict[str, Any]]:
@@ -131,31 +131,23 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         return runs + [dict(common, method="icl", extra={"demos": 2})]
     if name == "zo-bench":
         runs = [
-            dict(BASE, **equal_budget(m, s, 120))
+            dict(BASE, num_test=100, **equal_budget(m, s, 60))
             for m, s in product(ZO_BENCH, ["full", "lora", "prefix", "prompt"])
         ]
-        runs += [dict(BASE, **equal_budget("zo-sgd", "prefix", 120), template="empty")]
+        runs += [dict(BASE, num_test=100, **equal_budget("zo-sgd", "prefix", 60), template="empty")]
         return runs
     if name == "mezo-svrg":
         runs = []
-        for model, task, peft, budget in [
-            ("minilm-l6", "sst2", "full", 800),
-            ("minilm-l6", "rte", "full", 800),
-            ("smollm2-135m", "sst2", "prefix", 240),
+        for model, task, peft, budget, lr in [
+            ("minilm-l6", "sst2", "full", 600, 1e-4),  # a fresh head: no prompt, all weights
+            ("smollm2-135m", "rte", "prefix", 200, 3e-2),
         ]:
-            common = dict(
-                model=model,
-                task=task,
-                batch_size=16,
-                num_train=256,
-                num_dev=200,
-                num_test=200,
-            )
+            common = dict(model=model, task=task, batch_size=16, num_train=256, num_test=200)
             for method in ("mezo", "mezo-svrg"):
-                run = dict(common, **equal_budget(method, peft, budget))
+                run = {**common, **equal_budget(method, peft, budget), "lr": lr, "num_dev": 100}
                 if method == "mezo-svrg":
                     # an anchor refresh costs num_train / batch_size = 16 forward passes
-                    run["extra"] = {"lr_full": run["lr"] * 10, "refresh": 10}
+                    run["extra"] = {"lr_full": lr * 10, "refresh": 10}
                     run["steps"] = budget // (4 + 16 // 10)
                 runs.append(run)
         return runs
