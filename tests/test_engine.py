@@ -94,6 +94,7 @@ class _Counter:
         ("gaussian", "zo-sgd-sign", {}),
         ("gaussian", "zo-sgd-sign", {"official": True}),
         ("gaussian", "zo-adam", {}),
+        ("gaussian", "sparse-mezo", {"sparsity": 0.7}),
         ("gaussian", "mezo", {"queries": 2}),  # two-term updates run as torch blocks
     ],
 )

@@ -160,6 +160,26 @@ static void zt_fill(int law, float *out, int64_t n, uint64_t key, int64_t start,
     else zt_fill_sign(out, n, key, start);
 }
 
+/* Sparse MeZO's mask: z where the stored bit is set, else 0 (as torch's masked_fill_). */
+static void zt_mask_bits(float *out, const float *z, const uint8_t *bits, int64_t n) {
+    for (int64_t j = 0; j < n; j++) out[j] = (bits[j >> 3] >> (j & 7)) & 1 ? z[j] : 0.0f;
+}
+
+/* The mask recomputed from the unperturbed weights: keep |theta| <= h; optionally packed. */
+static void zt_mask_range(float *out, const float *z, const float *theta, float h,
+                          uint8_t *bits, int64_t n) {
+    for (int64_t j = 0; j < n; j += 8) {
+        uint32_t byte = 0;
+        int64_t m = n - j < 8 ? n - j : 8;
+        for (int64_t k = 0; k < m; k++) {
+            int keep = theta[j + k] <= h && theta[j + k] >= -h;
+            out[j + k] = keep ? z[j + k] : 0.0f;
+            byte |= (uint32_t)keep << k;
+        }
+        if (bits) bits[j >> 3] = (uint8_t)byte;
+    }
+}
+
 enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
 
 #define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
@@ -177,8 +197,9 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 float upd_decay, float *m, float *v, float h1, float h2, float h3, float h4,
                 float h5, float h6, float h7,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
-                uint8_t *bits_out, float *aside_out) {
-    float za[ZT_SUB], zb[ZT_SUB], theta[ZT_SUB];
+                uint8_t *bits_out, float *aside_out,
+                int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out) {
+    float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], theta[ZT_SUB];
     int64_t used = 0, kept = 0;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
@@ -187,7 +208,9 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         if (has_cur) {
             zt_fill(law, za, cm, key_cur, start + j0, table, delta);
             a_full = 1;
-            used += zt_decode(p, za, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
+            const float *zd = za;
+            if (has_mask) { zt_mask_bits(zm, za, mask_in + (j0 >> 3), cm); zd = zm; }
+            used += zt_decode(p, zd, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
                               aside_in ? aside_in + used : 0, cm);
         } else {
             memcpy(theta, p, (size_t)cm * sizeof(float));
@@ -198,6 +221,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 zt_fill(law, zb, cm, key_upd, start + j0, table, delta);
                 b_full = 1; z = zb;
             }
+            if (has_mask) { zt_mask_range(zm, z, theta, mask_h, 0, cm); z = zm; }
             float *mm = m ? m + j0 : 0, *vv = v ? v + j0 : 0;
             for (int64_t j = 0; j < cm; j++) {
                 float t = theta[j];
@@ -238,6 +262,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         if (a_full && key_cur == key_tgt) z = za;
         else if (b_full && key_upd == key_tgt) z = zb;
         else { zt_fill(law, zb, cm, key_tgt, start + j0, table, delta); z = zb; }
+        if (has_mask) { zt_mask_range(zm, z, theta, mask_h, mask_out + (j0 >> 3), cm); z = zm; }
         kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);
     }
     return kept;
@@ -286,7 +311,8 @@ def _compile() -> ctypes.CDLL | None:
     c.zt_move.argtypes = [f32, i64, i64, i32, f32, f32,
                           i32, u64, fl, u8, f32,
                           i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
-                          i32, u64, fl, u8, f32]  # fmt: skip
+                          i32, u64, fl, u8, f32,
+                          i32, fl, u8, u8]  # fmt: skip
     c.zt_move.restype = i64
     return c
 

@@ -291,7 +291,8 @@ class ParameterSpace:
         fused = getattr(update, "fused", None)
         args = fused(self.keys[index]) if fused is not None and lib is not None else None
         kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
-        if lib is not None and self.mask is None and (update is None or args is not None):
+        native_mask = self.mask is None or isinstance(self.mask, MagnitudeMask)
+        if lib is not None and native_mask and (update is None or args is not None):
             return self._move_native(lib, flat, index, lo, hi, current, target, args, kept)
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
@@ -391,14 +392,17 @@ class ParameterSpace:
         kept: tuple,
     ) -> int:
         """The whole unit's move in one C call (no torch op on the worker thread): the same
-        arithmetic as the torch path, for unmasked float32 units and one-term updates.
+        arithmetic as the torch path, for float32 units without a mask or with a magnitude mask,
+        and one-term updates.
         `args` = (seed, lr, weight decay, *rule.kernel(...)) or None without an update."""
         n, key = flat.numel(), self.keys[index]
-        bits_in, aside_in, _ = kept
-        bits = scratch = None
+        bits_in, aside_in, mask_in = kept
+        bits = scratch = mask_out = None
+        masked = self.mask is not None
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
             scratch = self._buffer("aside", n, flat.device, UNIT)
+            mask_out = torch.empty((n + 7) // 8, dtype=torch.uint8) if masked else None
         gaussian = isinstance(self.direction, Gaussian)
         table = (self.direction.table, self.direction.delta) if gaussian else (None, None)
         ptr = _native.ptr
@@ -418,12 +422,14 @@ class ParameterSpace:
             target is not None, derive_seed(target.seed, key) if target else 0,
             target.scale if target else 0.0,
             _native.bptr(bits), None if scratch is None else ptr(scratch),
+            masked, self.mask.thresholds[key] if masked else 0.0,
+            _native.bptr(mask_in), _native.bptr(mask_out),
         )  # fmt: skip
         if target is not None:
             self._aside[(index, lo)] = (
                 bits if count else None,
                 scratch[:count].clone() if count else None,
-                None,
+                mask_out,
             )
         seeds = {o.seed for o in (current, target) if o is not None}
         return len(seeds | ({seed} if args else set()))
