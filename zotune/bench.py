@@ -86,11 +86,12 @@ def family(method: str) -> str:
     return "adaptive" if method in ("zo-adam", "zo-sgd-sign") else "zo"
 
 
-def equal_budget(method: str, peft: str, budget: int, **extra: Any) -> dict[str, Any]:
+def equal_budget(method: str, peft: str, budget: int, evals: int = 5) -> dict[str, Any]:
+    """A run of `method` given `budget` training forward passes, evaluated `evals` times."""
     fw = FORWARDS.get(method, 2)
     lr = LRS[(family(method), peft)] * (1e2 if method == "zo-sgd-sign" and peft == "full" else 1)
-    run = dict(method=method, peft=peft, lr=lr, eps=EPS[peft], steps=max(budget // fw, 1), **extra)
-    run["eval_every"] = max(run["steps"] // 5, 1)
+    run = dict(method=method, peft=peft, lr=lr, eps=EPS[peft], steps=max(budget // fw, 1))
+    run["eval_every"] = max(run["steps"] // evals, 1)
     return run
 
 
@@ -131,10 +132,11 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         return runs + [dict(common, method="icl", extra={"demos": 2})]
     if name == "zo-bench":
         runs = [
-            dict(BASE, num_test=100, **equal_budget(m, s, 60))
+            dict(BASE, num_test=100, **equal_budget(m, s, 40, evals=2))
             for m, s in product(ZO_BENCH, ["full", "lora", "prefix", "prompt"])
         ]
-        runs += [dict(BASE, num_test=100, **equal_budget("zo-sgd", "prefix", 60), template="empty")]
+        empty = dict(BASE, num_test=100, template="empty")
+        runs += [dict(empty, **equal_budget("zo-sgd", "prefix", 40, evals=2))]
         return runs
     if name == "mezo-svrg":
         runs = []
@@ -155,7 +157,7 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         runs = []
         for task in ("rte", "sst2"):
             for method in ("mezo", "sparse-mezo", "r-mezo"):
-                run = dict(BASE, task=task, **equal_budget(method, "full", 120))
+                run = dict(BASE, task=task, **equal_budget(method, "full", 80))
                 runs.append(run)
         return runs
     if name == "superglue":
@@ -163,7 +165,7 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         for task in SUPERGLUE:
             common = dict(BASE, task=task, num_test=100, num_train=500)
             for peft in ("full", "lora", "prefix"):
-                runs.append(dict(common, **equal_budget("mezo", peft, 120)))
+                runs.append(dict(common, **equal_budget("mezo", peft, 80)))
             runs.append(dict(common, **equal_budget("fo-adam", "lora", 60)))
             runs.append(dict(common, method="linear-probe") if task != "copa" else None)
             # MeZO's ICL baseline: 32 demonstrations (BoolQ's and MultiRC's passages would allow
