@@ -9,12 +9,11 @@ import time
 
 import pytest
 import torch
+from tiny import bert_config, llama_config
 from transformers import (
     AutoTokenizer,
-    BertConfig,
     BertForMaskedLM,
     BertModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -39,29 +38,6 @@ def minilm_dir() -> str:
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_dir())
-
-
-def bert_config(vocab: int) -> BertConfig:
-    return BertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-    )
-
-
-def llama_config(vocab: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
 
 
 @pytest.fixture(scope="module")

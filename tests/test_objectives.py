@@ -8,12 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import bert_config, llama_config
 from transformers import (
     AutoTokenizer,
-    BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -54,30 +53,8 @@ def minilm_tokenizer():
 
 def tiny_llama(vocab: int, seed: int = 0, **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,  # peaked distributions: argmaxes and decodes are meaningful
-        **kw,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert_config(vocab: int, **kw) -> BertConfig:
-    return BertConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        **kw,
-    )
+    # peaked distributions: argmaxes and decodes are meaningful
+    return LlamaForCausalLM(llama_config(vocab, initializer_range=0.3, **kw)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +375,7 @@ def test_forward_pass_counter(llama):
 def test_classifier_loss_is_manual_ce():
     tok = minilm_tokenizer()
     torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(tok.vocab_size, num_labels=2)).eval()
+    model = BertForSequenceClassification(bert_config(tok.vocab_size, num_labels=2)).eval()
     loaded = LoadedModel(model, tok, "classifier", "t")
     batch = [
         Example(prompt="", texts=("a great movie",), label=1),
@@ -418,7 +395,7 @@ def test_classifier_loss_is_manual_ce():
 def test_masked_lm_loss_is_manual_ce_over_label_words():
     tok = minilm_tokenizer()
     torch.manual_seed(0)
-    model = BertForMaskedLM(tiny_bert_config(tok.vocab_size)).eval()
+    model = BertForMaskedLM(bert_config(tok.vocab_size)).eval()
     obj = make_objective(LoadedModel(model, tok, "masked", "t"), "classification")
     words = tok.convert_tokens_to_ids(["terrible", "great"])
     rows = []
@@ -439,7 +416,7 @@ def test_masked_lm_loss_is_manual_ce_over_label_words():
 
 def test_masked_truncation_keeps_the_mask():
     tok = minilm_tokenizer()
-    model = BertForMaskedLM(tiny_bert_config(tok.vocab_size)).eval()
+    model = BertForMaskedLM(bert_config(tok.vocab_size)).eval()
     obj = make_objective(LoadedModel(model, tok, "masked", "t"), "classification", max_length=8)
     ids, m = obj._encode(SST2[2])
     assert len(ids) == 8 and ids[m] == tok.mask_token_id
@@ -512,7 +489,7 @@ def test_peft_on_tiny_bert(scheme, kind):
     tok = minilm_tokenizer()
     torch.manual_seed(0)
     cls = BertForMaskedLM if kind == "masked" else BertForSequenceClassification
-    base = LoadedModel(cls(tiny_bert_config(tok.vocab_size)).eval(), tok, kind, "t")
+    base = LoadedModel(cls(bert_config(tok.vocab_size)).eval(), tok, kind, "t")
     loaded = apply_peft(base, scheme)
     _adapter_only(loaded, scheme)
     if kind == "classifier":
