@@ -16,6 +16,7 @@ import collections
 import inspect
 import re
 import string
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -88,6 +89,7 @@ class Objective:
         self.demos = tuple(demos)
         self.cache_demos = cache_demos
         self.forward_passes = 0
+        self.forward_seconds = 0.0  # time spent inside the model calls counted above
 
     @property
     def model(self) -> torch.nn.Module:
@@ -103,7 +105,11 @@ class Objective:
 
     def _call(self, **inputs: Any) -> Any:
         self.forward_passes += 1
-        return self.model(**inputs)
+        start = time.perf_counter()
+        try:
+            return self.model(**inputs)
+        finally:
+            self.forward_seconds += time.perf_counter() - start
 
     def loss(self, batch: Sequence[Example]) -> torch.Tensor:
         """Mean loss of the batch: a 0-dim float32 tensor, differentiable when grad is enabled."""

@@ -449,24 +449,15 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
     progress.write(f"zero-shot dev: {_fmt(zero_shot)}; test: {_fmt(zero_shot_test)}")
     metric = task.metric
     best: dict[str, Any] = {"step": 0, "dev": zero_shot}
-    base_loss = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
-    forward_seconds = [
-        0.0
-    ]  # time inside the objective's forward passes, for the step/forward ratio
-
-    def loss_fn(b):
-        t = time.perf_counter()
-        value = base_loss(b)
-        forward_seconds[0] += time.perf_counter() - t
-        return value
-
+    loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
+    forward_seconds = 0.0  # time inside the training steps' model calls (MeZO-SVRG's anchors too)
     train_forwards = 0  # forward passes made by training steps only (not by evaluation)
     batch_iter = batches(len(task.train), cfg.batch_size, cfg.seed)
     step_seconds = []
     for step in range(1, cfg.steps + 1):
         batch = [task.train[i] for i in next(batch_iter)]
         t0 = time.perf_counter()
-        before = objective.forward_passes
+        before, before_s = objective.forward_passes, objective.forward_seconds
         if is_zo:
             loss = opt.step(lambda b=batch: loss_fn(b))
         else:
@@ -481,6 +472,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
                 value = opt.step(closure)
             loss = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         step_seconds.append(time.perf_counter() - t0)
+        forward_seconds += objective.forward_seconds - before_s
         train_forwards += objective.forward_passes - before
         row = {
             "step": step,
@@ -532,7 +524,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
         "seconds_per_step": round(float(np.mean(step_seconds)), 4),
         # step time over the time its forward passes took inside it (FO: forward only, so the
         # backward pass counts as overhead)
-        "step_to_forward_ratio": round(sum(step_seconds) / max(forward_seconds[0], 1e-9), 3),
+        "step_to_forward_ratio": round(sum(step_seconds) / max(forward_seconds, 1e-9), 3),
         "notes": task.notes,
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
