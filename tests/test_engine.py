@@ -97,6 +97,7 @@ class _Counter:
         ("gaussian", "sparse-mezo", {"sparsity": 0.7}),
         ("gaussian", "mezo", {"queries": 2}),  # two-term updates run as torch blocks
         ("gaussian", "sparse-mezo", {"sparsity": 0.7, "queries": 2}),
+        ("gaussian", "r-mezo", {"sparsity": 0.7}),
     ],
 )
 def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, monkeypatch):

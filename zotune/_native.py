@@ -180,9 +180,54 @@ static void zt_mask_range(float *out, const float *z, const float *theta, float 
     }
 }
 
+/* R-MeZO's mask for one block: keep the `keep` elements with the smallest hash under `key`
+   (ties at the threshold kept, as torch's scores <= kthvalue). Returns the threshold, or -1
+   (as int64) when nothing is kept. `h` is n uint32 of scratch. */
+static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t start,
+                                   int64_t keep) {
+    if (keep <= 0) return -1;
+    for (int64_t j = 0; j < n; j++) h[j] = zt_hash(key, (uint32_t)start + (uint32_t)j);
+    /* radix select, 11 + 11 + 10 bits, narrowing to the bucket holding the keep-th smallest */
+    uint32_t prefix = 0, mask = 0;
+    int64_t rank = keep, m = n;
+    const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
+    for (int r = 0; r < 3; r++) {
+        int64_t count[2048] = {0};
+        uint32_t bins = 1u << widths[r];
+        int64_t w = 0;
+        for (int64_t j = 0; j < m; j++) {
+            if ((h[j] & mask) != prefix) continue;
+            h[w++] = h[j];  /* keep only the candidates, in place */
+            count[(h[j] >> shifts[r]) & (bins - 1)]++;
+        }
+        m = w;
+        uint32_t b = 0;
+        while (rank > count[b]) rank -= count[b++];
+        prefix |= b << shifts[r];
+        mask |= (bins - 1) << shifts[r];
+    }
+    return (int64_t)prefix;
+}
+
+static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t start,
+                           int64_t threshold, uint8_t *bits, int64_t n) {
+    for (int64_t j = 0; j < n; j += 8) {
+        uint32_t byte = 0;
+        int64_t m = n - j < 8 ? n - j : 8;
+        for (int64_t k = 0; k < m; k++) {
+            uint32_t u = zt_hash(key, (uint32_t)(start + j + k));
+            int keep = threshold >= 0 && (int64_t)u <= threshold;
+            out[j + k] = keep ? z[j + k] : 0.0f;
+            byte |= (uint32_t)keep << k;
+        }
+        if (bits) bits[j >> 3] = (uint8_t)byte;
+    }
+}
+
 enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
 
-#define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
+#define ZT_SUB 1024
+#define ZT_BLOCK 65536  /* directions.BLOCK: R-MeZO's masks keep an exact count per block */  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
 
 /* One block's whole move in one call (ParameterSpace.transition for an unmasked fp32 block):
    undo the current offset (decode), apply an update rule to g = z_upd*c (rules.py's SGD, sign,
@@ -198,10 +243,18 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 float h5, float h6, float h7,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
-                int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out) {
+                int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
+                uint64_t mask_key, int64_t keep_full, int64_t keep_last, uint32_t *scratch) {
+    /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO), keep_full of each
+       ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key */
     float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], theta[ZT_SUB];
-    int64_t used = 0, kept = 0;
+    int64_t used = 0, kept = 0, threshold = -1;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
+        if (has_mask == 2 && j0 % ZT_BLOCK == 0) {
+            int64_t bn = n - j0 < ZT_BLOCK ? n - j0 : ZT_BLOCK;
+            threshold = zt_random_threshold(scratch, bn, mask_key, start + j0,
+                                            bn == ZT_BLOCK ? keep_full : keep_last);
+        }
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
         int a_full = 0, b_full = 0;
         float *p = flat + j0;
@@ -221,7 +274,11 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 zt_fill(law, zb, cm, key_upd, start + j0, table, delta);
                 b_full = 1; z = zb;
             }
-            if (has_mask) { zt_mask_range(zm, z, theta, mask_h, 0, cm); z = zm; }
+            if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, 0, cm); z = zm; }
+            if (has_mask == 2) {
+                zt_mask_random(zm, z, mask_key, start + j0, threshold, 0, cm);
+                z = zm;
+            }
             float *mm = m ? m + j0 : 0, *vv = v ? v + j0 : 0;
             for (int64_t j = 0; j < cm; j++) {
                 float t = theta[j];
@@ -262,7 +319,11 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         if (a_full && key_cur == key_tgt) z = za;
         else if (b_full && key_upd == key_tgt) z = zb;
         else { zt_fill(law, zb, cm, key_tgt, start + j0, table, delta); z = zb; }
-        if (has_mask) { zt_mask_range(zm, z, theta, mask_h, mask_out + (j0 >> 3), cm); z = zm; }
+        if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, mask_out + (j0 >> 3), cm); z = zm; }
+        if (has_mask == 2) {
+            zt_mask_random(zm, z, mask_key, start + j0, threshold, mask_out + (j0 >> 3), cm);
+            z = zm;
+        }
         kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);
     }
     return kept;
@@ -312,7 +373,7 @@ def _compile() -> ctypes.CDLL | None:
                           i32, u64, fl, u8, f32,
                           i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
                           i32, u64, fl, u8, f32,
-                          i32, fl, u8, u8]  # fmt: skip
+                          i32, fl, u8, u8, u64, i64, i64, u8]  # fmt: skip
     c.zt_move.restype = i64
     return c
 

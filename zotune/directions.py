@@ -291,7 +291,7 @@ class ParameterSpace:
         fused = getattr(update, "fused", None)
         args = fused(self.keys[index]) if fused is not None and lib is not None else None
         kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
-        native_mask = self.mask is None or isinstance(self.mask, MagnitudeMask)
+        native_mask = self.mask is None or isinstance(self.mask, (MagnitudeMask, RandomMask))
         if lib is not None and native_mask and (update is None or args is not None):
             return self._move_native(lib, flat, index, lo, hi, current, target, args, kept)
         inexact, aside, mask = kept
@@ -392,13 +392,14 @@ class ParameterSpace:
         kept: tuple,
     ) -> int:
         """The whole unit's move in one C call (no torch op on the worker thread): the same
-        arithmetic as the torch path, for float32 units without a mask or with a magnitude mask,
-        and one-term updates.
+        arithmetic as the torch path, for float32 units without a mask or with Sparse MeZO's or
+        R-MeZO's mask, and one-term updates.
         `args` = (seed, lr, weight decay, *rule.kernel(...)) or None without an update."""
         n, key = flat.numel(), self.keys[index]
         bits_in, aside_in, mask_in = kept
         bits = scratch = mask_out = None
         masked = self.mask is not None
+        kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
             scratch = self._buffer("aside", n, flat.device, UNIT)
@@ -422,8 +423,8 @@ class ParameterSpace:
             target is not None, derive_seed(target.seed, key) if target else 0,
             target.scale if target else 0.0,
             _native.bptr(bits), None if scratch is None else ptr(scratch),
-            masked, self.mask.thresholds[key] if masked else 0.0,
-            _native.bptr(mask_in), _native.bptr(mask_out),
+            kind, self.mask.thresholds[key] if kind == 1 else 0.0,
+            _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(key, n, hi),
         )  # fmt: skip
         if target is not None:
             self._aside[(index, lo)] = (
@@ -433,6 +434,16 @@ class ParameterSpace:
             )
         seeds = {o.seed for o in (current, target) if o is not None}
         return len(seeds | ({seed} if args else set()))
+
+    def _random_mask_args(self, key: int, n: int, hi: int) -> tuple:
+        """(hash key, kept per full block, kept in the tensor's last block, scratch) for R-MeZO."""
+        if not isinstance(self.mask, RandomMask):
+            return 0, 0, 0, None
+        last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
+        keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
+        scratch = self._buffer("hashes", BLOCK, torch.device("cpu"))  # reused as uint32
+        mask_key = derive_seed(self.mask_seed, key, 0x4D41534B)
+        return mask_key, keep[0], keep[1], _native.bptr(scratch)
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, torch.device("cpu"))
