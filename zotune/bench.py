@@ -133,17 +133,18 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         return runs + [dict(common, method="icl", extra={"demos": 2})]
     if name == "zo-bench":
         runs = [
-            dict(BASE, num_test=100, **equal_budget(m, s, 40, evals=2))
+            dict(BASE, num_test=100, **equal_budget(m, s, 40, evals=1))
             for m, s in product(ZO_BENCH, ["full", "lora", "prefix", "prompt"])
         ]
         empty = dict(BASE, num_test=100, template="empty")
-        runs += [dict(empty, **equal_budget("zo-sgd", "prefix", 40, evals=2))]
+        runs += [dict(empty, **equal_budget("zo-sgd", "prefix", 40, evals=1))]
         return runs
     if name == "mezo-svrg":
         runs = []
         for model, task, peft, budget, lr in [
             ("minilm-l6", "sst2", "full", 600, 1e-4),  # a fresh head: no prompt, all weights
-            ("smollm2-135m", "rte", "prefix", 200, 3e-2),
+            ("minilm-l6", "rte", "full", 200, 1e-4),
+            ("smollm2-135m", "sst2", "prefix", 200, 3e-2),
         ]:
             common = dict(model=model, task=task, batch_size=16, num_train=256, num_test=200)
             for method in ("mezo", "mezo-svrg"):
