@@ -20,6 +20,7 @@ import torch
 
 # The memory suite's methods: one per kind of extra state (momentum's is ZO-Adam's first half;
 # zo-sgd-cons, zo-blockwise and r-mezo keep what MeZO or Sparse MeZO keep, at 5-60x the time).
+STATEFUL = ("zo-sgd-mmt", "zo-adam", "mezo-svrg", "fo-sgd", "fo-adam")
 METHODS = [
     "forward",
     "mezo",
@@ -180,9 +181,9 @@ def memory_suite(
                 key = (method, batch, seq)
                 if key not in done:
                     print(f"memory: {method} batch {batch} seq {seq}", flush=True)
-                    # one step holds every buffer a method allocates; MeZO-SVRG's second step
-                    # is its first minibatch step
-                    steps = 2 if method == "mezo-svrg" else 1
+                    # stateful methods allocate their state (moments, gradients, anchor) in
+                    # the first step: the second step's forward passes run beside it
+                    steps = 2 if method in STATEFUL else 1
                     done[key] = measure_in_process(model, method, batch, seq, steps)
                     with open(path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(done[key]) + "\n")
