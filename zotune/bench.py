@@ -134,7 +134,7 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
     if name == "zo-bench":
         runs = [
             dict(BASE, num_dev=50, num_test=50, **equal_budget(m, s, 20, evals=1))
-            for m, s in product(ZO_BENCH, ["full", "lora", "prefix", "prompt"])
+            for s, m in product(["prefix", "lora", "prompt", "full"], ZO_BENCH)
         ]
         empty = dict(BASE, num_dev=50, num_test=50, template="empty")
         runs += [dict(empty, **equal_budget("zo-sgd", "prefix", 20, evals=1))]
