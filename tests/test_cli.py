@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,10 @@ def test_bench_smoke_suite(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "smoke", "--out", str(out)]) == 0  # finished runs are not redone
     assert capsys.readouterr().out.count("(done before)") == 4
+    shutil.rmtree(next((out / "runs").glob("*-icl-*")))  # as if the grid had been interrupted
+    assert main(["bench", "smoke", "--out", str(out), "--report-only"]) == 0
+    assert "(not run yet)" in capsys.readouterr().out
+    assert "(3 of 4 runs)" in (out / "report.md").read_text()
 
 
 def test_bench_rejects_unknown_suite(tmp_path, capsys):

@@ -188,9 +188,15 @@ def run_id(run: dict[str, Any]) -> str:
 
 
 def execute(
-    runs: list[dict[str, Any]], out: Path, *, data_dir: str | None = None, quiet: bool = True
+    runs: list[dict[str, Any]],
+    out: Path,
+    *,
+    data_dir: str | None = None,
+    quiet: bool = True,
+    report_only: bool = False,
 ) -> list[dict]:
-    """Run each job in its own process (skipping finished ones) and collect the summaries."""
+    """Run each job in its own process (skipping finished ones) and collect the summaries;
+    with `report_only`, collect the finished runs and run nothing."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for i, run in enumerate(runs, 1):
@@ -200,6 +206,9 @@ def execute(
         TrainConfig.from_dict(run).validate()
         rid = run_id(run)
         target = out / "runs" / rid
+        if report_only and not (target / "summary.json").exists():
+            print(f"[{i}/{len(runs)}] {rid} (not run yet)", flush=True)
+            continue
         if not (target / "summary.json").exists():
             print(f"[{i}/{len(runs)}] {rid}", flush=True)
             cfg_path = out / "configs" / f"{rid}.yaml"
@@ -366,9 +375,15 @@ def _plots(results: list[dict], out: Path) -> None:
 
 
 def run_suite(
-    name: str, out: str | os.PathLike, *, data_dir: str | None = None, dry_run: bool = False
+    name: str,
+    out: str | os.PathLike,
+    *,
+    data_dir: str | None = None,
+    dry_run: bool = False,
+    report_only: bool = False,
 ) -> list[dict]:
-    """Run a named suite into `out` and write its results; returns one dict per run."""
+    """Run a named suite into `out` and write its results; returns one dict per run.
+    `report_only` writes the report from the runs finished so far (an interrupted grid)."""
     out = Path(out)
     if name == "memory":
         from .memory import memory_suite
@@ -379,8 +394,11 @@ def run_suite(
         for run in runs:
             print(run_id(run), json.dumps(run, default=str))
         return []
-    results = execute(runs, out, data_dir=data_dir)
-    write_results(results, out, f"zotune bench {name}")
+    results = execute(runs, out, data_dir=data_dir, report_only=report_only)
+    title = f"zotune bench {name}" + (
+        f" ({len(results)} of {len(runs)} runs)" if report_only else ""
+    )
+    write_results(results, out, title)
     return results
 
 

@@ -160,7 +160,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_suite
 
-    results = run_suite(args.suite, args.out, data_dir=args.data_dir, dry_run=args.dry_run)
+    results = run_suite(
+        args.suite,
+        args.out,
+        data_dir=args.data_dir,
+        dry_run=args.dry_run,
+        report_only=args.report_only,
+    )
     failed = [r for r in results if "error" in r]
     if not args.dry_run:
         print(f"wrote {args.out}: {len(results) - len(failed)} runs, {len(failed)} failed")
@@ -214,6 +220,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="results folder (default bench-out/SUITE)")
     b.add_argument("--data-dir")
     b.add_argument("--dry-run", action="store_true", help="list the runs without running them")
+    b.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the runs finished so far, running nothing",
+    )
     b.set_defaults(func=cmd_bench)
     sub.add_parser("methods", help="list the optimizers").set_defaults(func=cmd_methods)
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
