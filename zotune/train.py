@@ -359,70 +359,27 @@ def write_atomically(out: Path, fill) -> dict[str, Any]:
     return summary
 
 
-def _probe(
-    cfg: TrainConfig, task: Task, loaded: Any, objective: Any, work: Path, start: float
+def _baseline(
+    cfg: TrainConfig, task: Task, objective: Any, work: Path, start: float, measure
 ) -> dict[str, Any]:
-    """MeZO's linear-probing baseline: a logistic-regression head on frozen features."""
-    from .probe import linear_probe
-
-    if task.kind != "classification":
-        raise ConfigError("linear-probe needs a classification task")
+    """A method that trains no weights (linear probe, ICL): the zero-shot scores, then
+    `measure()` -> (dev, test, forward passes, extra summary fields), written like a run."""
     (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     with torch.no_grad():
         zero_shot = objective.evaluate(task.dev, batch_size=cfg.eval_batch_size)
         zero_shot_test = (
             objective.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
         )
-    result = linear_probe(loaded, task.train, task.dev, task.test, max(task.num_labels, 2))
-    n = len(task.train) + len(task.dev) + len(task.test)
-    (work / "metrics.jsonl").write_text(
-        json.dumps({"step": 0, "l2": result["l2"], "dev": result["dev"]}) + "\n"
-    )
+    dev, test, forward_passes, extra = measure()
+    (work / "metrics.jsonl").write_text(json.dumps({"step": 0, "dev": dev, **extra}) + "\n")
     summary = {
         "model": cfg.model,
         "task": cfg.task,
-        "method": "linear-probe",
+        "method": cfg.method,
         "peft": "none",
+        **extra,
         "steps": 0,
-        "forward_passes": -(-n // 16),
-        "zero_shot": zero_shot,
-        "zero_shot_test": zero_shot_test,
-        "dev": result["dev"],
-        "test": result["test"],
-        "best_step": 0,
-        "final_dev": result["dev"],
-        "l2": result["l2"],
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "wall_seconds": round(time.time() - start, 2),
-        "seconds_per_step": 0.0,
-        "notes": task.notes,
-    }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _icl(
-    cfg: TrainConfig, task: Task, objective: Any, icl: Any, work: Path, start: float
-) -> dict[str, Any]:
-    """MeZO's in-context baseline: the base model with demonstrations before each prompt."""
-    (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    with torch.no_grad():
-        zero_shot = objective.evaluate(task.dev, batch_size=cfg.eval_batch_size)
-        zero_shot_test = (
-            objective.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
-        )
-        before = icl.forward_passes
-        dev = icl.evaluate(task.dev, batch_size=cfg.eval_batch_size)
-        test = icl.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
-    (work / "metrics.jsonl").write_text(json.dumps({"step": 0, "dev": dev}) + "\n")
-    summary = {
-        "model": cfg.model,
-        "task": cfg.task,
-        "method": "icl",
-        "peft": "none",
-        "demos": len(icl.demos),
-        "steps": 0,
-        "forward_passes": icl.forward_passes - before,
+        "forward_passes": forward_passes,
         "zero_shot": zero_shot,
         "zero_shot_test": zero_shot_test,
         "dev": dev,
@@ -436,6 +393,38 @@ def _icl(
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _probe(
+    cfg: TrainConfig, task: Task, loaded: Any, objective: Any, work: Path, start: float
+) -> dict[str, Any]:
+    """MeZO's linear-probing baseline: a logistic-regression head on frozen features."""
+    from .probe import linear_probe
+
+    if task.kind != "classification":
+        raise ConfigError("linear-probe needs a classification task")
+
+    def measure():
+        result = linear_probe(loaded, task.train, task.dev, task.test, max(task.num_labels, 2))
+        n = len(task.train) + len(task.dev) + len(task.test)
+        return result["dev"], result["test"], -(-n // 16), {"l2": result["l2"]}
+
+    return _baseline(cfg, task, objective, work, start, measure)
+
+
+def _icl(
+    cfg: TrainConfig, task: Task, objective: Any, icl: Any, work: Path, start: float
+) -> dict[str, Any]:
+    """MeZO's in-context baseline: the base model with demonstrations before each prompt."""
+
+    def measure():
+        before = icl.forward_passes
+        with torch.no_grad():
+            dev = icl.evaluate(task.dev, batch_size=cfg.eval_batch_size)
+            test = icl.evaluate(task.test, batch_size=cfg.eval_batch_size) if task.test else {}
+        return dev, test, icl.forward_passes - before, {"demos": len(icl.demos)}
+
+    return _baseline(cfg, task, objective, work, start, measure)
 
 
 def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quiet: bool):
