@@ -46,6 +46,15 @@ static inline uint32_t zt_hash(uint64_t key, uint32_t i) {
     return zt_mix(zt_mix(i + (uint32_t)key) ^ (uint32_t)(key >> 32));
 }
 
+#ifdef __AVX2__
+/* zt_hash of the 8 indices i0 .. i0 + 7 */
+static inline __m256i zt_hash8(uint64_t key, uint32_t i0) {
+    __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)i0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i x = zt_mix8(_mm256_add_epi32(i, _mm256_set1_epi32((int)(uint32_t)key)));
+    return zt_mix8(_mm256_xor_si256(x, _mm256_set1_epi32((int)(uint32_t)(key >> 32))));
+}
+#endif
+
 /* z[j] for element index start + j: inverse-CDF table with linear interpolation. */
 void zt_fill_normal(float *out, int64_t n, uint64_t key, int64_t start,
                     const float *table, const float *delta) {
@@ -162,13 +171,34 @@ static void zt_fill(int law, float *out, int64_t n, uint64_t key, int64_t start,
 
 /* Sparse MeZO's mask: z where the stored bit is set, else 0 (as torch's masked_fill_). */
 static void zt_mask_bits(float *out, const float *z, const uint8_t *bits, int64_t n) {
-    for (int64_t j = 0; j < n; j++) out[j] = (bits[j >> 3] >> (j & 7)) & 1 ? z[j] : 0.0f;
+    int64_t j = 0;
+#ifdef __AVX2__
+    /* spread a byte over 8 lanes (lane k tests bit k) and keep z where the bit is set */
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; j + 8 <= n; j += 8) {
+        __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[j >> 3]), lane);
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane));
+        _mm256_storeu_ps(out + j, _mm256_and_ps(keep, _mm256_loadu_ps(z + j)));
+    }
+#endif
+    for (; j < n; j++) out[j] = (bits[j >> 3] >> (j & 7)) & 1 ? z[j] : 0.0f;
 }
 
 /* The mask recomputed from the unperturbed weights: keep |theta| <= h; optionally packed. */
 static void zt_mask_range(float *out, const float *z, const float *theta, float h,
                           uint8_t *bits, int64_t n) {
-    for (int64_t j = 0; j < n; j += 8) {
+    int64_t j0 = 0;
+#ifdef __AVX2__
+    /* ordered compares: a NaN weight is never kept, as in the scalar loop */
+    const __m256 hi = _mm256_set1_ps(h), lo = _mm256_set1_ps(-h);
+    for (; j0 + 8 <= n; j0 += 8) {
+        __m256 t = _mm256_loadu_ps(theta + j0);
+        __m256 keep = _mm256_and_ps(_mm256_cmp_ps(t, hi, _CMP_LE_OQ), _mm256_cmp_ps(t, lo, _CMP_GE_OQ));
+        _mm256_storeu_ps(out + j0, _mm256_and_ps(keep, _mm256_loadu_ps(z + j0)));
+        if (bits) bits[j0 >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+    }
+#endif
+    for (int64_t j = j0; j < n; j += 8) {
         uint32_t byte = 0;
         int64_t m = n - j < 8 ? n - j : 8;
         for (int64_t k = 0; k < m; k++) {
@@ -186,7 +216,12 @@ static void zt_mask_range(float *out, const float *z, const float *theta, float 
 static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t start,
                                    int64_t keep) {
     if (keep <= 0) return -1;
-    for (int64_t j = 0; j < n; j++) h[j] = zt_hash(key, (uint32_t)start + (uint32_t)j);
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_si256((__m256i *)(h + j), zt_hash8(key, (uint32_t)start + (uint32_t)j));
+#endif
+    for (; j < n; j++) h[j] = zt_hash(key, (uint32_t)start + (uint32_t)j);
     /* radix select, 11 + 11 + 10 bits, narrowing to the bucket holding the keep-th smallest */
     uint32_t prefix = 0, mask = 0;
     int64_t rank = keep, m = n;
@@ -211,7 +246,21 @@ static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t
 
 static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t start,
                            int64_t threshold, uint8_t *bits, int64_t n) {
-    for (int64_t j = 0; j < n; j += 8) {
+    int64_t j0 = 0;
+#ifdef __AVX2__
+    if (threshold >= 0) {
+        /* keep u <= threshold, unsigned: compare with the sign bits flipped */
+        const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
+        const __m256i thr = _mm256_set1_epi32((int)((uint32_t)threshold ^ 0x80000000u));
+        for (; j0 + 8 <= n; j0 += 8) {
+            __m256i u = zt_hash8(key, (uint32_t)(start + j0));
+            __m256 drop = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_xor_si256(u, flip), thr));
+            _mm256_storeu_ps(out + j0, _mm256_andnot_ps(drop, _mm256_loadu_ps(z + j0)));
+            if (bits) bits[j0 >> 3] = (uint8_t)(~_mm256_movemask_ps(drop) & 0xFF);
+        }
+    }
+#endif
+    for (int64_t j = j0; j < n; j += 8) {
         uint32_t byte = 0;
         int64_t m = n - j < 8 ? n - j : 8;
         for (int64_t k = 0; k < m; k++) {
