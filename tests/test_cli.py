@@ -262,9 +262,15 @@ def test_linear_probe_baseline(tiny_model_dir, tmp_path):
     assert not (out / "trajectory.zot").exists()
 
 
-def test_memory_measurement_in_its_own_process(tiny_model_dir):
-    from zotune.memory import measure_in_process
+def test_memory_suite_measures_each_cell_in_its_own_process(tiny_model_dir, tmp_path):
+    from zotune.memory import memory_suite
 
-    rows = [measure_in_process(tiny_model_dir, m, 2, 8, 1) for m in ("forward", "mezo", "fo-adam")]
+    methods = ("forward", "mezo", "fo-adam")
+    rows = memory_suite(tmp_path, model=tiny_model_dir, batches=(2,), seqs=(8,), methods=methods)
     assert all("error" not in r and r["peak_mb"] > 0 and r["loaded_mb"] > 0 for r in rows), rows
-    assert {r["method"] for r in rows} == {"forward", "mezo", "fo-adam"}
+    assert [r["method"] for r in rows] == list(methods)
+    assert "| 8 | 2 | " in (tmp_path / "report.md").read_text()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + len(methods)
+    assert (tmp_path / "peak_memory.png").stat().st_size > 1000
+    again = memory_suite(tmp_path, model=tiny_model_dir, batches=(2,), seqs=(8,), methods=methods)
+    assert again == rows  # finished cells are read back, not measured again

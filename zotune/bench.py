@@ -347,9 +347,15 @@ def _plots(results: list[dict], out: Path) -> None:
     ok = [r for r in results if "error" not in r]
     if not ok:
         return
+    several = len({r["model"] for r in ok}) > 1
+
+    def name(r: dict, sep: str = " ") -> str:
+        where = Path(str(r["task"])).stem + (f", {Path(str(r['model'])).name}" if several else "")
+        return f"{r['method']}/{r.get('peft', 'full')}{sep}{where}"
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in ok:
-        label = f"{r['method']}/{r.get('peft', 'full')} {Path(str(r['task'])).stem}"
+        label = name(r)
         if r["steps"] == 0:  # a baseline (ICL, linear probe): one accuracy, drawn as a level
             ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, label=label)
             continue
@@ -372,7 +378,7 @@ def _plots(results: list[dict], out: Path) -> None:
         ("seconds_per_step", "seconds_per_step.png", "seconds per step"),
     ]:
         fig, ax = plt.subplots(figsize=(7, 4))
-        names = [f"{r['method']}/{r.get('peft', 'full')}\n{Path(str(r['task'])).stem}" for r in ok]
+        names = [name(r, "\n") for r in ok]
         ax.bar(range(len(ok)), [r[key] for r in ok])
         ax.set_xticks(range(len(ok)), names, rotation=90, fontsize=6)
         ax.set_ylabel(label)

@@ -8,6 +8,7 @@ model is loaded), with the resident size right after loading noted as the baseli
 
 from __future__ import annotations
 
+import csv
 import json
 import resource
 import subprocess
@@ -202,7 +203,39 @@ def memory_suite(
                     cells.append(f"{r['peak_mb']:.0f} MB (×{r['peak_mb'] / fwd:.2f})")
             lines.append(f"| {seq} | {batch} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    _table_and_plot(rows, out, model, methods)
     return rows
+
+
+def _table_and_plot(rows: list[dict], out: Path, model: str, methods) -> None:
+    """results.csv (one row per cell) and peak_memory.png (peak MB per method, per shape)."""
+    cols = ["model", "method", "batch", "seq", "peak_mb", "loaded_mb", "seconds_per_step", "error"]
+    with open(out / "results.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    shapes = sorted({(r["seq"], r["batch"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        cell = {(r["seq"], r["batch"]): r.get("peak_mb") for r in rows if r["method"] == m}
+        heights = [cell.get(sh) or 0 for sh in shapes]
+        ax.bar([i + k * width for i in range(len(shapes))], heights, width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+    ax.set_xticklabels([f"batch {b} x seq {s}" for s, b in shapes], fontsize=7)
+    ax.set_ylabel("peak resident memory (MB)")
+    ax.set_title(f"{model}, fp32: inference vs ZO vs FO", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "peak_memory.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
