@@ -109,6 +109,8 @@ class Gaussian(Direction):
 
     def __init__(self) -> None:
         self.table, self.delta = _normal_table()
+        # the C kernel reads a cell's node and slope with one load: interleave them
+        self.cells = torch.stack([self.table[:-1], self.delta], 1).contiguous().view(-1)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
@@ -119,8 +121,7 @@ class Gaussian(Direction):
                 out.numel(),
                 key,
                 start,
-                _native.ptr(self.table),
-                _native.ptr(self.delta),
+                _native.ptr(self.cells),
             )
             return out
         if out.device not in self._on:
@@ -405,7 +406,7 @@ class ParameterSpace:
             scratch = self._buffer("aside", n, flat.device, UNIT)
             mask_out = torch.empty((n + 7) // 8, dtype=torch.uint8) if masked else None
         gaussian = isinstance(self.direction, Gaussian)
-        table = (self.direction.table, self.direction.delta) if gaussian else (None, None)
+        cells = self.direction.cells if gaussian else None
         ptr = _native.ptr
         mode, seed, c, lr, wd, m, v, consts = 0, 0, 0.0, 0.0, 0.0, None, None, ()
         if args is not None:
@@ -414,7 +415,7 @@ class ParameterSpace:
         h = [*consts, *[0.0] * (7 - len(consts))]
         count = lib.zt_move(
             ptr(flat), n, lo, 0 if gaussian else 1,
-            *(None if t is None else ptr(t) for t in table),
+            None if cells is None else ptr(cells),
             current is not None, derive_seed(current.seed, key) if current else 0,
             current.scale if current else 0.0,
             _native.bptr(bits_in), None if aside_in is None else ptr(aside_in),
