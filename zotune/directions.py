@@ -41,6 +41,7 @@ from . import _native
 
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
+PAD = 8  # slack after kept-aside values: the C kernel moves them 8 at a time
 GENERATOR = "lowbias32x2-icdf4096/1"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
@@ -313,7 +314,7 @@ class ParameterSpace:
             draws += d * n
             out.append((moved, n))
         if target is not None:
-            self._aside[(index, lo)] = _join(out)
+            self._aside[(index, lo)] = _pad(_join(out))
         return draws / max(hi - lo, 1)
 
     def _move_block(
@@ -403,7 +404,7 @@ class ParameterSpace:
         kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-            scratch = self._buffer("aside", n, flat.device, UNIT)
+            scratch = self._buffer("aside", n + PAD, flat.device, UNIT + PAD)
             mask_out = torch.empty((n + 7) // 8, dtype=torch.uint8) if masked else None
         gaussian = isinstance(self.direction, Gaussian)
         cells = self.direction.cells if gaussian else None
@@ -430,7 +431,7 @@ class ParameterSpace:
         if target is not None:
             self._aside[(index, lo)] = (
                 bits if count else None,
-                scratch[:count].clone() if count else None,
+                scratch[: count + PAD].clone() if count else None,
                 mask_out,
             )
         seeds = {o.seed for o in (current, target) if o is not None}
@@ -447,7 +448,7 @@ class ParameterSpace:
         return mask_key, keep[0], keep[1], _native.bptr(scratch)
 
     def _scratch(self) -> torch.Tensor:
-        return self._buffer("scratch", BLOCK, torch.device("cpu"))
+        return self._buffer("scratch", BLOCK, torch.device("cpu"), BLOCK + PAD)
 
     def _buffer(self, name: str, n: int, device: torch.device, size: int = BLOCK) -> torch.Tensor:
         """Per-thread float32 buffers (of BLOCK elements by default), reused block after block."""
@@ -456,6 +457,14 @@ class ParameterSpace:
         if key not in bufs:
             bufs[key] = torch.empty(size, dtype=torch.float32, device=device)
         return bufs[key][:n]
+
+
+def _pad(kept: tuple) -> tuple:
+    """The C kernel reads kept-aside values 8 at a time: give the array 8 floats of slack."""
+    inexact, aside, mask = kept
+    if aside is not None:
+        aside = torch.cat([aside, aside.new_zeros(PAD)])
+    return inexact, aside, mask
 
 
 def _join(parts: list[tuple[tuple, int]]) -> tuple:
