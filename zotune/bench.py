@@ -160,12 +160,20 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         # SmolLM2 (the paper's setting, full parameters) at what a CPU allows: RTE's premises
         # make a step ~4x dearer than SST-2's. MiniLM-L6 (a fresh head) is where 600 forward
         # passes move dev accuracy (see mezo-svrg), so forward passes to a target mean something.
-        for model, task, budget, lr, extra in [
-            ("smollm2-135m", "sst2", 200, 1e-5, {}),
-            ("smollm2-135m", "rte", 80, 1e-5, {}),
-            ("minilm-l6", "sst2", 600, 1e-4, dict(batch_size=16, num_train=256, num_test=200)),
+        # The paper: Sparse MeZO tolerates larger learning rates than MeZO, so where runs are
+        # cheap (MiniLM) every method gets the same two rates and the report picks on dev.
+        for model, task, budget, lrs, extra in [
+            ("smollm2-135m", "sst2", 200, (1e-5,), {}),
+            ("smollm2-135m", "rte", 80, (1e-5,), {}),
+            (
+                "minilm-l6",
+                "sst2",
+                600,
+                (1e-4, 5e-4),
+                dict(batch_size=16, num_train=256, num_test=200),
+            ),
         ]:
-            for method in ("mezo", "sparse-mezo", "r-mezo"):
+            for lr, method in product(lrs, ("mezo", "sparse-mezo", "r-mezo")):
                 run = {**BASE, "model": model, "task": task, "num_test": 100, **extra}
                 runs.append({**run, **equal_budget(method, "full", budget), "lr": lr})
         return runs
@@ -285,18 +293,18 @@ def _report(results: list[dict], out: Path, title: str) -> None:
     lines = [
         f"# {title}",
         "",
-        "| model | task | method | scheme | steps | forward passes | zero-shot dev | dev | test | peak MB | s/step | step/forward time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | method | scheme | lr | steps | forward passes | zero-shot dev | dev | test | peak MB | s/step | step/forward time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
             lines.append(
-                f"| {Path(str(r['model'])).name} | {r['task']} | {r['method']} | {r.get('peft', 'full')} | failed: {r['error']} |||||||"
+                f"| {Path(str(r['model'])).name} | {r['task']} | {r['method']} | {r.get('peft', 'full')} | {r.get('lr', '')} | failed: {r['error']} |||||||"
             )
             continue
         lines.append(
             f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem}{' (empty template)' if r.get('template') == 'empty' else ''} | "
-            f"{r['method']}{' ({} demos)'.format(r['demos']) if 'demos' in r else ''} | {r.get('peft', 'full')} | {r['steps']} | {r['forward_passes']} | {_metric(r.get('zero_shot'))} | "
+            f"{r['method']}{' ({} demos)'.format(r['demos']) if 'demos' in r else ''} | {r.get('peft', 'full')} | {r.get('lr', '') if r['steps'] else ''} | {r['steps']} | {r['forward_passes']} | {_metric(r.get('zero_shot'))} | "
             f"{_metric(r.get('dev'))} | {_metric(r.get('test'))} | {r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} | {r.get('step_to_forward_ratio', '-')} |"
         )
     lines += _to_target(results, out)
@@ -304,35 +312,34 @@ def _report(results: list[dict], out: Path, title: str) -> None:
 
 
 def _to_target(results: list[dict], out: Path) -> list[str]:
-    """Per (model, task) with a MeZO run: training forward passes each run needed to first reach
-    MeZO's best dev score (Sparse MeZO's "faster to the same accuracy" claim)."""
+    """Per (model, task, scheme) with a MeZO run: training forward passes each run needed to
+    first reach MeZO's best dev score over its learning rates (Sparse MeZO's "faster to the same
+    accuracy" claim)."""
     rows = []
     trained = [r for r in results if "error" not in r and r.get("steps")]
+    dev = lambda d: next(iter(d.values()))  # noqa: E731 - the one metric of a summary
+    where = lambda r: (r["model"], r["task"], r.get("peft"))  # noqa: E731
     for r in trained:
-        ref = next(
-            (m for m in trained
-             if m["method"] == "mezo" and (m["model"], m["task"], m.get("peft")) == (r["model"], r["task"], r.get("peft"))),
-            None,
-        )  # fmt: skip
-        if ref is None:
+        refs = [m for m in trained if m["method"] == "mezo" and where(m) == where(r)]
+        if not refs:
             continue
-        target = next(iter(ref["dev"].values()))
-        if target <= next(iter(ref["zero_shot"].values())):
+        ref = max(refs, key=lambda m: dev(m["dev"]))
+        target = dev(ref["dev"])
+        if target <= dev(ref["zero_shot"]):
             continue  # MeZO never beat zero-shot: no target to reach
         log = (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
         hit = next(
-            (x["forward_passes"] for x in map(json.loads, log)
-             if "dev" in x and next(iter(x["dev"].values())) >= target),
+            (x["forward_passes"] for x in map(json.loads, log) if "dev" in x and dev(x["dev"]) >= target),
             None,
         )  # fmt: skip
         rows.append(
-            f"| {Path(str(r['task'])).stem} | {r['method']} | {100 * target:.1f} | "
-            f"{hit if hit is not None else 'not reached'} |"
+            f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem} | {r['method']} | "
+            f"{r.get('lr', '')} | {100 * target:.1f} | {hit if hit is not None else 'not reached'} |"
         )
     if not rows:
         return []
-    head = ["", "Forward passes to reach MeZO's best dev score:", "",
-            "| task | method | target (MeZO's best dev) | forward passes |", "|---|---|---|---|"]  # fmt: skip
+    head = ["", "Forward passes to reach MeZO's best dev score (over its learning rates):", "",
+            "| model | task | method | lr | target | forward passes |", "|---|---|---|---|---|---|"]  # fmt: skip
     return head + rows
 
 
