@@ -355,10 +355,13 @@ def _plots(results: list[dict], out: Path) -> None:
     if not ok:
         return
     several = len({r["model"] for r in ok}) > 1
+    key = lambda r: (r["model"], r["task"], r["method"], r.get("peft"))  # noqa: E731
+    rates = len({(key(r), r.get("lr")) for r in ok}) > len({key(r) for r in ok})
 
     def name(r: dict, sep: str = " ") -> str:
         where = Path(str(r["task"])).stem + (f", {Path(str(r['model'])).name}" if several else "")
-        return f"{r['method']}/{r.get('peft', 'full')}{sep}{where}"
+        lr = f" lr {r.get('lr')}" if rates and r.get("steps") else ""
+        return f"{r['method']}/{r.get('peft', 'full')}{lr}{sep}{where}"
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in ok:
