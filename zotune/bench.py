@@ -190,6 +190,18 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
             demos = {"boolq": 16, "multirc": 8}.get(task, 32)
             icl = dict(method="icl", max_length=8192, eval_batch_size=8, extra={"demos": demos})
             runs.append(dict(common, **icl))
+        # SmolLM2-135M answers every SST-2 example with one label after 32 demonstrations: how
+        # many demonstrations a 135M model can use is part of the picture
+        runs.append(
+            {
+                **BASE,
+                "task": "sst2",
+                "num_test": 100,
+                "num_train": 500,
+                **icl,
+                "extra": {"demos": 16},
+            }
+        )
         return [r for r in runs if r is not None]
     raise ConfigError(
         f"unknown suite '{name}': choose smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue"
