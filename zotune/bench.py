@@ -376,6 +376,8 @@ def _plots(results: list[dict], out: Path) -> None:
         return f"{r['method']}/{r.get('peft', 'full')}{lr}{sep}{where}"
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(ok) > 10:  # the default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for r in ok:
         label = name(r)
         if r["steps"] == 0:  # a baseline (ICL, linear probe): one accuracy, drawn as a level
