@@ -519,3 +519,12 @@ def ptr(t: torch.Tensor) -> int:
 
 def bptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def take(src: torch.Tensor, n: int) -> torch.Tensor:
+    """A new float32 CPU tensor holding src[:n], copied by memmove: a torch copy of this size
+    would start an OpenMP team from the worker thread, which on a busy machine waits for cores
+    (measured: 6 ms for 300 KB instead of 0.05)."""
+    out = torch.empty(n, dtype=torch.float32)
+    ctypes.memmove(out.data_ptr(), src.data_ptr(), n * 4)
+    return out

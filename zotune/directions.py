@@ -370,7 +370,7 @@ class ParameterSpace:
                 _native.ptr(theta), _native.ptr(z), target.scale, _native.ptr(flat),
                 _native.bptr(bits), _native.ptr(scratch), n,
             )  # fmt: skip
-            aside = scratch[:count].clone() if count else None
+            aside = _native.take(scratch, count) if count else None
             inexact = bits if count else None
         else:
             step = z * target.scale
@@ -431,7 +431,7 @@ class ParameterSpace:
         if target is not None:
             self._aside[(index, lo)] = (
                 bits if count else None,
-                scratch[: count + PAD].clone() if count else None,
+                _native.take(scratch, count + PAD) if count else None,
                 mask_out,
             )
         seeds = {o.seed for o in (current, target) if o is not None}
