@@ -373,7 +373,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
                 int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
-                uint64_t mask_key, int64_t keep_full, int64_t keep_last, uint32_t *scratch) {
+                uint64_t mask_key, int64_t keep_full, int64_t keep_last, uint32_t *scratch,
+                int64_t *thresholds) {
     /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO), keep_full of each
        ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key */
     float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], theta[ZT_SUB];
@@ -381,8 +382,15 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         if (has_mask == 2 && j0 % ZT_BLOCK == 0) {
             int64_t bn = n - j0 < ZT_BLOCK ? n - j0 : ZT_BLOCK;
-            threshold = zt_random_threshold(scratch, bn, mask_key, start + j0,
-                                            bn == ZT_BLOCK ? keep_full : keep_last);
+            /* the three passes of a step share the mask: select once, keep the threshold
+               (-2 = not yet selected under this mask_key) */
+            int64_t *cached = thresholds ? thresholds + j0 / ZT_BLOCK : 0;
+            if (cached && *cached != -2) threshold = *cached;
+            else {
+                threshold = zt_random_threshold(scratch, bn, mask_key, start + j0,
+                                                bn == ZT_BLOCK ? keep_full : keep_last);
+                if (cached) *cached = threshold;
+            }
         }
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
         int a_full = 0, b_full = 0;
@@ -495,7 +503,7 @@ def _compile() -> ctypes.CDLL | None:
                           i32, u64, fl, u8, f32,
                           i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
                           i32, u64, fl, u8, f32,
-                          i32, fl, u8, u8, u64, i64, i64, u8]  # fmt: skip
+                          i32, fl, u8, u8, u64, i64, i64, u8, u8]  # fmt: skip
     c.zt_move.restype = i64
     return c
 

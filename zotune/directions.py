@@ -250,6 +250,7 @@ class ParameterSpace:
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
+        self._thresholds: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # R-MeZO, per unit
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
 
     def units(self) -> list[tuple[int, int, int]]:
@@ -426,7 +427,7 @@ class ParameterSpace:
             target.scale if target else 0.0,
             _native.bptr(bits), None if scratch is None else ptr(scratch),
             kind, self.mask.thresholds[key] if kind == 1 else 0.0,
-            _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(key, n, hi),
+            _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(index, lo, n, hi),
         )  # fmt: skip
         if target is not None:
             self._aside[(index, lo)] = (
@@ -437,15 +438,21 @@ class ParameterSpace:
         seeds = {o.seed for o in (current, target) if o is not None}
         return len(seeds | ({seed} if args else set()))
 
-    def _random_mask_args(self, key: int, n: int, hi: int) -> tuple:
-        """(hash key, kept per full block, kept in the tensor's last block, scratch) for R-MeZO."""
+    def _random_mask_args(self, index: int, lo: int, n: int, hi: int) -> tuple:
+        """(hash key, kept per full block, kept in the tensor's last block, scratch, per-block
+        thresholds) for R-MeZO. A step's passes share one mask, so the kernel selects each
+        block's threshold in the first pass and the others reuse it."""
         if not isinstance(self.mask, RandomMask):
-            return 0, 0, 0, None
+            return 0, 0, 0, None, None
         last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
         keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
         scratch = self._buffer("hashes", BLOCK, torch.device("cpu"))  # reused as uint32
-        mask_key = derive_seed(self.mask_seed, key, 0x4D41534B)
-        return mask_key, keep[0], keep[1], _native.bptr(scratch)
+        mask_key = derive_seed(self.mask_seed, self.keys[index], 0x4D41534B)
+        cached = self._thresholds.get((index, lo))
+        if cached is None or cached[0] != mask_key:
+            cached = (mask_key, torch.full(((n + BLOCK - 1) // BLOCK,), -2, dtype=torch.int64))
+            self._thresholds[(index, lo)] = cached
+        return mask_key, keep[0], keep[1], _native.bptr(scratch), _native.bptr(cached[1])
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, torch.device("cpu"), BLOCK + PAD)
