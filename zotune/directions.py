@@ -27,6 +27,7 @@ vector widths, thread counts or whether the C kernel (`_native.py`) or torch com
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -45,6 +46,7 @@ PAD = 8  # slack after kept-aside values: the C kernel moves them 8 at a time
 GENERATOR = "lowbias32x2-icdf4096/1"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
+_CPU = torch.device("cpu")
 
 
 def _splitmix64(x: int) -> int:
@@ -54,6 +56,7 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # a step asks for the same (seed, key) in each pass
 def derive_seed(*parts: int) -> int:
     """Mix integers into one well-spread 63-bit seed (order matters, values may be any ints)."""
     h = 0x5EED
@@ -268,15 +271,27 @@ class ParameterSpace:
         if current is None and target is None and update is None:
             return
         work = self.units()
+        self._lib = _native.lib()  # resolved once a pass, not per unit
         if self.threads > 1 and len(work) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
-            draws = self._pool.map(lambda w: self._move_unit(*w, current, target, update), work)
+            # one task per thread, each a list of units of about equal total size: a task per
+            # unit cost more in pool overhead than a small tensor's move
+            lanes: list[list[tuple[int, int, int]]] = [[] for _ in range(self.threads)]
+            load = [0] * self.threads
+            for w in sorted(work, key=lambda w: w[1] - w[2]):  # largest first
+                k = load.index(min(load))
+                lanes[k].append(w)
+                load[k] += w[2] - w[1]
+
+            def run(lane: list[tuple[int, int, int]]) -> list[float]:
+                return [self._move_unit(*w, current, target, update) for w in lane]
+
+            draws = [d for ds in self._pool.map(run, lanes) for d in ds]
         else:
             draws = [self._move_unit(*w, current, target, update) for w in work]
         self.regenerations += sum(draws) / max(len(work), 1)
 
-    @torch.no_grad()
     def _move_unit(
         self,
         index: int,
@@ -287,16 +302,35 @@ class ParameterSpace:
         update: Update | None,
     ) -> float:
         """Move one unit: one C call when the fused kernel covers the move, else block by block
-        in torch ops. Returns the passes of z drawn, as a fraction of the unit's elements."""
-        flat = self.tensors[index].detach().view(-1)[lo:hi]
+        in torch ops. Returns the passes of z drawn, as a fraction of the unit's elements.
+        (The C path is a few microseconds of Python per unit: small tensors are many.)"""
+        tensor = self.tensors[index]
         # The C kernel covers float32 on the CPU; everything else runs the same math in torch.
-        lib = _native.lib() if flat.dtype == torch.float32 and flat.device.type == "cpu" else None
+        lib = self._lib if tensor.dtype == torch.float32 and tensor.is_cpu else None
         fused = getattr(update, "fused", None)
         args = fused(self.keys[index]) if fused is not None and lib is not None else None
         kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
         native_mask = self.mask is None or isinstance(self.mask, (MagnitudeMask, RandomMask))
         if lib is not None and native_mask and (update is None or args is not None):
-            return self._move_native(lib, flat, index, lo, hi, current, target, args, kept)
+            address = tensor.data_ptr() + 4 * lo
+            return self._move_native(lib, address, index, lo, hi, current, target, args, kept)
+        with torch.no_grad():
+            return self._move_torch(tensor, index, lo, hi, current, target, update, lib, kept)
+
+    def _move_torch(
+        self,
+        tensor: torch.Tensor,
+        index: int,
+        lo: int,
+        hi: int,
+        current: Offset | None,
+        target: Offset | None,
+        update: Update | None,
+        lib: object,
+        kept: tuple,
+    ) -> float:
+        """The unit block by block in torch ops (any dtype, device, mask or rule)."""
+        flat = tensor.detach().view(-1)[lo:hi]
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
         for start in range(lo, hi, BLOCK):
@@ -385,7 +419,7 @@ class ParameterSpace:
     def _move_native(
         self,
         lib: object,
-        flat: torch.Tensor,
+        address: int,
         index: int,
         lo: int,
         hi: int,
@@ -398,14 +432,14 @@ class ParameterSpace:
         arithmetic as the torch path, for float32 units without a mask or with Sparse MeZO's or
         R-MeZO's mask, and one-term updates.
         `args` = (seed, lr, weight decay, *rule.kernel(...)) or None without an update."""
-        n, key = flat.numel(), self.keys[index]
+        n, key = hi - lo, self.keys[index]
         bits_in, aside_in, mask_in = kept
         bits = scratch = mask_out = None
         masked = self.mask is not None
         kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-            scratch = self._buffer("aside", n + PAD, flat.device, UNIT + PAD)
+            scratch = self._buffer("aside", n + PAD, _CPU, UNIT + PAD)
             mask_out = torch.empty((n + 7) // 8, dtype=torch.uint8) if masked else None
         gaussian = isinstance(self.direction, Gaussian)
         cells = self.direction.cells if gaussian else None
@@ -416,7 +450,7 @@ class ParameterSpace:
         views = [None if b is None else ptr(b.view(-1)[lo:hi]) for b in (m, v)]
         h = [*consts, *[0.0] * (7 - len(consts))]
         count = lib.zt_move(
-            ptr(flat), n, lo, 0 if gaussian else 1,
+            address, n, lo, 0 if gaussian else 1,
             None if cells is None else ptr(cells),
             current is not None, derive_seed(current.seed, key) if current else 0,
             current.scale if current else 0.0,
@@ -446,7 +480,7 @@ class ParameterSpace:
             return 0, 0, 0, None, None
         last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
         keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
-        scratch = self._buffer("hashes", BLOCK, torch.device("cpu"))  # reused as uint32
+        scratch = self._buffer("hashes", BLOCK, _CPU)  # reused as uint32
         mask_key = derive_seed(self.mask_seed, self.keys[index], 0x4D41534B)
         cached = self._thresholds.get((index, lo))
         if cached is None or cached[0] != mask_key:
@@ -455,7 +489,7 @@ class ParameterSpace:
         return mask_key, keep[0], keep[1], _native.bptr(scratch), _native.bptr(cached[1])
 
     def _scratch(self) -> torch.Tensor:
-        return self._buffer("scratch", BLOCK, torch.device("cpu"), BLOCK + PAD)
+        return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
 
     def _buffer(self, name: str, n: int, device: torch.device, size: int = BLOCK) -> torch.Tensor:
         """Per-thread float32 buffers (of BLOCK elements by default), reused block after block."""
