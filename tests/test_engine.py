@@ -6,7 +6,9 @@ import copy
 
 import pytest
 import torch
+from tiny import bert_config, llama_config
 from torch import nn
+from transformers import BertForSequenceClassification, LlamaForCausalLM
 
 import zotune
 from zotune import _native
@@ -339,3 +341,67 @@ def test_one_sided_estimator_matches_finite_difference():
     space.transition(est.pending, None)
     expected = (float(((w + 1e-3 * z) ** 2).sum()) - loss()) / 1e-3
     assert est.grads[0] == pytest.approx(expected, rel=1e-3)
+
+
+def _train_tiny_bert(base, method: str, extra: dict, attach: bool, batches, labels):
+    """Steps of `method` on a copy of `base`; returns losses, weights, whether each forward
+    saw the unread embedding rows unperturbed, and what `attach` applied to."""
+    model = copy.deepcopy(base)
+    table = model.bert.embeddings.word_embeddings.weight
+    opt = build(method, model.parameters(), lr=1e-3, eps=1e-3, **extra)
+    names = opt.attach(model) if attach else []
+    seen, losses, before = [], [], table.detach().clone()
+
+    def loss(ids):
+        out = model(input_ids=ids).logits
+        unread = torch.ones(table.shape[0], dtype=torch.bool)
+        unread[ids.unique()] = False
+        seen.append(torch.equal(table.detach()[unread], before[unread]))
+        return torch.nn.functional.cross_entropy(out, labels)
+
+    if method == "mezo-svrg":
+        opt.full_closure = lambda: loss(batches[0])
+    for ids in batches:
+        before = table.detach().clone()
+        losses.append(opt.step(lambda ids=ids: loss(ids)))
+    return losses, [p.detach().clone() for p in model.parameters()], seen, names
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("mezo", {}),
+        ("mezo", {"queries": 2}),
+        ("zo-adam", {}),
+        ("sparse-mezo", {"sparsity": 0.5}),
+        ("mezo-svrg", {"refresh": 2}),
+        ("zo-sgd-cons", {}),
+    ],
+)
+def test_lazy_embedding_rows_change_no_loss_and_no_weight(method, extra):
+    """`attach` perturbs only the rows a batch reads: same losses, same weights, bit for bit."""
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(bert_config(200, num_labels=2)).eval()
+    batches = [torch.randint(0, 60 + 40 * k, (4, 12)) for k in range(4)]
+    labels = torch.tensor([0, 1, 1, 0])
+    loss_a, weights_a, seen_a, _ = _train_tiny_bert(base, method, extra, False, batches, labels)
+    loss_b, weights_b, seen_b, names = _train_tiny_bert(base, method, extra, True, batches, labels)
+    assert names == [
+        "bert.embeddings.word_embeddings",
+        "bert.embeddings.position_embeddings",
+        "bert.embeddings.token_type_embeddings",
+    ]
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    if method != "mezo-svrg":  # (its anchor passes hold other values in every row)
+        assert not all(seen_a) and all(seen_b)  # eager perturbs unread rows, lazy does not
+
+
+def test_attach_skips_tied_and_untrained_embeddings():
+    tied = LlamaForCausalLM(llama_config(64, tie_word_embeddings=True))
+    assert build("mezo", tied.parameters(), lr=1e-3).attach(tied) == []
+    untied = LlamaForCausalLM(llama_config(64, tie_word_embeddings=False))
+    assert build("mezo", untied.parameters(), lr=1e-3).attach(untied) == ["model.embed_tokens"]
+    frozen = [p for n, p in untied.named_parameters() if "embed" not in n]
+    assert build("mezo", frozen, lr=1e-3).attach(untied) == []

@@ -436,6 +436,30 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     }
     return kept;
 }
+/* zt_move without an update over some rows of a [rows x width] tensor (width a multiple of 8):
+   row r of the list is moved as elements rows[r]*width .. +width, its flags and mask at
+   bits + r*width/8, its kept-aside values packed one row after another (aside_out needs 8
+   floats of slack). Returns the number kept aside. */
+int64_t zt_move_rows(float *flat, int64_t width, const int64_t *rows, int64_t nrows, int law,
+                     const float *cells, int has_cur, uint64_t key_cur, float cur_scale,
+                     const uint8_t *bits_in, const float *aside_in, int has_tgt,
+                     uint64_t key_tgt, float tgt_scale, uint8_t *bits_out, float *aside_out,
+                     int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out) {
+    int64_t used = 0, kept = 0, wb = width / 8;
+    for (int64_t r = 0; r < nrows; r++) {
+        int64_t at = rows[r] * width;
+        const uint8_t *bi = bits_in ? bits_in + r * wb : 0;
+        kept += zt_move(flat + at, width, at, law, cells, has_cur, key_cur, cur_scale, bi,
+                        aside_in ? aside_in + used : 0, ZT_NONE, 0, 0.0f, 0.0f, 0, 0.0f, 0, 0,
+                        0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, has_tgt, key_tgt, tgt_scale,
+                        bits_out ? bits_out + r * wb : 0, aside_out ? aside_out + kept : 0,
+                        has_mask, mask_h, mask_in ? mask_in + r * wb : 0,
+                        mask_out ? mask_out + r * wb : 0, 0, 0, 0, 0, 0);
+        if (bi)
+            for (int64_t k = 0; k < wb; k++) used += __builtin_popcount(bi[k]);
+    }
+    return kept;
+}
 """
 
 
@@ -505,6 +529,9 @@ def _compile() -> ctypes.CDLL | None:
                           i32, u64, fl, u8, f32,
                           i32, fl, u8, u8, u64, i64, i64, u8, u8]  # fmt: skip
     c.zt_move.restype = i64
+    c.zt_move_rows.argtypes = [f32, i64, u8, i64, i32, f32, i32, u64, fl, u8, f32,
+                               i32, u64, fl, u8, f32, i32, fl, u8, u8]  # fmt: skip
+    c.zt_move_rows.restype = i64
     return c
 
 

@@ -255,6 +255,9 @@ class ParameterSpace:
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
         self._thresholds: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # R-MeZO, per unit
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
+        self.at: Offset | None = None  # where the weights sit now (set by every transition)
+        self._lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width (`lazy_rows`)
+        self._rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0
 
     def units(self) -> list[tuple[int, int, int]]:
         """Work items (tensor index, lo, hi): what is kept aside is kept per unit."""
@@ -270,27 +273,108 @@ class ParameterSpace:
         """Move the weights from θ0 + current to θ0' + target, where θ0' = update(θ0), in one pass."""
         if current is None and target is None and update is None:
             return
-        work = self.units()
         self._lib = _native.lib()  # resolved once a pass, not per unit
+        for index in self._lazy:  # rows a forward pass read go back to θ0 (few: main thread)
+            for rows, kept in self._rows.pop(index, []):
+                self._move_rows(index, rows, current, None, kept)
+        work = [
+            (i, lo, hi, current, target) if i not in self._lazy else (i, lo, hi, None, None)
+            for i, lo, hi in self.units()
+            if i not in self._lazy or update is not None  # the rest of a lazy table: update only
+        ]
+        self.at = target
         if self.threads > 1 and len(work) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
             # one task per thread, each a list of units of about equal total size: a task per
             # unit cost more in pool overhead than a small tensor's move
-            lanes: list[list[tuple[int, int, int]]] = [[] for _ in range(self.threads)]
+            lanes: list[list[tuple]] = [[] for _ in range(self.threads)]
             load = [0] * self.threads
             for w in sorted(work, key=lambda w: w[1] - w[2]):  # largest first
                 k = load.index(min(load))
                 lanes[k].append(w)
                 load[k] += w[2] - w[1]
 
-            def run(lane: list[tuple[int, int, int]]) -> list[float]:
-                return [self._move_unit(*w, current, target, update) for w in lane]
+            def run(lane: list[tuple]) -> list[float]:
+                return [self._move_unit(*w, update) for w in lane]
 
             draws = [d for ds in self._pool.map(run, lanes) for d in ds]
         else:
-            draws = [self._move_unit(*w, current, target, update) for w in work]
+            draws = [self._move_unit(*w, update) for w in work]
         self.regenerations += sum(draws) / max(len(work), 1)
+
+    def lazy_rows(self, index: int) -> bool:
+        """Let tensor `index`, a [rows × width] table that the model reads only by row lookups
+        (an embedding), be perturbed row by row: a transition leaves it at θ0 except for the
+        update, and `read_rows` perturbs the rows a forward pass is about to read. Rows never
+        read are never seen perturbed, so no loss and no weight changes, bit for bit; a step
+        then draws z for the whole table once (the update) instead of three times. Returns
+        False where this does not apply (no C kernel, not 2-D float32 on the CPU, a width that
+        is not a multiple of 8, R-MeZO's block mask)."""
+        t = self.tensors[index]
+        ok = (
+            _native.lib() is not None
+            and t.dim() == 2
+            and t.dtype == torch.float32
+            and t.is_cpu
+            and t.shape[1] % 8 == 0
+            and not isinstance(self.mask, RandomMask)
+            and self.at is None
+        )
+        if ok:
+            self._lazy[index] = t.shape[1]
+        return ok
+
+    def read_rows(self, index: int, ids: torch.Tensor) -> None:
+        """Bring rows `ids` of row-lazy tensor `index` to the current offset, before a lookup."""
+        if self.at is None or index not in self._lazy:
+            return
+        rows = torch.unique(ids.detach().reshape(-1).cpu()).to(torch.int64)
+        if rows.numel() == 0 or rows[0] < 0 or rows[-1] >= self.tensors[index].shape[0]:
+            return  # the lookup itself will reject out-of-range ids
+        segments = self._rows.setdefault(index, [])
+        for done, _ in segments:
+            rows = rows[~torch.isin(rows, done)]
+        if rows.numel():
+            segments.append((rows, self._move_rows(index, rows, None, self.at)))
+
+    def _move_rows(
+        self,
+        index: int,
+        rows: torch.Tensor,
+        current: Offset | None,
+        target: Offset | None,
+        kept: tuple | None = None,
+    ) -> tuple | None:
+        """Move some rows of a row-lazy tensor (no update): one C call. Returns what is kept
+        aside for them at the target (None without a target)."""
+        lib, t, width, key = _native.lib(), self.tensors[index], self._lazy[index], self.keys[index]
+        n = rows.numel() * width
+        bits = scratch = mask_out = None
+        masked = isinstance(self.mask, MagnitudeMask)
+        if target is not None:
+            bits = torch.empty(n // 8, dtype=torch.uint8)
+            scratch = torch.empty(n + PAD, dtype=torch.float32)
+            mask_out = torch.empty(n // 8, dtype=torch.uint8) if masked else None
+        bits_in, aside_in, mask_in = kept or (None, None, None)
+        gaussian = isinstance(self.direction, Gaussian)
+        count = lib.zt_move_rows(
+            t.data_ptr(), width, rows.data_ptr(), rows.numel(), 0 if gaussian else 1,
+            _native.ptr(self.direction.cells) if gaussian else None,
+            current is not None, derive_seed(current.seed, key) if current else 0,
+            current.scale if current else 0.0, _native.bptr(bits_in), _native.bptr(aside_in),
+            target is not None, derive_seed(target.seed, key) if target else 0,
+            target.scale if target else 0.0, _native.bptr(bits), _native.bptr(scratch),
+            1 if masked else 0, self.mask.thresholds[key] if masked else 0.0,
+            _native.bptr(mask_in), _native.bptr(mask_out),
+        )  # fmt: skip
+        if target is None:
+            return None
+        return (
+            bits if count else None,
+            _native.take(scratch, count + PAD) if count else None,
+            mask_out,
+        )
 
     def _move_unit(
         self,

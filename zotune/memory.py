@@ -98,6 +98,7 @@ def make_optimizer(method: str, loaded, params, loss_fn, threads: int | None = N
     opt = optim.build(method, params, **hp)
     if method == "mezo-svrg":
         opt.full_closure = loss_fn
+    opt.attach(loaded.model)  # as `zotune train` does
     return opt
 
 

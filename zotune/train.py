@@ -240,6 +240,7 @@ def build_optimizer(
     if cls is optim.MeZOSVRG and task is not None and objective is not None:
         opt.full_closure = full_batch_loss(objective, task, cfg)
     opt.trajectory.name_tensors(model, opt.space.tensors)
+    opt.attach(model)  # perturb only the embedding rows a batch reads (same run, bit for bit)
     return opt
 
 

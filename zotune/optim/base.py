@@ -124,6 +124,35 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.forward_passes = 0
         self.trajectory = Trajectory(self.name, self.config, tensors)
         self.trajectory.groups = list(self._group_of)
+        self._row_hooks: list[Any] = []
+
+    def attach(self, model: torch.nn.Module) -> list[str]:
+        """Perturb only the embedding rows each forward pass of `model` reads (a forward
+        pre-hook per embedding sees the token ids). The other rows would be perturbed and
+        restored unseen: skipping that changes no loss and no weight, bit for bit, and saves
+        two of a step's three draws of z over the table (MiniLM-L6: half its weights). An
+        embedding qualifies when it is trained here, is read only through its own lookup (not
+        tied to an output layer, no max_norm) and its rows are a multiple of 8 wide. Returns
+        the names of the embeddings this applies to."""
+        tensors = {id(t): i for i, t in enumerate(self.space.tensors)}
+        owners: dict[int, int] = {}
+        for m in model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        names = []
+        for name, m in model.named_modules():
+            if not isinstance(m, torch.nn.Embedding) or m.max_norm is not None:
+                continue
+            i = tensors.get(id(m.weight))
+            if i is None or owners[id(m.weight)] != 1 or not self.space.lazy_rows(i):
+                continue
+            hook = m.register_forward_pre_hook(
+                lambda _, args, i=i: self.space.read_rows(i, args[0])
+            )
+            self._row_hooks.append(hook)
+            names.append(name)
+        return names
 
     # -- hooks for subclasses -------------------------------------------------------------
     def estimate(self, closure: Closure, seeds: list[int]) -> Estimate:

@@ -35,6 +35,10 @@ class BlockwiseZO(ZOOptimizer):
             for keys in self._keys_by_group()
         ]
 
+    def attach(self, model: torch.nn.Module) -> list[str]:
+        """Not applied: each block moves through its own parameter space."""
+        return []
+
     def _keys_by_group(self) -> list[list[int]]:
         keys: list[list[int]] = [[] for _ in self.param_groups]
         for k, g in enumerate(self._group_of):
