@@ -17,10 +17,15 @@ with each method. The ratio to forward-only is printed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
+# isort: off
+import zotune  # noqa: F401  (before torch: sets OpenMP's idle policy, as the zotune command does)
 import torch
+
+# isort: on
 
 from zotune.memory import make_optimizer, measure_in_process, random_batch_loss
 from zotune.models import load_model
@@ -74,15 +79,19 @@ def time_model(name: str, methods: list[str], reps: int, threads: int | None) ->
             t = time.perf_counter()
             loss_fn()
             times["forward"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            official_step(params, loss_fn, seed=r, lr=1e-7, eps=1e-3)
-            times["official"].append(time.perf_counter() - t)
-            for m, opt in opts.items():
-                before = opt.forward_passes
+            # the order rotates each repetition: the official step reallocates every weight,
+            # which would otherwise always slow down whichever method follows it
+            order = ["official", *methods]
+            for m in order[r % len(order) :] + order[: r % len(order)]:
                 t = time.perf_counter()
-                opt.step(loss_fn)
+                if m == "official":
+                    official_step(params, loss_fn, seed=r, lr=1e-7, eps=1e-3)
+                    times[m].append(time.perf_counter() - t)
+                    continue
+                before = opts[m].forward_passes
+                opts[m].step(loss_fn)
                 times[m].append(time.perf_counter() - t)
-                forwards[m] = opt.forward_passes - before
+                forwards[m] = opts[m].forward_passes - before
     fwd = statistics.median(times["forward"])
     row = {"model": name, "params": sum(p.numel() for p in params), "forward_s": fwd}
     row["official_ratio"] = statistics.median(times["official"]) / (2 * fwd)
@@ -137,7 +146,8 @@ def main() -> None:
     ap.add_argument("--skip-time", action="store_true")
     args = ap.parse_args()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ} tokens, fp32"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ} tokens, fp32, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )
     for name in [] if args.skip_time else args.models:
         row = time_model(name, args.methods, args.reps, args.threads)

@@ -369,7 +369,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 const uint8_t *bits_in, const float *aside_in,
                 int mode, uint64_t key_upd, float upd_c, float upd_lr, int has_decay,
                 float upd_decay, float *m, float *v, float h1, float h2, float h3, float h4,
-                float h5, float h6, float h7,
+                float h5, float h6, float h7, int has_upd2, uint64_t key_upd2, float upd_c2,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
                 int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
@@ -378,6 +378,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO), keep_full of each
        ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key */
     float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], theta[ZT_SUB];
+    float zc[ZT_SUB], zm2[ZT_SUB], g2[ZT_SUB];  /* a second update term's */
     int64_t used = 0, kept = 0, threshold = -1;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         if (has_mask == 2 && j0 % ZT_BLOCK == 0) {
@@ -416,7 +417,22 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 zt_mask_random(zm, z, mask_key, start + j0, threshold, 0, cm);
                 z = zm;
             }
-            zt_update(mode, theta, z, cm, has_decay, upd_decay, upd_c, upd_lr,
+            float c = upd_c;
+            if (has_upd2) {  /* g = c1·z1 + c2·z2 (q = 2, MeZO-SVRG), in rules.estimate's order */
+                const float *z2 = za;
+                if (!(a_full && key_cur == key_upd2)) {
+                    zt_fill(law, zc, cm, key_upd2, start + j0, cells);
+                    z2 = zc;
+                }
+                if (has_mask == 1) { zt_mask_range(zm2, z2, theta, mask_h, 0, cm); z2 = zm2; }
+                if (has_mask == 2) {
+                    zt_mask_random(zm2, z2, mask_key, start + j0, threshold, 0, cm);
+                    z2 = zm2;
+                }
+                for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, b = z2[j] * upd_c2; g2[j] = a + b; }
+                z = g2; c = 1.0f;  /* g·1 is g exactly */
+            }
+            zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
                       m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
         }
         if (!has_tgt) {
@@ -451,7 +467,8 @@ int64_t zt_move_rows(float *flat, int64_t width, const int64_t *rows, int64_t nr
         const uint8_t *bi = bits_in ? bits_in + r * wb : 0;
         kept += zt_move(flat + at, width, at, law, cells, has_cur, key_cur, cur_scale, bi,
                         aside_in ? aside_in + used : 0, ZT_NONE, 0, 0.0f, 0.0f, 0, 0.0f, 0, 0,
-                        0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, has_tgt, key_tgt, tgt_scale,
+                        0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0, 0, 0.0f, has_tgt, key_tgt,
+                        tgt_scale,
                         bits_out ? bits_out + r * wb : 0, aside_out ? aside_out + kept : 0,
                         has_mask, mask_h, mask_in ? mask_in + r * wb : 0,
                         mask_out ? mask_out + r * wb : 0, 0, 0, 0, 0, 0);
@@ -526,6 +543,7 @@ def _compile() -> ctypes.CDLL | None:
     c.zt_move.argtypes = [f32, i64, i64, i32, f32,
                           i32, u64, fl, u8, f32,
                           i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
+                          i32, u64, fl,
                           i32, u64, fl, u8, f32,
                           i32, fl, u8, u8, u64, i64, i64, u8, u8]  # fmt: skip
     c.zt_move.restype = i64

@@ -528,9 +528,20 @@ class ParameterSpace:
         gaussian = isinstance(self.direction, Gaussian)
         cells = self.direction.cells if gaussian else None
         ptr = _native.ptr
-        mode, seed, c, lr, wd, m, v, consts = 0, 0, 0.0, 0.0, 0.0, None, None, ()
+        mode, seed, c, lr, wd, m, v, consts, seed2, c2 = (
+            0,
+            0,
+            0.0,
+            0.0,
+            0.0,
+            None,
+            None,
+            (),
+            None,
+            0.0,
+        )
         if args is not None:
-            seed, lr, wd, mode, c, m, v, consts = args
+            seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
         views = [None if b is None else ptr(b.view(-1)[lo:hi]) for b in (m, v)]
         h = [*consts, *[0.0] * (7 - len(consts))]
         count = lib.zt_move(
@@ -540,7 +551,7 @@ class ParameterSpace:
             current.scale if current else 0.0,
             _native.bptr(bits_in), None if aside_in is None else ptr(aside_in),
             mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
-            *views, *h,
+            *views, *h, seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
             target is not None, derive_seed(target.seed, key) if target else 0,
             target.scale if target else 0.0,
             _native.bptr(bits), None if scratch is None else ptr(scratch),
@@ -554,7 +565,7 @@ class ParameterSpace:
                 mask_out,
             )
         seeds = {o.seed for o in (current, target) if o is not None}
-        return len(seeds | ({seed} if args else set()))
+        return len(seeds | ({seed} if args else set()) | ({seed2} if seed2 is not None else set()))
 
     def _random_mask_args(self, index: int, lo: int, n: int, hi: int) -> tuple:
         """(hash key, kept per full block, kept in the tensor's last block, scratch, per-block

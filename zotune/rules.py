@@ -51,8 +51,9 @@ class Rule:
     def kernel(
         self, c: float, lr: float, state: dict[str, torch.Tensor], step: int
     ) -> tuple | None:
-        """(mode, c, buffer m, buffer v, constants) for the fused kernel when ĝ = c·z, or None
-        when this rule runs as torch ops only."""
+        """(mode, c, buffer m, buffer v, constants) for the fused kernel when ĝ = c·z (for
+        ĝ = c1·z1 + c2·z2 it is asked once per coefficient), or None when this rule runs as
+        torch ops only."""
         return None
 
     def apply(

@@ -211,16 +211,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             state = self.state[p] if self.rule.buffers else {}
             self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
 
-        if len(coeffs) == 1:
-            # ĝ = c·z: the engine may run restore + update + perturb as one fused kernel call per
-            # unit (the rule's arithmetic, op for op); it asks for the arguments per tensor
-            (seed, c), group = coeffs[0], self._group_of
+        if len(coeffs) <= 2:
+            # ĝ = c·z or c1·z1 + c2·z2: the engine may run restore + update + perturb as one
+            # fused kernel call per unit (the rule's arithmetic, op for op); it asks for the
+            # arguments per tensor: (seed, lr, wd, mode, c, m, v, constants, seed2, c2)
+            (seed, c), *second, group = *coeffs, self._group_of
 
             def fused(key: int) -> tuple | None:
                 gi = group[key]
                 state = self.state[self.space.tensors[key]] if self.rule.buffers else {}
                 args = self.rule.kernel(c, record["lr"][gi], state, t)
-                return None if args is None else (seed, record["lr"][gi], record["wd"][gi], *args)
+                if args is None:
+                    return None
+                extra: tuple = (None, 0.0)
+                if second:  # the rule maps each coefficient alike (official sign: c -> sign c)
+                    (seed2, c2) = second[0]
+                    extra = (seed2, self.rule.kernel(c2, record["lr"][gi], state, t)[1])
+                return (seed, record["lr"][gi], record["wd"][gi], *args, *extra)
 
             update.fused = fused  # type: ignore[attr-defined]
         return update
