@@ -259,11 +259,21 @@ static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t
         _mm256_storeu_si256((__m256i *)(h + j), zt_hash8(key, (uint32_t)start + (uint32_t)j));
 #endif
     for (; j < n; j++) h[j] = zt_hash(key, (uint32_t)start + (uint32_t)j);
-    /* radix select, 11 + 11 + 10 bits, narrowing to the bucket holding the keep-th smallest */
-    uint32_t prefix = 0, mask = 0;
-    int64_t rank = keep, m = n;
+    /* radix select, 11 + 11 + 10 bits, narrowing to the bucket holding the keep-th smallest.
+       Round 0 sees every hash: a plain histogram (two, so that equal neighbours do not chain
+       their increments), then only the ~n/2048 candidates in the chosen bucket are kept. */
+    uint32_t h0[2048] = {0}, h1[2048] = {0};
+    int64_t j2 = 0;
+    for (; j2 + 2 <= n; j2 += 2) { h0[h[j2] >> 21]++; h1[h[j2 + 1] >> 21]++; }
+    if (j2 < n) h0[h[j2] >> 21]++;
+    uint32_t b0 = 0;
+    int64_t rank = keep, m = 0;
+    while (rank > (int64_t)(h0[b0] + h1[b0])) { rank -= h0[b0] + h1[b0]; b0++; }
+    uint32_t prefix = b0 << 21, mask = 0x7FFu << 21;
+    for (int64_t k = 0; k < n; k++)
+        if ((h[k] & mask) == prefix) h[m++] = h[k];
     const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
-    for (int r = 0; r < 3; r++) {
+    for (int r = 1; r < 3; r++) {
         int64_t count[2048] = {0};
         uint32_t bins = 1u << widths[r];
         int64_t w = 0;
