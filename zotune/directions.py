@@ -303,6 +303,19 @@ class ParameterSpace:
             draws = [self._move_unit(*w, update) for w in work]
         self.regenerations += sum(draws) / max(len(work), 1)
 
+    def set_aside(self) -> tuple:
+        """Take what keeps the current perturbation invertible, leaving the space as if at θ0,
+        so that the same tensors can hold other values meanwhile (MeZO-SVRG's anchor);
+        `take_back` returns it before the perturbation is moved again."""
+        kept = (self.at, self._aside, self._rows)
+        self.at, self._aside, self._rows = None, {}, {}
+        return kept
+
+    def take_back(self, kept: tuple) -> None:
+        if self.at is not None or self._aside or self._rows:
+            raise RuntimeError("take_back needs the space at rest")
+        self.at, self._aside, self._rows = kept
+
     def lazy_rows(self, index: int) -> bool:
         """Let tensor `index`, a [rows × width] table that the model reads only by row lookups
         (an embedding), be perturbed row by row: a transition leaves it at θ0 except for the

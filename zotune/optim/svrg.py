@@ -25,7 +25,8 @@ class MeZOSVRG(ZOOptimizer):
     The full-batch estimate is kept as (s_F, g_F), not as a dense vector.
 
     Cost: full-batch step, 2 forward passes over the full set and 4 regenerations; minibatch step,
-    4 forward passes and 8 regenerations (as the official code, which needs 5 forwards). Memory:
+    4 forward passes and 7 regenerations in 6 passes over the weights (θ stays perturbed while
+    θ̄ is evaluated, and the update restores it; the official code needs 5 forwards). Memory:
     one copy of the trainable parameters (θ̄).
     `lr` is η₂ (minibatch), `lr_full` is η₁.
     """
@@ -79,8 +80,16 @@ class MeZOSVRG(ZOOptimizer):
             self.forward_passes += est.forward_passes
             return est.loss
         est = two_sided(self.space, closure, seeds, self.eps)
-        self.space.transition(est.pending, None)
-        at_anchor = self._at_anchor(lambda: two_sided(self.space, closure, seeds, self.eps))
+        # θ stays at θ − εz while the anchor is evaluated in the anchor's storage; the update
+        # then restores θ in its own pass (one pass over the weights fewer)
+        kept = self.space.set_aside()
+        try:
+            at_anchor = self._at_anchor(lambda: two_sided(self.space, closure, seeds, self.eps))
+        except BaseException:
+            self.space.take_back(kept)
+            self.space.transition(est.pending, None)
+            raise
+        self.space.take_back(kept)
         record = {
             "kind": "mini",
             "grads": [est.grads[0], at_anchor.grads[0]],
@@ -89,7 +98,7 @@ class MeZOSVRG(ZOOptimizer):
             "lr": [g["lr"] for g in groups],
             "wd": [g["weight_decay"] for g in groups],
         }
-        self.apply(record)
+        self.apply(record, est.pending)
         self.forward_passes += est.forward_passes + at_anchor.forward_passes
         return est.loss
 
