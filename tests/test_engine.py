@@ -409,6 +409,8 @@ def test_attach_skips_tied_and_untrained_embeddings():
     tied = LlamaForCausalLM(llama_config(64, tie_word_embeddings=True))
     assert build("mezo", tied.parameters(), lr=1e-3).attach(tied) == []
     untied = LlamaForCausalLM(llama_config(64, tie_word_embeddings=False))
-    assert build("mezo", untied.parameters(), lr=1e-3).attach(untied) == ["model.embed_tokens"]
+    opt = build("mezo", untied.parameters(), lr=1e-3)
+    assert opt.attach(untied) == opt.attach(untied) == ["model.embed_tokens"]
+    assert len(opt._row_hooks) == 1  # attaching twice hooks once
     frozen = [p for n, p in untied.named_parameters() if "embed" not in n]
     assert build("mezo", frozen, lr=1e-3).attach(untied) == []

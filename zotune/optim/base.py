@@ -145,12 +145,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not isinstance(m, torch.nn.Embedding) or m.max_norm is not None:
                 continue
             i = tensors.get(id(m.weight))
-            if i is None or owners[id(m.weight)] != 1 or not self.space.lazy_rows(i):
+            if i is None or owners[id(m.weight)] != 1:
                 continue
-            hook = m.register_forward_pre_hook(
-                lambda _, args, i=i: self.space.read_rows(i, args[0])
-            )
-            self._row_hooks.append(hook)
+            if i not in self.space._lazy:  # (attaching twice hooks once)
+                if not self.space.lazy_rows(i):
+                    continue
+                hook = m.register_forward_pre_hook(
+                    lambda _, args, i=i: self.space.read_rows(i, args[0])
+                )
+                self._row_hooks.append(hook)
             names.append(name)
         return names
 
