@@ -376,12 +376,14 @@ def _plots(results: list[dict], out: Path) -> None:
         return f"{r['method']}/{r.get('peft', 'full')}{lr}{sep}{where}"
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if len(ok) > 10:  # the default cycle repeats after 10 colours
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    for r in ok:
-        label = name(r)
+    # one colour per run, baselines included (axhline does not advance the colour cycle);
+    # the default cycle repeats after 10 colours
+    colors = plt.cm.tab20.colors if len(ok) > 10 else plt.cm.tab10.colors
+    for i, r in enumerate(ok):
+        label, color = name(r), colors[i % len(colors)]
         if r["steps"] == 0:  # a baseline (ICL, linear probe): one accuracy, drawn as a level
-            ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, label=label)
+            level = 100 * next(iter(r["dev"].values()))
+            ax.axhline(level, ls="--", lw=1, color=color, label=label)
             continue
         rows = [
             json.loads(x)
@@ -390,7 +392,14 @@ def _plots(results: list[dict], out: Path) -> None:
         pts = [(0, next(iter(r["zero_shot"].values())))] + [
             (x["forward_passes"], next(iter(x["dev"].values()))) for x in rows if "dev" in x
         ]
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+        ax.plot(
+            [p[0] for p in pts],
+            [100 * p[1] for p in pts],
+            marker="o",
+            ms=3,
+            label=label,
+            color=color,
+        )
     ax.set_xlabel("forward passes")
     ax.set_ylabel("dev accuracy / F1 (%)")
     ax.legend(fontsize=6, ncol=2)
