@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import bert_config, llama_config
 from torch import nn
-from transformers import BertForSequenceClassification, LlamaForCausalLM
+from transformers import BertForSequenceClassification, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import zotune
 from zotune import _native
@@ -350,13 +350,20 @@ def test_one_sided_estimator_matches_finite_difference():
     assert est.grads[0] == pytest.approx(expected, rel=1e-3)
 
 
+def opt_config() -> OPTConfig:
+    return OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)  # fmt: skip
+
+
 def _train_tiny_bert(base, method: str, extra: dict, attach: bool, batches, labels):
     """Steps of `method` on a copy of `base`; returns losses, weights, whether each forward
     saw the unread embedding rows unperturbed, and what `attach` applied to."""
     model = copy.deepcopy(base)
     table = model.bert.embeddings.word_embeddings.weight
     opt = build(method, model.parameters(), lr=1e-3, eps=1e-3, **extra)
-    names = opt.attach(model) if attach else []
+    e = model.bert.embeddings
+    tables = [e.word_embeddings, e.position_embeddings, e.token_type_embeddings]
+    names = opt.attach(model, tables) if attach else []
     seen, losses, before = [], [], table.detach().clone()
 
     def loss(ids):
@@ -403,6 +410,39 @@ def test_lazy_embedding_rows_change_no_loss_and_no_weight(method, extra):
     assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
     if method != "mezo-svrg":  # (its anchor passes hold other values in every row)
         assert not all(seen_a) and all(seen_b)  # eager perturbs unread rows, lazy does not
+
+
+def test_attach_defaults_to_the_input_embedding_and_skips_overridden_lookups():
+    bert = BertForSequenceClassification(bert_config(64, num_labels=2))
+    opt = build("mezo", bert.parameters(), lr=1e-3)
+    assert opt.attach(bert) == ["bert.embeddings.word_embeddings"]
+    opt = build("mezo", (opt_model := OPTForCausalLM(opt_config())).parameters(), lr=1e-3)
+    positions = opt_model.model.decoder.embed_positions  # looks up positions + 2, not its input
+    assert opt.attach(opt_model, [positions, opt_model.get_input_embeddings()]) == []  # tied
+
+
+def test_attach_hook_reads_ids_passed_by_keyword():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.out = nn.Linear(16, 1)
+
+        def forward(self, ids):
+            return self.out(self.emb(input=ids).mean(1)).square().mean()
+
+    torch.manual_seed(0)
+    base, ids = Bag(), torch.randint(0, 20, (4, 6))
+    runs = []
+    for attach in (False, True):
+        model = copy.deepcopy(base)
+        opt = build("mezo", model.parameters(), lr=1e-2, eps=1e-3)
+        if attach:
+            assert opt.attach(model, [model.emb]) == ["emb"]
+        losses = [opt.step(lambda m=model: m(ids)) for _ in range(3)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
 def test_attach_skips_tied_and_untrained_embeddings():

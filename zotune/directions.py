@@ -33,7 +33,7 @@ import os
 import statistics
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -298,7 +298,12 @@ class ParameterSpace:
             def run(lane: list[tuple]) -> list[float]:
                 return [self._move_unit(*w, update) for w in lane]
 
-            draws = [d for ds in self._pool.map(run, lanes) for d in ds]
+            futures = [self._pool.submit(run, lane) for lane in lanes]
+            try:
+                draws = [d for f in futures for d in f.result()]
+            except BaseException:
+                wait(futures)  # no caller moves the weights again while a lane still does
+                raise
         else:
             draws = [self._move_unit(*w, update) for w in work]
         self.regenerations += sum(draws) / max(len(work), 1)
@@ -323,7 +328,7 @@ class ParameterSpace:
         read are never seen perturbed, so no loss and no weight changes, bit for bit; a step
         then draws z for the whole table once (the update) instead of three times. Returns
         False where this does not apply (no C kernel, not 2-D float32 on the CPU, a width that
-        is not a multiple of 8, R-MeZO's block mask)."""
+        is not a multiple of 8, a mask other than Sparse MeZO's: R-MeZO's is drawn per block)."""
         t = self.tensors[index]
         ok = (
             _native.lib() is not None
@@ -331,7 +336,7 @@ class ParameterSpace:
             and t.dtype == torch.float32
             and t.is_cpu
             and t.shape[1] % 8 == 0
-            and not isinstance(self.mask, RandomMask)
+            and (self.mask is None or isinstance(self.mask, MagnitudeMask))  # row-wise masks
             and self.at is None
         )
         if ok:

@@ -37,6 +37,17 @@ def _check(name: str, value: float, *, positive: bool = False) -> None:
         raise ValueError(f"{name} must be a finite number {need}, got {value}")
 
 
+def _row_reader(space: ParameterSpace, index: int):
+    """A forward pre-hook that moves the rows an embedding lookup is about to read."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = args[0] if args else kwargs.get("input")
+        if isinstance(ids, torch.Tensor):
+            space.read_rows(index, ids)
+
+    return hook
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class of zeroth-order optimizers (see the subclasses for update rules and costs).
 
@@ -126,14 +137,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.trajectory.groups = list(self._group_of)
         self._row_hooks: list[Any] = []
 
-    def attach(self, model: torch.nn.Module) -> list[str]:
+    def attach(
+        self, model: torch.nn.Module, embeddings: Iterable[torch.nn.Module] | None = None
+    ) -> list[str]:
         """Perturb only the embedding rows each forward pass of `model` reads (a forward
-        pre-hook per embedding sees the token ids). The other rows would be perturbed and
+        pre-hook on the embedding sees the token ids). The other rows would be perturbed and
         restored unseen: skipping that changes no loss and no weight, bit for bit, and saves
-        two of a step's three draws of z over the table (MiniLM-L6: half its weights). An
-        embedding qualifies when it is trained here, is read only through its own lookup (not
-        tied to an output layer, no max_norm) and its rows are a multiple of 8 wide. Returns
-        the names of the embeddings this applies to."""
+        two of a step's three draws of z over the table (MiniLM-L6: half its weights).
+
+        `embeddings` defaults to the model's input embedding (`get_input_embeddings()`); pass
+        others only if the model reads their weights nowhere but through their lookup (some
+        models read a table's `.weight` directly, e.g. DeBERTa's relative positions, which no
+        hook can see). An embedding is used when it is a plain `nn.Embedding` lookup (its
+        forward not overridden: OPT's positional embedding picks other rows than its argument),
+        trained here, not tied to another module (an output layer reads every row), without
+        max_norm, and its rows are a multiple of 8 wide. Returns the names of those used."""
+        if embeddings is None:
+            get = getattr(model, "get_input_embeddings", None)
+            embeddings = [get()] if get is not None else []
+        wanted = {id(m) for m in embeddings if m is not None}
         tensors = {id(t): i for i, t in enumerate(self.space.tensors)}
         owners: dict[int, int] = {}
         for m in model.modules():
@@ -142,7 +164,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                     owners[id(p)] = owners.get(id(p), 0) + 1
         names = []
         for name, m in model.named_modules():
-            if not isinstance(m, torch.nn.Embedding) or m.max_norm is not None:
+            plain = (
+                isinstance(m, torch.nn.Embedding) and type(m).forward is torch.nn.Embedding.forward
+            )
+            if id(m) not in wanted or not plain or m.max_norm is not None:
                 continue
             i = tensors.get(id(m.weight))
             if i is None or owners[id(m.weight)] != 1:
@@ -150,9 +175,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if i not in self.space._lazy:  # (attaching twice hooks once)
                 if not self.space.lazy_rows(i):
                     continue
-                hook = m.register_forward_pre_hook(
-                    lambda _, args, i=i: self.space.read_rows(i, args[0])
-                )
+                hook = m.register_forward_pre_hook(_row_reader(self.space, i), with_kwargs=True)
                 self._row_hooks.append(hook)
             names.append(name)
         return names

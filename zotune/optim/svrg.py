@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..directions import derive_seed
 from ..estimators import Closure, two_sided
 from ..rules import SGD
 from .base import ZOOptimizer
@@ -66,6 +67,7 @@ class MeZOSVRG(ZOOptimizer):
     def step(self, closure: Closure) -> float:  # type: ignore[override]
         seeds = self.step_seeds(1)
         groups = self.param_groups
+        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)  # as `apply`
         if self.steps % self.refresh == 0:
             if self.full_closure is None:
                 raise ValueError(
@@ -86,6 +88,7 @@ class MeZOSVRG(ZOOptimizer):
         try:
             at_anchor = self._at_anchor(lambda: two_sided(self.space, closure, seeds, self.eps))
         except BaseException:
+            self.space.set_aside()  # whatever the failed anchor pass left: θ comes first
             self.space.take_back(kept)
             self.space.transition(est.pending, None)
             raise
