@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -454,3 +455,11 @@ def test_attach_skips_tied_and_untrained_embeddings():
     assert len(opt._row_hooks) == 1  # attaching twice hooks once
     frozen = [p for n, p in untied.named_parameters() if "embed" not in n]
     assert build("mezo", frozen, lr=1e-3).attach(untied) == []
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+def test_the_c_kernel_compiles_where_a_compiler_exists():
+    """Every kernel test skips without the library: a source that fails to compile must fail."""
+    assert _native.lib() is not None

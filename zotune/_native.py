@@ -23,6 +23,8 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
+#define ZT_BLOCK 65536  /* directions.BLOCK: R-MeZO's masks keep an exact count per block */
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -270,17 +272,18 @@ static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t
     int64_t rank = keep, m = 0;
     while (rank > (int64_t)(h0[b0] + h1[b0])) { rank -= h0[b0] + h1[b0]; b0++; }
     uint32_t prefix = b0 << 21, mask = 0x7FFu << 21;
+    uint32_t *c = h + ZT_BLOCK;  /* candidates go to the second half: the hashes stay for the mask */
     for (int64_t k = 0; k < n; k++)
-        if ((h[k] & mask) == prefix) h[m++] = h[k];
+        if ((h[k] & mask) == prefix) c[m++] = h[k];
     const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
     for (int r = 1; r < 3; r++) {
         int64_t count[2048] = {0};
         uint32_t bins = 1u << widths[r];
         int64_t w = 0;
         for (int64_t j = 0; j < m; j++) {
-            if ((h[j] & mask) != prefix) continue;
-            h[w++] = h[j];  /* keep only the candidates, in place */
-            count[(h[j] >> shifts[r]) & (bins - 1)]++;
+            if ((c[j] & mask) != prefix) continue;
+            c[w++] = c[j];  /* keep only the candidates, in place */
+            count[(c[j] >> shifts[r]) & (bins - 1)]++;
         }
         m = w;
         uint32_t b = 0;
@@ -292,7 +295,8 @@ static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t
 }
 
 static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t start,
-                           int64_t threshold, uint8_t *bits, int64_t n) {
+                           int64_t threshold, uint8_t *bits, int64_t n, const uint32_t *hs) {
+    /* hs: the hashes of these elements when the block's selection has just computed them */
     int64_t j0 = 0;
 #ifdef __AVX2__
     if (threshold >= 0) {
@@ -300,7 +304,8 @@ static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t sta
         const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
         const __m256i thr = _mm256_set1_epi32((int)((uint32_t)threshold ^ 0x80000000u));
         for (; j0 + 8 <= n; j0 += 8) {
-            __m256i u = zt_hash8(key, (uint32_t)(start + j0));
+            __m256i u = hs ? _mm256_loadu_si256((const __m256i *)(hs + j0))
+                           : zt_hash8(key, (uint32_t)(start + j0));
             __m256 drop = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_xor_si256(u, flip), thr));
             _mm256_storeu_ps(out + j0, _mm256_andnot_ps(drop, _mm256_loadu_ps(z + j0)));
             if (bits) bits[j0 >> 3] = (uint8_t)(~_mm256_movemask_ps(drop) & 0xFF);
@@ -311,7 +316,7 @@ static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t sta
         uint32_t byte = 0;
         int64_t m = n - j < 8 ? n - j : 8;
         for (int64_t k = 0; k < m; k++) {
-            uint32_t u = zt_hash(key, (uint32_t)(start + j + k));
+            uint32_t u = hs ? hs[j + k] : zt_hash(key, (uint32_t)(start + j + k));
             int keep = threshold >= 0 && (int64_t)u <= threshold;
             out[j + k] = keep ? z[j + k] : 0.0f;
             byte |= (uint32_t)keep << k;
@@ -322,8 +327,6 @@ static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t sta
 
 enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
 
-#define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
-#define ZT_BLOCK 65536  /* directions.BLOCK: R-MeZO's masks keep an exact count per block */
 
 /* theta <- theta - step(c * z) for one chunk, after decay; one loop per mode so that each is
    vectorized without branches (a branch per element on sign(g) mispredicts half the time).
@@ -386,21 +389,26 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 uint64_t mask_key, int64_t keep_full, int64_t keep_last, uint32_t *scratch,
                 int64_t *thresholds) {
     /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO), keep_full of each
-       ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key */
+       ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key;
+       3 = that random mask again, read from mask_in (a mask that does not depend on theta is
+       the same for the whole step: no hash per element) */
     float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], theta[ZT_SUB];
     float zc[ZT_SUB], zm2[ZT_SUB], g2[ZT_SUB];  /* a second update term's */
     int64_t used = 0, kept = 0, threshold = -1;
+    const uint32_t *hashes = 0;  /* the current block's hashes, when selected in this call */
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         if (has_mask == 2 && j0 % ZT_BLOCK == 0) {
             int64_t bn = n - j0 < ZT_BLOCK ? n - j0 : ZT_BLOCK;
             /* the three passes of a step share the mask: select once, keep the threshold
                (-2 = not yet selected under this mask_key) */
             int64_t *cached = thresholds ? thresholds + j0 / ZT_BLOCK : 0;
+            hashes = 0;
             if (cached && *cached != -2) threshold = *cached;
             else {
                 threshold = zt_random_threshold(scratch, bn, mask_key, start + j0,
                                                 bn == ZT_BLOCK ? keep_full : keep_last);
                 if (cached) *cached = threshold;
+                if (threshold >= 0) hashes = scratch;  /* (not filled when nothing is kept) */
             }
         }
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
@@ -424,9 +432,11 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             }
             if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, 0, cm); z = zm; }
             if (has_mask == 2) {
-                zt_mask_random(zm, z, mask_key, start + j0, threshold, 0, cm);
+                zt_mask_random(zm, z, mask_key, start + j0, threshold, 0, cm,
+                           hashes ? hashes + j0 % ZT_BLOCK : 0);
                 z = zm;
             }
+            if (has_mask == 3) { zt_mask_bits(zm, z, mask_in + (j0 >> 3), cm); z = zm; }
             float c = upd_c;
             if (has_upd2) {  /* g = c1·z1 + c2·z2 (q = 2, MeZO-SVRG), in rules.estimate's order */
                 const float *z2 = za;
@@ -436,9 +446,11 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 }
                 if (has_mask == 1) { zt_mask_range(zm2, z2, theta, mask_h, 0, cm); z2 = zm2; }
                 if (has_mask == 2) {
-                    zt_mask_random(zm2, z2, mask_key, start + j0, threshold, 0, cm);
+                    zt_mask_random(zm2, z2, mask_key, start + j0, threshold, 0, cm,
+                           hashes ? hashes + j0 % ZT_BLOCK : 0);
                     z2 = zm2;
                 }
+                if (has_mask == 3) { zt_mask_bits(zm2, z2, mask_in + (j0 >> 3), cm); z2 = zm2; }
                 for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, b = z2[j] * upd_c2; g2[j] = a + b; }
                 z = g2; c = 1.0f;  /* g·1 is g exactly */
             }
@@ -455,7 +467,13 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         else { zt_fill(law, zb, cm, key_tgt, start + j0, cells); z = zb; }
         if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, mask_out + (j0 >> 3), cm); z = zm; }
         if (has_mask == 2) {
-            zt_mask_random(zm, z, mask_key, start + j0, threshold, mask_out + (j0 >> 3), cm);
+            zt_mask_random(zm, z, mask_key, start + j0, threshold, mask_out + (j0 >> 3), cm,
+                           hashes ? hashes + j0 % ZT_BLOCK : 0);
+            z = zm;
+        }
+        if (has_mask == 3) {
+            zt_mask_bits(zm, z, mask_in + (j0 >> 3), cm);
+            memcpy(mask_out + (j0 >> 3), mask_in + (j0 >> 3), (size_t)((cm + 7) >> 3));
             z = zm;
         }
         kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);

@@ -254,6 +254,7 @@ class ParameterSpace:
         self._pool: ThreadPoolExecutor | None = None
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
         self._thresholds: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # R-MeZO, per unit
+        self._mask_keys: dict[tuple[int, int], int] = {}  # R-MeZO: the key of each unit's kept mask
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
         self.at: Offset | None = None  # where the weights sit now (set by every transition)
         self._lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width (`lazy_rows`)
@@ -539,6 +540,9 @@ class ParameterSpace:
         bits = scratch = mask_out = None
         masked = self.mask is not None
         kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
+        mask_key = self._random_mask_key(index) if kind == 2 else None
+        if kind == 2 and mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
+            kind = 3  # the kept bits are this step's random mask: read them, no hash
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
             scratch = self._buffer("aside", n + PAD, _CPU, UNIT + PAD)
@@ -577,6 +581,8 @@ class ParameterSpace:
             _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(index, lo, n, hi),
         )  # fmt: skip
         if target is not None:
+            if mask_key is not None:
+                self._mask_keys[(index, lo)] = mask_key
             self._aside[(index, lo)] = (
                 bits if count else None,
                 _native.take(scratch, count + PAD) if count else None,
@@ -593,13 +599,16 @@ class ParameterSpace:
             return 0, 0, 0, None, None
         last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
         keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
-        scratch = self._buffer("hashes", BLOCK, _CPU)  # reused as uint32
-        mask_key = derive_seed(self.mask_seed, self.keys[index], 0x4D41534B)
+        scratch = self._buffer("hashes", 2 * BLOCK, _CPU, 2 * BLOCK)  # uint32: hashes, candidates
+        mask_key = self._random_mask_key(index)
         cached = self._thresholds.get((index, lo))
         if cached is None or cached[0] != mask_key:
             cached = (mask_key, torch.full(((n + BLOCK - 1) // BLOCK,), -2, dtype=torch.int64))
             self._thresholds[(index, lo)] = cached
         return mask_key, keep[0], keep[1], _native.bptr(scratch), _native.bptr(cached[1])
+
+    def _random_mask_key(self, index: int) -> int:
+        return derive_seed(self.mask_seed, self.keys[index], 0x4D41534B)
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
