@@ -114,6 +114,8 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
     runs = []
     fused = _Counter(ParameterSpace._move_native)  # counts only the ZOTUNE_NATIVE=1 run
     monkeypatch.setattr(ParameterSpace, "_move_native", fused)
+    torch_path = _Counter(ParameterSpace._move_torch)
+    monkeypatch.setattr(ParameterSpace, "_move_torch", torch_path)
     for native in ("1", "0"):
         monkeypatch.setenv("ZOTUNE_NATIVE", native)
         ts = [w.clone() for w in weights]
@@ -132,6 +134,8 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
         runs.append(snapshots)
         if native == "1" and not extra.get("queries") and method != "mezo-svrg":  # 3 a step
             assert fused.count == 3 * 3 * 2 + 2
+        if native == "1":  # every move of one or two terms runs in the kernel; three do not
+            assert (torch_path.count > 0) == (extra.get("queries") == 3)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

@@ -328,6 +328,21 @@ static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t sta
 enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
 
 
+/* One update term's z for a chunk: the current offset's draw `za` when the key is the same
+   (`reuse`), else drawn into `buf`; then masked into `mbuf` (has_mask as zt_move's). */
+static const float *zt_term(int law, const float *cells, const float *za, int reuse,
+                            uint64_t key, float *buf, float *mbuf, const float *theta,
+                            int64_t cm, int64_t at, int has_mask, float mask_h,
+                            uint64_t mask_key, int64_t threshold, const uint32_t *hs,
+                            const uint8_t *mask_bits) {
+    const float *z = za;
+    if (!reuse) { zt_fill(law, buf, cm, key, at, cells); z = buf; }
+    if (has_mask == 1) { zt_mask_range(mbuf, z, theta, mask_h, 0, cm); z = mbuf; }
+    if (has_mask == 2) { zt_mask_random(mbuf, z, mask_key, at, threshold, 0, cm, hs); z = mbuf; }
+    if (has_mask == 3) { zt_mask_bits(mbuf, z, mask_bits, cm); z = mbuf; }
+    return z;
+}
+
 /* theta <- theta - step(c * z) for one chunk, after decay; one loop per mode so that each is
    vectorized without branches (a branch per element on sign(g) mispredicts half the time).
    The arithmetic is the rules' torch code, operation for operation. */
@@ -425,32 +440,17 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             memcpy(theta, p, (size_t)cm * sizeof(float));
         }
         if (mode) {
-            const float *z = za;
-            if (!(a_full && key_cur == key_upd)) {
-                zt_fill(law, zb, cm, key_upd, start + j0, cells);
-                b_full = 1; z = zb;
-            }
-            if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, 0, cm); z = zm; }
-            if (has_mask == 2) {
-                zt_mask_random(zm, z, mask_key, start + j0, threshold, 0, cm,
-                           hashes ? hashes + j0 % ZT_BLOCK : 0);
-                z = zm;
-            }
-            if (has_mask == 3) { zt_mask_bits(zm, z, mask_in + (j0 >> 3), cm); z = zm; }
+            const uint32_t *hs = hashes ? hashes + j0 % ZT_BLOCK : 0;
+            const uint8_t *mb = mask_in ? mask_in + (j0 >> 3) : 0;
+            int reuse = a_full && key_cur == key_upd;
+            const float *z = zt_term(law, cells, za, reuse, key_upd, zb, zm, theta, cm, start + j0,
+                                     has_mask, mask_h, mask_key, threshold, hs, mb);
+            b_full = !reuse;  /* zb holds key_upd's draw */
             float c = upd_c;
             if (has_upd2) {  /* g = c1·z1 + c2·z2 (q = 2, MeZO-SVRG), in rules.estimate's order */
-                const float *z2 = za;
-                if (!(a_full && key_cur == key_upd2)) {
-                    zt_fill(law, zc, cm, key_upd2, start + j0, cells);
-                    z2 = zc;
-                }
-                if (has_mask == 1) { zt_mask_range(zm2, z2, theta, mask_h, 0, cm); z2 = zm2; }
-                if (has_mask == 2) {
-                    zt_mask_random(zm2, z2, mask_key, start + j0, threshold, 0, cm,
-                           hashes ? hashes + j0 % ZT_BLOCK : 0);
-                    z2 = zm2;
-                }
-                if (has_mask == 3) { zt_mask_bits(zm2, z2, mask_in + (j0 >> 3), cm); z2 = zm2; }
+                const float *z2 = zt_term(law, cells, za, a_full && key_cur == key_upd2, key_upd2,
+                                          zc, zm2, theta, cm, start + j0, has_mask, mask_h,
+                                          mask_key, threshold, hs, mb);
                 for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, b = z2[j] * upd_c2; g2[j] = a + b; }
                 z = g2; c = 1.0f;  /* g·1 is g exactly */
             }

@@ -540,7 +540,7 @@ class ParameterSpace:
         bits = scratch = mask_out = None
         masked = self.mask is not None
         kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
-        mask_key = self._random_mask_key(index) if kind == 2 else None
+        mask_key = derive_seed(self.mask_seed, key, 0x4D41534B) if kind == 2 else None
         if kind == 2 and mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
             kind = 3  # the kept bits are this step's random mask: read them, no hash
         if target is not None:
@@ -578,7 +578,7 @@ class ParameterSpace:
             target.scale if target else 0.0,
             _native.bptr(bits), None if scratch is None else ptr(scratch),
             kind, self.mask.thresholds[key] if kind == 1 else 0.0,
-            _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(index, lo, n, hi),
+            _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(index, lo, n, hi, mask_key),
         )  # fmt: skip
         if target is not None:
             if mask_key is not None:
@@ -591,24 +591,22 @@ class ParameterSpace:
         seeds = {o.seed for o in (current, target) if o is not None}
         return len(seeds | ({seed} if args else set()) | ({seed2} if seed2 is not None else set()))
 
-    def _random_mask_args(self, index: int, lo: int, n: int, hi: int) -> tuple:
+    def _random_mask_args(
+        self, index: int, lo: int, n: int, hi: int, mask_key: int | None
+    ) -> tuple:
         """(hash key, kept per full block, kept in the tensor's last block, scratch, per-block
         thresholds) for R-MeZO. A step's passes share one mask, so the kernel selects each
         block's threshold in the first pass and the others reuse it."""
-        if not isinstance(self.mask, RandomMask):
+        if mask_key is None:
             return 0, 0, 0, None, None
         last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
         keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
         scratch = self._buffer("hashes", 2 * BLOCK, _CPU, 2 * BLOCK)  # uint32: hashes, candidates
-        mask_key = self._random_mask_key(index)
         cached = self._thresholds.get((index, lo))
         if cached is None or cached[0] != mask_key:
             cached = (mask_key, torch.full(((n + BLOCK - 1) // BLOCK,), -2, dtype=torch.int64))
             self._thresholds[(index, lo)] = cached
         return mask_key, keep[0], keep[1], _native.bptr(scratch), _native.bptr(cached[1])
-
-    def _random_mask_key(self, index: int) -> int:
-        return derive_seed(self.mask_seed, self.keys[index], 0x4D41534B)
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
