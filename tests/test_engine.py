@@ -81,8 +81,9 @@ class _Counter:
 
     def __get__(self, obj, cls):
         def call(*args, **kwargs):
-            self.count += 1
-            return self.fn(obj, *args, **kwargs)
+            out = self.fn(obj, *args, **kwargs)
+            self.count += out is not None  # (a unit the kernel does not take returns None)
+            return out
 
         return call
 
@@ -112,8 +113,8 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
     torch.manual_seed(0)
     weights = [torch.randn(2 * BLOCK + 77) * 0.02, torch.randn(33, 9)]
     runs = []
-    fused = _Counter(ParameterSpace._move_native)  # counts only the ZOTUNE_NATIVE=1 run
-    monkeypatch.setattr(ParameterSpace, "_move_native", fused)
+    fused = _Counter(ParameterSpace._native_job)  # counts units the kernel moves
+    monkeypatch.setattr(ParameterSpace, "_native_job", fused)
     torch_path = _Counter(ParameterSpace._move_torch)
     monkeypatch.setattr(ParameterSpace, "_move_torch", torch_path)
     for native in ("1", "0"):

@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
@@ -77,13 +79,13 @@ static inline __m256i zt_lanes(uint32_t packed) {
 static inline __m256 zt_normal8(const double *pairs, __m256i x) {
     __m256i c = _mm256_srli_epi32(x, 20);
     __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-    uint32_t k[8] __attribute__((aligned(32)));
-    _mm_store_si128((__m128i *)k, lo);
-    _mm_store_si128((__m128i *)(k + 4), hi);
-    __m128d a0 = _mm_loadh_pd(_mm_load_sd(pairs + k[0]), pairs + k[1]);
-    __m128d a1 = _mm_loadh_pd(_mm_load_sd(pairs + k[2]), pairs + k[3]);
-    __m128d a2 = _mm_loadh_pd(_mm_load_sd(pairs + k[4]), pairs + k[5]);
-    __m128d a3 = _mm_loadh_pd(_mm_load_sd(pairs + k[6]), pairs + k[7]);
+    /* the cell indices two at a time through general registers (not stored and reloaded) */
+    uint64_t k01 = (uint64_t)_mm_cvtsi128_si64(lo), k23 = (uint64_t)_mm_extract_epi64(lo, 1);
+    uint64_t k45 = (uint64_t)_mm_cvtsi128_si64(hi), k67 = (uint64_t)_mm_extract_epi64(hi, 1);
+    __m128d a0 = _mm_loadh_pd(_mm_load_sd(pairs + (uint32_t)k01), pairs + (k01 >> 32));
+    __m128d a1 = _mm_loadh_pd(_mm_load_sd(pairs + (uint32_t)k23), pairs + (k23 >> 32));
+    __m128d a2 = _mm_loadh_pd(_mm_load_sd(pairs + (uint32_t)k45), pairs + (k45 >> 32));
+    __m128d a3 = _mm_loadh_pd(_mm_load_sd(pairs + (uint32_t)k67), pairs + (k67 >> 32));
     /* (t0 d0 t1 d1 | t4 d4 t5 d5) and (t2 d2 t3 d3 | t6 d6 t7 d7) */
     __m256 p01 = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(a0), a2, 1));
     __m256 p23 = _mm256_castpd_ps(_mm256_insertf128_pd(_mm256_castpd128_pd256(a1), a3, 1));
@@ -480,6 +482,63 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     }
     return kept;
 }
+/* One unit's zt_move arguments, for zt_move_jobs. Every field is 8 bytes wide (no padding):
+   Python fills an array of these with struct.pack (directions._JOB), far cheaper than a ctypes
+   call of 44 arguments per unit. */
+typedef struct {
+    float *flat; int64_t n, start, law; const float *cells;
+    int64_t has_cur; uint64_t key_cur; double cur_scale;
+    const uint8_t *bits_in; const float *aside_in;
+    int64_t mode; uint64_t key_upd; double upd_c, upd_lr; int64_t has_decay; double upd_decay;
+    float *m, *v; double h[7];
+    int64_t has_upd2; uint64_t key_upd2; double upd_c2;
+    int64_t has_tgt; uint64_t key_tgt; double tgt_scale; uint8_t *bits_out;
+    int64_t has_mask; double mask_h; const uint8_t *mask_in; uint8_t *mask_out;
+    uint64_t mask_key; int64_t keep_full, keep_last; int64_t *thresholds;
+    int64_t kept; float *aside;  /* out: the target's kept-aside values (malloc'd; 8 floats of
+                                    slack), NULL when none; the caller copies then frees them */
+} zt_job;
+
+/* Run jobs[k] for k = (*next)++ until none is left: every thread of a transition calls this on
+   the same array (largest jobs first), so the threads finish together without a Python task
+   per unit. The float arguments are narrowed from double exactly as ctypes narrows them. */
+void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
+    float *scratch = 0;
+    uint32_t *hashes = 0;
+    int64_t cap = 0;
+    for (;;) {
+        int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+        if (k >= njobs) break;
+        zt_job *j = &jobs[k];
+        if (j->has_tgt && cap < j->n + 8) {
+            free(scratch);
+            cap = j->n + 8;
+            scratch = malloc((size_t)cap * sizeof(float));
+        }
+        if (j->has_mask == 2 && !hashes) hashes = malloc(2 * ZT_BLOCK * sizeof(uint32_t));
+        j->kept = zt_move(j->flat, j->n, j->start, (int)j->law, j->cells,
+                          (int)j->has_cur, j->key_cur, (float)j->cur_scale, j->bits_in, j->aside_in,
+                          (int)j->mode, j->key_upd, (float)j->upd_c, (float)j->upd_lr,
+                          (int)j->has_decay, (float)j->upd_decay, j->m, j->v,
+                          (float)j->h[0], (float)j->h[1], (float)j->h[2], (float)j->h[3],
+                          (float)j->h[4], (float)j->h[5], (float)j->h[6],
+                          (int)j->has_upd2, j->key_upd2, (float)j->upd_c2,
+                          (int)j->has_tgt, j->key_tgt, (float)j->tgt_scale, j->bits_out, scratch,
+                          (int)j->has_mask, (float)j->mask_h, j->mask_in, j->mask_out,
+                          j->mask_key, j->keep_full, j->keep_last, hashes, j->thresholds);
+        j->aside = 0;
+        if (j->kept) {
+            j->aside = malloc((size_t)(j->kept + 8) * sizeof(float));
+            memcpy(j->aside, scratch, (size_t)(j->kept + 8) * sizeof(float));
+        }
+    }
+    free(scratch);
+    free(hashes);
+}
+
+void zt_free(void *p) { free(p); }
+int64_t zt_job_size(void) { return (int64_t)sizeof(zt_job); }
+
 /* zt_move without an update over some rows of a [rows x width] tensor (width a multiple of 8):
    row r of the list is moved as elements rows[r]*width .. +width, its flags and mask at
    bits + r*width/8, its kept-aside values packed one row after another (aside_out needs 8
@@ -535,6 +594,10 @@ FLAGS = [
     "-fPIC",
 ]
 
+# zt_job, field by field: pointers and 64-bit integers as Q/q, floats as d (narrowed in C)
+JOB = struct.Struct("<Qqqq Q qQd QQ qQddqd QQ 7d qQd qQdQ qdQQ Qqq Q qQ".replace(" ", ""))
+JOB_RESULT = struct.Struct("<qQ")  # its last two fields, written by the kernel: kept, aside
+
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
@@ -578,6 +641,13 @@ def _compile() -> ctypes.CDLL | None:
     c.zt_move_rows.argtypes = [f32, i64, u8, i64, i32, f32, i32, u64, fl, u8, f32,
                                i32, u64, fl, u8, f32, i32, fl, u8, u8]  # fmt: skip
     c.zt_move_rows.restype = i64
+    c.zt_move_jobs.argtypes = [u8, i64, u8]
+    c.zt_move_jobs.restype = None
+    c.zt_free.argtypes = [u8]
+    c.zt_free.restype = None
+    c.zt_job_size.restype = i64
+    if c.zt_job_size() != JOB.size:  # the two layouts must agree field for field
+        raise OSError(f"zt_job is {c.zt_job_size()} bytes, zotune packs {JOB.size}")
     return c
 
 
@@ -600,6 +670,15 @@ def ptr(t: torch.Tensor) -> int:
 
 def bptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def adopt(address: int, n: int) -> torch.Tensor:
+    """A float32 CPU tensor holding the n floats the kernel malloc'd at `address`, which it
+    frees (a copy: torch cannot take ownership of foreign memory from Python)."""
+    out = torch.empty(n, dtype=torch.float32)
+    ctypes.memmove(out.data_ptr(), address, n * 4)
+    lib().zt_free(address)
+    return out
 
 
 def take(src: torch.Tensor, n: int) -> torch.Tensor:

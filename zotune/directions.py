@@ -27,6 +27,7 @@ vector widths, thread counts or whether the C kernel (`_native.py`) or torch com
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -35,6 +36,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -226,6 +228,20 @@ class Block:
 Update = Callable[[Block], None]
 
 
+class _Job(NamedTuple):
+    """One unit's move for the C kernel (`ParameterSpace._native_job`)."""
+
+    packed: bytes  # its zt_job
+    index: int
+    lo: int
+    n: int
+    target: bool  # whether it ends perturbed: then bits, mask and the kernel's aside are kept
+    bits: torch.Tensor | None
+    mask: torch.Tensor | None
+    kept: tuple  # what it reads (held until the kernel is done)
+    draws: int
+
+
 class ParameterSpace:
     """The trainable tensors of an optimizer, their keys, the direction law and an optional mask."""
 
@@ -284,14 +300,21 @@ class ParameterSpace:
             if i not in self._lazy or update is not None  # the rest of a lazy table: update only
         ]
         self.at = target
-        if self.threads > 1 and len(work) > 1:
+        jobs, rest = [], []
+        for w in work:
+            job = self._native_job(*w, update)
+            (rest if job is None else jobs).append(w if job is None else job)
+        draws = [job.draws for job in jobs]
+        if jobs:
+            self._run_jobs(jobs)
+        if self.threads > 1 and len(rest) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
             # one task per thread, each a list of units of about equal total size: a task per
             # unit cost more in pool overhead than a small tensor's move
             lanes: list[list[tuple]] = [[] for _ in range(self.threads)]
             load = [0] * self.threads
-            for w in sorted(work, key=lambda w: w[1] - w[2]):  # largest first
+            for w in sorted(rest, key=lambda w: w[1] - w[2]):  # largest first
                 k = load.index(min(load))
                 lanes[k].append(w)
                 load[k] += w[2] - w[1]
@@ -301,12 +324,12 @@ class ParameterSpace:
 
             futures = [self._pool.submit(run, lane) for lane in lanes]
             try:
-                draws = [d for f in futures for d in f.result()]
+                draws += [d for f in futures for d in f.result()]
             except BaseException:
                 wait(futures)  # no caller moves the weights again while a lane still does
                 raise
         else:
-            draws = [self._move_unit(*w, update) for w in work]
+            draws += [self._move_unit(*w, update) for w in rest]
         self.regenerations += sum(draws) / max(len(work), 1)
 
     def set_aside(self) -> tuple:
@@ -404,19 +427,11 @@ class ParameterSpace:
         target: Offset | None,
         update: Update | None,
     ) -> float:
-        """Move one unit: one C call when the fused kernel covers the move, else block by block
-        in torch ops. Returns the passes of z drawn, as a fraction of the unit's elements.
-        (The C path is a few microseconds of Python per unit: small tensors are many.)"""
+        """Move one unit block by block in torch ops (what the C kernel does not cover).
+        Returns the passes of z drawn, as a fraction of the unit's elements."""
         tensor = self.tensors[index]
-        # The C kernel covers float32 on the CPU; everything else runs the same math in torch.
         lib = self._lib if tensor.dtype == torch.float32 and tensor.is_cpu else None
-        fused = getattr(update, "fused", None)
-        args = fused(self.keys[index]) if fused is not None and lib is not None else None
         kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
-        native_mask = self.mask is None or isinstance(self.mask, (MagnitudeMask, RandomMask))
-        if lib is not None and native_mask and (update is None or args is not None):
-            address = tensor.data_ptr() + 4 * lo
-            return self._move_native(lib, address, index, lo, hi, current, target, args, kept)
         with torch.no_grad():
             return self._move_torch(tensor, index, lo, hi, current, target, update, lib, kept)
 
@@ -519,25 +534,32 @@ class ParameterSpace:
             flat.copy_(moved)
         return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
 
-    def _move_native(
+    def _native_job(
         self,
-        lib: object,
-        address: int,
         index: int,
         lo: int,
         hi: int,
         current: Offset | None,
         target: Offset | None,
-        args: tuple | None,
-        kept: tuple,
-    ) -> int:
-        """The whole unit's move in one C call (no torch op on the worker thread): the same
-        arithmetic as the torch path, for float32 units without a mask or with Sparse MeZO's or
-        R-MeZO's mask, and one-term updates.
-        `args` = (seed, lr, weight decay, *rule.kernel(...)) or None without an update."""
+        update: Update | None,
+    ) -> _Job | None:
+        """The unit's move as one zt_job for the C kernel, or None where the kernel does not
+        cover it (not float32 on the CPU, a custom mask, an update of three or more terms or
+        without a kernel form): the torch path then moves it. The kernel's arithmetic is the
+        torch path's, operation for operation."""
+        tensor, lib = self.tensors[index], self._lib
+        if lib is None or tensor.dtype != torch.float32 or not tensor.is_cpu:
+            return None
+        if self.mask is not None and not isinstance(self.mask, (MagnitudeMask, RandomMask)):
+            return None
         n, key = hi - lo, self.keys[index]
+        fused = getattr(update, "fused", None)
+        args = fused(key) if fused is not None else None
+        if update is not None and args is None:
+            return None
+        kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
         bits_in, aside_in, mask_in = kept
-        bits = scratch = mask_out = None
+        bits = mask_out = None
         masked = self.mask is not None
         kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
         mask_key = derive_seed(self.mask_seed, key, 0x4D41534B) if kind == 2 else None
@@ -545,68 +567,71 @@ class ParameterSpace:
             kind = 3  # the kept bits are this step's random mask: read them, no hash
         if target is not None:
             bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-            scratch = self._buffer("aside", n + PAD, _CPU, UNIT + PAD)
             mask_out = torch.empty((n + 7) // 8, dtype=torch.uint8) if masked else None
         gaussian = isinstance(self.direction, Gaussian)
-        cells = self.direction.cells if gaussian else None
-        ptr = _native.ptr
-        mode, seed, c, lr, wd, m, v, consts, seed2, c2 = (
-            0,
-            0,
-            0.0,
-            0.0,
-            0.0,
-            None,
-            None,
-            (),
-            None,
-            0.0,
-        )
+        seed = lr = wd = c = c2 = 0.0
+        mode, m, v, consts, seed2 = 0, None, None, (), None
         if args is not None:
             seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
-        views = [None if b is None else ptr(b.view(-1)[lo:hi]) for b in (m, v)]
-        h = [*consts, *[0.0] * (7 - len(consts))]
-        count = lib.zt_move(
-            address, n, lo, 0 if gaussian else 1,
-            None if cells is None else ptr(cells),
+        ptr = _native.bptr
+        packed = _native.JOB.pack(
+            tensor.data_ptr() + 4 * lo, n, lo, 0 if gaussian else 1,
+            ptr(self.direction.cells) if gaussian else 0,
             current is not None, derive_seed(current.seed, key) if current else 0,
-            current.scale if current else 0.0,
-            _native.bptr(bits_in), None if aside_in is None else ptr(aside_in),
+            current.scale if current else 0.0, ptr(bits_in) or 0, ptr(aside_in) or 0,
             mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
-            *views, *h, seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
+            *[0 if b is None else b.data_ptr() + 4 * lo for b in (m, v)],
+            *consts, *[0.0] * (7 - len(consts)),
+            seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
             target is not None, derive_seed(target.seed, key) if target else 0,
-            target.scale if target else 0.0,
-            _native.bptr(bits), None if scratch is None else ptr(scratch),
+            target.scale if target else 0.0, ptr(bits) or 0,
             kind, self.mask.thresholds[key] if kind == 1 else 0.0,
-            _native.bptr(mask_in), _native.bptr(mask_out), *self._random_mask_args(index, lo, n, hi, mask_key),
+            ptr(mask_in) or 0, ptr(mask_out) or 0, *self._random_mask_args(index, lo, n, hi, mask_key),
+            0, 0,
         )  # fmt: skip
-        if target is not None:
-            if mask_key is not None:
-                self._mask_keys[(index, lo)] = mask_key
-            self._aside[(index, lo)] = (
-                bits if count else None,
-                _native.take(scratch, count + PAD) if count else None,
-                mask_out,
-            )
+        if target is not None and mask_key is not None:
+            self._mask_keys[(index, lo)] = mask_key
         seeds = {o.seed for o in (current, target) if o is not None}
-        return len(seeds | ({seed} if args else set()) | ({seed2} if seed2 is not None else set()))
+        draws = len(seeds | ({seed} if args else set()) | ({seed2} if seed2 is not None else set()))
+        return _Job(packed, index, lo, n, target is not None, bits, mask_out, kept, draws)
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Run the kernel over all jobs on `threads` threads (this one included), each taking
+        the next job as it finishes one; then keep aside what the targets need."""
+        jobs.sort(key=lambda j: -j.n)  # largest first: the threads end close together
+        table = bytearray(b"".join(j.packed for j in jobs))
+        address = ctypes.addressof((ctypes.c_char * len(table)).from_buffer(table))
+        counter = ctypes.c_int64(0)
+        args = (address, len(jobs), ctypes.addressof(counter))
+        helpers = min(self.threads, len(jobs)) - 1
+        if helpers and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="zotune")
+        calls = [self._pool.submit(self._lib.zt_move_jobs, *args) for _ in range(helpers)]
+        try:
+            self._lib.zt_move_jobs(*args)
+        finally:
+            wait(calls)  # no caller moves the weights again while a thread still does
+        for k, job in enumerate(jobs):
+            count, aside = _native.JOB_RESULT.unpack_from(table, (k + 1) * _native.JOB.size - 16)
+            if job.target:
+                kept = _native.adopt(aside, count + PAD) if count else None
+                self._aside[(job.index, job.lo)] = (job.bits if count else None, kept, job.mask)
 
     def _random_mask_args(
         self, index: int, lo: int, n: int, hi: int, mask_key: int | None
     ) -> tuple:
-        """(hash key, kept per full block, kept in the tensor's last block, scratch, per-block
-        thresholds) for R-MeZO. A step's passes share one mask, so the kernel selects each
-        block's threshold in the first pass and the others reuse it."""
+        """(hash key, kept per full block, kept in the tensor's last block, per-block thresholds)
+        for R-MeZO. A step's passes share one mask, so the kernel selects each block's threshold
+        in the first pass and the others reuse it."""
         if mask_key is None:
-            return 0, 0, 0, None, None
+            return 0, 0, 0, 0
         last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
         keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
-        scratch = self._buffer("hashes", 2 * BLOCK, _CPU, 2 * BLOCK)  # uint32: hashes, candidates
         cached = self._thresholds.get((index, lo))
         if cached is None or cached[0] != mask_key:
             cached = (mask_key, torch.full(((n + BLOCK - 1) // BLOCK,), -2, dtype=torch.int64))
             self._thresholds[(index, lo)] = cached
-        return mask_key, keep[0], keep[1], _native.bptr(scratch), _native.bptr(cached[1])
+        return mask_key, keep[0], keep[1], cached[1].data_ptr()
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
