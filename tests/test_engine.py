@@ -82,7 +82,7 @@ class _Counter:
     def __get__(self, obj, cls):
         def call(*args, **kwargs):
             out = self.fn(obj, *args, **kwargs)
-            self.count += out is not None  # (a unit the kernel does not take returns None)
+            self.count += len(out[0]) if isinstance(out, tuple) else 1  # (_native_jobs: jobs)
             return out
 
         return call
@@ -113,8 +113,8 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
     torch.manual_seed(0)
     weights = [torch.randn(2 * BLOCK + 77) * 0.02, torch.randn(33, 9)]
     runs = []
-    fused = _Counter(ParameterSpace._native_job)  # counts units the kernel moves
-    monkeypatch.setattr(ParameterSpace, "_native_job", fused)
+    fused = _Counter(ParameterSpace._native_jobs)  # counts units the kernel moves
+    monkeypatch.setattr(ParameterSpace, "_native_jobs", fused)
     torch_path = _Counter(ParameterSpace._move_torch)
     monkeypatch.setattr(ParameterSpace, "_move_torch", torch_path)
     for native in ("1", "0"):

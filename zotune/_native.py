@@ -409,7 +409,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
        ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key;
        3 = that random mask again, read from mask_in (a mask that does not depend on theta is
        the same for the whole step: no hash per element) */
-    float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], theta[ZT_SUB];
+    float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], buf[ZT_SUB];
     float zc[ZT_SUB], zm2[ZT_SUB], g2[ZT_SUB];  /* a second update term's */
     int64_t used = 0, kept = 0, threshold = -1;
     const uint32_t *hashes = 0;  /* the current block's hashes, when selected in this call */
@@ -431,6 +431,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
         int a_full = 0, b_full = 0;
         float *p = flat + j0;
+        /* theta: the chunk's unperturbed values; a move with neither offset updates in place */
+        float *theta = has_cur || has_tgt ? buf : p;
         if (has_cur) {
             zt_fill(law, za, cm, key_cur, start + j0, cells);
             a_full = 1;
@@ -438,7 +440,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             if (has_mask) { zt_mask_bits(zm, za, mask_in + (j0 >> 3), cm); zd = zm; }
             used += zt_decode(p, zd, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
                               aside_in ? aside_in + used : 0, cm);
-        } else {
+        } else if (theta != p) {
             memcpy(theta, p, (size_t)cm * sizeof(float));
         }
         if (mode) {
@@ -460,7 +462,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                       m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
         }
         if (!has_tgt) {
-            memcpy(p, theta, (size_t)cm * sizeof(float));
+            if (theta != p) memcpy(p, theta, (size_t)cm * sizeof(float));
             continue;
         }
         const float *z;
@@ -677,7 +679,7 @@ def adopt(address: int, n: int) -> torch.Tensor:
     frees (a copy: torch cannot take ownership of foreign memory from Python)."""
     out = torch.empty(n, dtype=torch.float32)
     ctypes.memmove(out.data_ptr(), address, n * 4)
-    lib().zt_free(address)
+    _lib.zt_free(address)  # (only the kernel hands out such memory: it is loaded)
     return out
 
 

@@ -45,6 +45,7 @@ from . import _native
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 PAD = 8  # slack after kept-aside values: the C kernel moves them 8 at a time
+_ZEROS = (0.0,) * 7  # unused rule constants of a zt_job
 GENERATOR = "lowbias32x2-icdf4096/1"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
@@ -229,7 +230,7 @@ Update = Callable[[Block], None]
 
 
 class _Job(NamedTuple):
-    """One unit's move for the C kernel (`ParameterSpace._native_job`)."""
+    """One unit's move for the C kernel (`ParameterSpace._native_jobs`)."""
 
     packed: bytes  # its zt_job
     index: int
@@ -300,10 +301,7 @@ class ParameterSpace:
             if i not in self._lazy or update is not None  # the rest of a lazy table: update only
         ]
         self.at = target
-        jobs, rest = [], []
-        for w in work:
-            job = self._native_job(*w, update)
-            (rest if job is None else jobs).append(w if job is None else job)
+        jobs, rest = self._native_jobs(work, update)
         draws = [job.draws for job in jobs]
         if jobs:
             self._run_jobs(jobs)
@@ -534,66 +532,71 @@ class ParameterSpace:
             flat.copy_(moved)
         return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
 
-    def _native_job(
-        self,
-        index: int,
-        lo: int,
-        hi: int,
-        current: Offset | None,
-        target: Offset | None,
-        update: Update | None,
-    ) -> _Job | None:
-        """The unit's move as one zt_job for the C kernel, or None where the kernel does not
-        cover it (not float32 on the CPU, a custom mask, an update of three or more terms or
-        without a kernel form): the torch path then moves it. The kernel's arithmetic is the
-        torch path's, operation for operation."""
-        tensor, lib = self.tensors[index], self._lib
-        if lib is None or tensor.dtype != torch.float32 or not tensor.is_cpu:
-            return None
-        if self.mask is not None and not isinstance(self.mask, (MagnitudeMask, RandomMask)):
-            return None
-        n, key = hi - lo, self.keys[index]
+    def _native_jobs(self, work: list[tuple], update: Update | None) -> tuple[list, list]:
+        """Split work items into zt_jobs for the C kernel and the rest, which the torch path
+        moves: units not float32 on the CPU, a custom mask, an update of three or more terms
+        or without a kernel form. The kernel's arithmetic is the torch path's, op for op.
+        (Python per unit is the cost of small tensors: everything per pass is hoisted.)"""
+        lib, mask = self._lib, self.mask
+        if lib is None or (mask is not None and not isinstance(mask, (MagnitudeMask, RandomMask))):
+            return [], work
+        jobs, rest = [], []
         fused = getattr(update, "fused", None)
-        args = fused(key) if fused is not None else None
-        if update is not None and args is None:
-            return None
-        kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
-        bits_in, aside_in, mask_in = kept
-        bits = mask_out = None
-        masked = self.mask is not None
-        kind = 0 if not masked else 1 if isinstance(self.mask, MagnitudeMask) else 2
-        mask_key = derive_seed(self.mask_seed, key, 0x4D41534B) if kind == 2 else None
-        if kind == 2 and mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
-            kind = 3  # the kept bits are this step's random mask: read them, no hash
-        if target is not None:
-            bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-            mask_out = torch.empty((n + 7) // 8, dtype=torch.uint8) if masked else None
         gaussian = isinstance(self.direction, Gaussian)
-        seed = lr = wd = c = c2 = 0.0
-        mode, m, v, consts, seed2 = 0, None, None, (), None
-        if args is not None:
-            seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
-        ptr = _native.bptr
-        packed = _native.JOB.pack(
-            tensor.data_ptr() + 4 * lo, n, lo, 0 if gaussian else 1,
-            ptr(self.direction.cells) if gaussian else 0,
-            current is not None, derive_seed(current.seed, key) if current else 0,
-            current.scale if current else 0.0, ptr(bits_in) or 0, ptr(aside_in) or 0,
-            mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
-            *[0 if b is None else b.data_ptr() + 4 * lo for b in (m, v)],
-            *consts, *[0.0] * (7 - len(consts)),
-            seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
-            target is not None, derive_seed(target.seed, key) if target else 0,
-            target.scale if target else 0.0, ptr(bits) or 0,
-            kind, self.mask.thresholds[key] if kind == 1 else 0.0,
-            ptr(mask_in) or 0, ptr(mask_out) or 0, *self._random_mask_args(index, lo, n, hi, mask_key),
-            0, 0,
-        )  # fmt: skip
-        if target is not None and mask_key is not None:
-            self._mask_keys[(index, lo)] = mask_key
-        seeds = {o.seed for o in (current, target) if o is not None}
-        draws = len(seeds | ({seed} if args else set()) | ({seed2} if seed2 is not None else set()))
-        return _Job(packed, index, lo, n, target is not None, bits, mask_out, kept, draws)
+        law, cells = (0, self.direction.cells.data_ptr()) if gaussian else (1, 0)
+        kind0 = 0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2
+        pack, aside, empty, u8 = _native.JOB.pack, self._aside, torch.empty, torch.uint8
+        for w in work:
+            index, lo, hi, current, target = w
+            tensor = self.tensors[index]
+            if tensor.dtype != torch.float32 or not tensor.is_cpu:
+                rest.append(w)
+                continue
+            n, key = hi - lo, self.keys[index]
+            args = fused(key) if fused is not None else None
+            if update is not None and args is None:
+                rest.append(w)
+                continue
+            kept = aside.pop((index, lo)) if current is not None else (None, None, None)
+            bits_in, aside_in, mask_in = kept
+            kind, mask_key = kind0, None
+            if kind == 2:
+                mask_key = derive_seed(self.mask_seed, key, 0x4D41534B)
+                if mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
+                    kind = 3  # the kept bits are this step's random mask: read them, no hash
+            bits = mask_out = None
+            if target is not None:
+                bits = empty((n + 7) // 8, dtype=u8)
+                mask_out = empty((n + 7) // 8, dtype=u8) if kind else None
+                if mask_key is not None:
+                    self._mask_keys[(index, lo)] = mask_key
+            seed = lr = wd = c = c2 = 0.0
+            mode, m, v, consts, seed2 = 0, None, None, (), None
+            if args is not None:
+                seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
+            packed = pack(
+                tensor.data_ptr() + 4 * lo, n, lo, law, cells,
+                current is not None, derive_seed(current.seed, key) if current else 0,
+                current.scale if current else 0.0,
+                0 if bits_in is None else bits_in.data_ptr(),
+                0 if aside_in is None else aside_in.data_ptr(),
+                mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
+                0 if m is None else m.data_ptr() + 4 * lo, 0 if v is None else v.data_ptr() + 4 * lo,
+                *consts, *_ZEROS[len(consts):],
+                seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
+                target is not None, derive_seed(target.seed, key) if target else 0,
+                target.scale if target else 0.0, 0 if bits is None else bits.data_ptr(),
+                kind, mask.thresholds[key] if kind == 1 else 0.0,
+                0 if mask_in is None else mask_in.data_ptr(),
+                0 if mask_out is None else mask_out.data_ptr(),
+                *self._random_mask_args(index, lo, n, hi, mask_key), 0, 0,
+            )  # fmt: skip
+            # passes of z drawn: one per distinct seed among the offsets and update terms
+            seeds = {o.seed for o in (current, target) if o is not None}
+            seeds.update(() if args is None else (seed,) if seed2 is None else (seed, seed2))
+            draws = len(seeds)
+            jobs.append(_Job(packed, index, lo, n, target is not None, bits, mask_out, kept, draws))
+        return jobs, rest
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         """Run the kernel over all jobs on `threads` threads (this one included), each taking
