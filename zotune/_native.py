@@ -39,24 +39,33 @@ static inline __m256i zt_mix8(__m256i x) {
 }
 #endif
 
-/* lowbias32 (a bijection on 32 bits), two keyed rounds: cheap and vectorizable (32-bit lanes). */
+/* lowbias32 (a bijection on 32 bits): cheap and vectorizable (32-bit lanes). */
 static inline uint32_t zt_mix(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352du;
     x ^= x >> 15; x *= 0x846ca68bu;
     return x ^ (x >> 16);
 }
 
+/* The key picks a Weyl sequence k1·i + k0 (k1 odd: a bijection of i, a different stride per
+   key), which lowbias32 scrambles: one mixer round per element. */
 static inline uint32_t zt_hash(uint64_t key, uint32_t i) {
-    return zt_mix(zt_mix(i + (uint32_t)key) ^ (uint32_t)(key >> 32));
+    return zt_mix(i * ((uint32_t)key | 1u) + (uint32_t)(key >> 32));
 }
 
 #ifdef __AVX2__
-/* zt_hash of the 8 indices i0 .. i0 + 7 */
-static inline __m256i zt_hash8(uint64_t key, uint32_t i0) {
+/* The Weyl counters k1·i + k0 of the 8 indices i0 .. i0 + 7; the next 8 are 8·k1 further. */
+static inline __m256i zt_weyl8(uint64_t key, uint32_t i0) {
     __m256i i = _mm256_add_epi32(_mm256_set1_epi32((int)i0), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256i x = zt_mix8(_mm256_add_epi32(i, _mm256_set1_epi32((int)(uint32_t)key)));
-    return zt_mix8(_mm256_xor_si256(x, _mm256_set1_epi32((int)(uint32_t)(key >> 32))));
+    return _mm256_add_epi32(_mm256_mullo_epi32(i, _mm256_set1_epi32((int)((uint32_t)key | 1u))),
+                            _mm256_set1_epi32((int)(uint32_t)(key >> 32)));
 }
+
+static inline __m256i zt_weyl_step(uint64_t key) {
+    return _mm256_set1_epi32((int)(8u * ((uint32_t)key | 1u)));
+}
+
+/* zt_hash of the 8 indices i0 .. i0 + 7 */
+static inline __m256i zt_hash8(uint64_t key, uint32_t i0) { return zt_mix8(zt_weyl8(key, i0)); }
 #endif
 
 #ifdef __AVX2__
@@ -102,12 +111,15 @@ void zt_fill_normal(float *out, int64_t n, uint64_t key, int64_t start, const fl
     int64_t j = 0;
 #ifdef __AVX2__
     const double *pairs = (const double *)cells;
+    __m256i w = zt_weyl8(key, s0), step = zt_weyl_step(key);  /* counters advance by adds */
     for (; j + 16 <= n; j += 16) {  /* two vectors per round: their loads overlap */
-        __m256i x = zt_hash8(key, s0 + (uint32_t)j), y = zt_hash8(key, s0 + (uint32_t)j + 8);
+        __m256i x = zt_mix8(w), y = zt_mix8(_mm256_add_epi32(w, step));
+        w = _mm256_add_epi32(w, _mm256_add_epi32(step, step));
         _mm256_storeu_ps(out + j, zt_normal8(pairs, x));
         _mm256_storeu_ps(out + j + 8, zt_normal8(pairs, y));
     }
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, zt_normal8(pairs, zt_hash8(key, s0 + (uint32_t)j)));
+    for (; j + 8 <= n; j += 8, w = _mm256_add_epi32(w, step))
+        _mm256_storeu_ps(out + j, zt_normal8(pairs, zt_mix8(w)));
 #endif
     for (; j < n; j++) {
         uint32_t u = zt_hash(key, s0 + (uint32_t)j);
@@ -122,8 +134,9 @@ void zt_fill_sign(float *out, int64_t n, uint64_t key, int64_t start) {
     uint32_t s0 = (uint32_t)start;
     int64_t j = 0;
 #ifdef __AVX2__
-    for (; j + 8 <= n; j += 8) {
-        __m256 b = _mm256_cvtepi32_ps(_mm256_srli_epi32(zt_hash8(key, s0 + (uint32_t)j), 31));
+    __m256i w = zt_weyl8(key, s0), step = zt_weyl_step(key);
+    for (; j + 8 <= n; j += 8, w = _mm256_add_epi32(w, step)) {
+        __m256 b = _mm256_cvtepi32_ps(_mm256_srli_epi32(zt_mix8(w), 31));
         _mm256_storeu_ps(out + j, _mm256_sub_ps(_mm256_mul_ps(b, _mm256_set1_ps(2.0f)), _mm256_set1_ps(1.0f)));
     }
 #endif

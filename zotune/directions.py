@@ -2,7 +2,8 @@
 
 Every trainable tensor has a stable integer key (its index in the optimizer's parameter list).
 Element i of tensor k's direction at step seed s is a pure function of (s, k, i): a keyed 32-bit
-hash (two rounds of lowbias32 keyed by the halves of derive_seed(s, k)) of i, turned into a
+hash of i (lowbias32 of k1·i + k0 mod 2^32, where the odd k1 and k0 come from derive_seed(s, k):
+a different Weyl sequence per key, scrambled by one mixer round), turned into a
 number by the direction law. Nothing depends on the
 order tensors are visited, on other tensors, on threads, or on the device, so blocks are
 processed in any order, only one block of z exists at a time, and a CPU run and a GPU run draw
@@ -46,7 +47,7 @@ BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z doe
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 PAD = 8  # slack after kept-aside values: the C kernel moves them 8 at a time
 _ZEROS = (0.0,) * 7  # unused rule constants of a zt_job
-GENERATOR = "lowbias32x2-icdf4096/1"  # the law's version, saved with trajectories
+GENERATOR = "weyl-lowbias32-icdf4096/2"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
 _CPU = torch.device("cpu")
@@ -78,11 +79,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash32(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 32-bit hash of elements start .. start+n-1 under `key`, as int64 values in [0, 2^32)
-    (torch code; `_native.SOURCE` computes the same in C)."""
+    """The 32-bit hash of elements start .. start+n-1 under `key`, as int64 values in [0, 2^32):
+    lowbias32(k1·i + k0 mod 2^32), k1 = the key's low half made odd, k0 its high half (torch
+    code; `_native.SOURCE` computes the same in C)."""
     i = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    x = _mix32((i + (key & 0xFFFFFFFF)) & 0xFFFFFFFF)
-    return _mix32(x ^ ((key >> 32) & 0xFFFFFFFF))
+    k1, k0 = (key & 0xFFFFFFFF) | 1, (key >> 32) & 0xFFFFFFFF
+    # k1·i mod 2^32 from k1's two 16-bit halves: no product reaches 2^63
+    high = ((i * (k1 >> 16)) & 0xFFFF) << 16
+    return _mix32((i * (k1 & 0xFFFF) + high + k0) & 0xFFFFFFFF)
 
 
 def _normal_table(cells: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
