@@ -414,6 +414,8 @@ def _train_tiny_bert(base, method: str, extra: dict, attach: bool, batches, labe
         ("mezo", {"queries": 2}),
         ("zo-adam", {}),
         ("sparse-mezo", {"sparsity": 0.5}),
+        ("r-mezo", {"sparsity": 0.5}),
+        ("r-mezo", {"sparsity": 0.5, "queries": 2}),
         ("mezo-svrg", {"refresh": 2}),
         ("zo-sgd-cons", {}),
     ],

@@ -261,7 +261,7 @@ def test_sparse_mezo_perturbs_exactly_the_intended_fraction():
     assert opt.space._aside == {}  # nothing mask-sized outlives the step
 
 
-def test_random_mask_ratio_is_exact_and_changes_per_step():
+def test_random_mask_keeps_its_ratio_and_changes_per_step():
     w = nn.Parameter(torch.randn(300, 40))
     opt = build("r-mezo", [w], lr=0.0, eps=1e-2, sparsity=0.75)
     masks = []
@@ -273,7 +273,9 @@ def test_random_mask_ratio_is_exact_and_changes_per_step():
     for _ in range(2):
         w0 = w.detach().clone()
         opt.step(closure)
-    assert all(m.sum().item() == round(0.25 * w.numel()) for m in masks[:1])
+    n = w.numel()
+    assert abs(masks[0].sum().item() - 0.25 * n) < 5 * (n * 0.25 * 0.75) ** 0.5  # Bernoulli(1/4)
+    assert torch.equal(masks[0], masks[1])  # both sides of a step share the mask
     assert not torch.equal(masks[0], masks[2])
 
 

@@ -26,7 +26,6 @@ SOURCE = r"""
 #include <string.h>
 #include <math.h>
 #define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
-#define ZT_BLOCK 65536  /* directions.BLOCK: R-MeZO's masks keep an exact count per block */
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -264,75 +263,28 @@ static void zt_mask_range(float *out, const float *z, const float *theta, float 
     }
 }
 
-/* R-MeZO's mask for one block: keep the `keep` elements with the smallest hash under `key`
-   (ties at the threshold kept, as torch's scores <= kthvalue). Returns the threshold, or -1
-   (as int64) when nothing is kept. `h` is n uint32 of scratch. */
-static int64_t zt_random_threshold(uint32_t *h, int64_t n, uint64_t key, int64_t start,
-                                   int64_t keep) {
-    if (keep <= 0) return -1;
-    int64_t j = 0;
-#ifdef __AVX2__
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_si256((__m256i *)(h + j), zt_hash8(key, (uint32_t)start + (uint32_t)j));
-#endif
-    for (; j < n; j++) h[j] = zt_hash(key, (uint32_t)start + (uint32_t)j);
-    /* radix select, 11 + 11 + 10 bits, narrowing to the bucket holding the keep-th smallest.
-       Round 0 sees every hash: a plain histogram (two, so that equal neighbours do not chain
-       their increments), then only the ~n/2048 candidates in the chosen bucket are kept. */
-    uint32_t h0[2048] = {0}, h1[2048] = {0};
-    int64_t j2 = 0;
-    for (; j2 + 2 <= n; j2 += 2) { h0[h[j2] >> 21]++; h1[h[j2 + 1] >> 21]++; }
-    if (j2 < n) h0[h[j2] >> 21]++;
-    uint32_t b0 = 0;
-    int64_t rank = keep, m = 0;
-    while (rank > (int64_t)(h0[b0] + h1[b0])) { rank -= h0[b0] + h1[b0]; b0++; }
-    uint32_t prefix = b0 << 21, mask = 0x7FFu << 21;
-    uint32_t *c = h + ZT_BLOCK;  /* candidates go to the second half: the hashes stay for the mask */
-    for (int64_t k = 0; k < n; k++)
-        if ((h[k] & mask) == prefix) c[m++] = h[k];
-    const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
-    for (int r = 1; r < 3; r++) {
-        int64_t count[2048] = {0};
-        uint32_t bins = 1u << widths[r];
-        int64_t w = 0;
-        for (int64_t j = 0; j < m; j++) {
-            if ((c[j] & mask) != prefix) continue;
-            c[w++] = c[j];  /* keep only the candidates, in place */
-            count[(c[j] >> shifts[r]) & (bins - 1)]++;
-        }
-        m = w;
-        uint32_t b = 0;
-        while (rank > count[b]) rank -= count[b++];
-        prefix |= b << shifts[r];
-        mask |= (bins - 1) << shifts[r];
-    }
-    return (int64_t)prefix;
-}
-
+/* R-MeZO's mask: keep element i when its hash under the step's mask key is below `limit`
+   (= round((1 - sparsity) * 2^32)): each entry kept with probability 1 - sparsity, alone. */
 static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t start,
-                           int64_t threshold, uint8_t *bits, int64_t n, const uint32_t *hs) {
-    /* hs: the hashes of these elements when the block's selection has just computed them */
+                           int64_t limit, uint8_t *bits, int64_t n) {
     int64_t j0 = 0;
 #ifdef __AVX2__
-    if (threshold >= 0) {
-        /* keep u <= threshold, unsigned: compare with the sign bits flipped */
-        const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
-        const __m256i thr = _mm256_set1_epi32((int)((uint32_t)threshold ^ 0x80000000u));
-        for (; j0 + 8 <= n; j0 += 8) {
-            __m256i u = hs ? _mm256_loadu_si256((const __m256i *)(hs + j0))
-                           : zt_hash8(key, (uint32_t)(start + j0));
-            __m256 drop = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_xor_si256(u, flip), thr));
-            _mm256_storeu_ps(out + j0, _mm256_andnot_ps(drop, _mm256_loadu_ps(z + j0)));
-            if (bits) bits[j0 >> 3] = (uint8_t)(~_mm256_movemask_ps(drop) & 0xFF);
-        }
+    /* u < limit, unsigned: compare with the sign bits flipped (limit <= 2^32 - 1 here) */
+    const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i lim = _mm256_set1_epi32((int)((uint32_t)limit ^ 0x80000000u));
+    __m256i w = zt_weyl8(key, (uint32_t)start), step = zt_weyl_step(key);
+    for (; j0 + 8 <= n; j0 += 8, w = _mm256_add_epi32(w, step)) {
+        __m256i u = _mm256_xor_si256(zt_mix8(w), flip);
+        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, u));
+        _mm256_storeu_ps(out + j0, _mm256_and_ps(keep, _mm256_loadu_ps(z + j0)));
+        if (bits) bits[j0 >> 3] = (uint8_t)_mm256_movemask_ps(keep);
     }
 #endif
     for (int64_t j = j0; j < n; j += 8) {
         uint32_t byte = 0;
         int64_t m = n - j < 8 ? n - j : 8;
         for (int64_t k = 0; k < m; k++) {
-            uint32_t u = hs ? hs[j + k] : zt_hash(key, (uint32_t)(start + j + k));
-            int keep = threshold >= 0 && (int64_t)u <= threshold;
+            int keep = (int64_t)zt_hash(key, (uint32_t)(start + j + k)) < limit;
             out[j + k] = keep ? z[j + k] : 0.0f;
             byte |= (uint32_t)keep << k;
         }
@@ -348,12 +300,11 @@ enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
 static const float *zt_term(int law, const float *cells, const float *za, int reuse,
                             uint64_t key, float *buf, float *mbuf, const float *theta,
                             int64_t cm, int64_t at, int has_mask, float mask_h,
-                            uint64_t mask_key, int64_t threshold, const uint32_t *hs,
-                            const uint8_t *mask_bits) {
+                            uint64_t mask_key, int64_t mask_limit, const uint8_t *mask_bits) {
     const float *z = za;
     if (!reuse) { zt_fill(law, buf, cm, key, at, cells); z = buf; }
     if (has_mask == 1) { zt_mask_range(mbuf, z, theta, mask_h, 0, cm); z = mbuf; }
-    if (has_mask == 2) { zt_mask_random(mbuf, z, mask_key, at, threshold, 0, cm, hs); z = mbuf; }
+    if (has_mask == 2) { zt_mask_random(mbuf, z, mask_key, at, mask_limit, 0, cm); z = mbuf; }
     if (has_mask == 3) { zt_mask_bits(mbuf, z, mask_bits, cm); z = mbuf; }
     return z;
 }
@@ -416,31 +367,14 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
                 int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
-                uint64_t mask_key, int64_t keep_full, int64_t keep_last, uint32_t *scratch,
-                int64_t *thresholds) {
-    /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO), keep_full of each
-       ZT_BLOCK-element block (keep_last for a shorter last block), chosen by hash under mask_key;
-       3 = that random mask again, read from mask_in (a mask that does not depend on theta is
-       the same for the whole step: no hash per element) */
+                uint64_t mask_key, int64_t mask_limit) {
+    /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO): hash under mask_key
+       below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
+       depend on theta is the same for the whole step: no hash per element) */
     float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], buf[ZT_SUB];
     float zc[ZT_SUB], zm2[ZT_SUB], g2[ZT_SUB];  /* a second update term's */
-    int64_t used = 0, kept = 0, threshold = -1;
-    const uint32_t *hashes = 0;  /* the current block's hashes, when selected in this call */
+    int64_t used = 0, kept = 0;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
-        if (has_mask == 2 && j0 % ZT_BLOCK == 0) {
-            int64_t bn = n - j0 < ZT_BLOCK ? n - j0 : ZT_BLOCK;
-            /* the three passes of a step share the mask: select once, keep the threshold
-               (-2 = not yet selected under this mask_key) */
-            int64_t *cached = thresholds ? thresholds + j0 / ZT_BLOCK : 0;
-            hashes = 0;
-            if (cached && *cached != -2) threshold = *cached;
-            else {
-                threshold = zt_random_threshold(scratch, bn, mask_key, start + j0,
-                                                bn == ZT_BLOCK ? keep_full : keep_last);
-                if (cached) *cached = threshold;
-                if (threshold >= 0) hashes = scratch;  /* (not filled when nothing is kept) */
-            }
-        }
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
         int a_full = 0, b_full = 0;
         float *p = flat + j0;
@@ -457,17 +391,16 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             memcpy(theta, p, (size_t)cm * sizeof(float));
         }
         if (mode) {
-            const uint32_t *hs = hashes ? hashes + j0 % ZT_BLOCK : 0;
             const uint8_t *mb = mask_in ? mask_in + (j0 >> 3) : 0;
             int reuse = a_full && key_cur == key_upd;
             const float *z = zt_term(law, cells, za, reuse, key_upd, zb, zm, theta, cm, start + j0,
-                                     has_mask, mask_h, mask_key, threshold, hs, mb);
+                                     has_mask, mask_h, mask_key, mask_limit, mb);
             b_full = !reuse;  /* zb holds key_upd's draw */
             float c = upd_c;
             if (has_upd2) {  /* g = c1·z1 + c2·z2 (q = 2, MeZO-SVRG), in rules.estimate's order */
                 const float *z2 = zt_term(law, cells, za, a_full && key_cur == key_upd2, key_upd2,
                                           zc, zm2, theta, cm, start + j0, has_mask, mask_h,
-                                          mask_key, threshold, hs, mb);
+                                          mask_key, mask_limit, mb);
                 for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, b = z2[j] * upd_c2; g2[j] = a + b; }
                 z = g2; c = 1.0f;  /* g·1 is g exactly */
             }
@@ -484,8 +417,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         else { zt_fill(law, zb, cm, key_tgt, start + j0, cells); z = zb; }
         if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, mask_out + (j0 >> 3), cm); z = zm; }
         if (has_mask == 2) {
-            zt_mask_random(zm, z, mask_key, start + j0, threshold, mask_out + (j0 >> 3), cm,
-                           hashes ? hashes + j0 % ZT_BLOCK : 0);
+            zt_mask_random(zm, z, mask_key, start + j0, mask_limit, mask_out + (j0 >> 3), cm);
             z = zm;
         }
         if (has_mask == 3) {
@@ -509,7 +441,7 @@ typedef struct {
     int64_t has_upd2; uint64_t key_upd2; double upd_c2;
     int64_t has_tgt; uint64_t key_tgt; double tgt_scale; uint8_t *bits_out;
     int64_t has_mask; double mask_h; const uint8_t *mask_in; uint8_t *mask_out;
-    uint64_t mask_key; int64_t keep_full, keep_last; int64_t *thresholds;
+    uint64_t mask_key; int64_t mask_limit;
     int64_t kept; float *aside;  /* out: the target's kept-aside values (malloc'd; 8 floats of
                                     slack), NULL when none; the caller copies then frees them */
 } zt_job;
@@ -519,7 +451,6 @@ typedef struct {
    per unit. The float arguments are narrowed from double exactly as ctypes narrows them. */
 void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
     float *scratch = 0;
-    uint32_t *hashes = 0;
     int64_t cap = 0;
     for (;;) {
         int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
@@ -530,7 +461,6 @@ void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
             cap = j->n + 8;
             scratch = malloc((size_t)cap * sizeof(float));
         }
-        if (j->has_mask == 2 && !hashes) hashes = malloc(2 * ZT_BLOCK * sizeof(uint32_t));
         j->kept = zt_move(j->flat, j->n, j->start, (int)j->law, j->cells,
                           (int)j->has_cur, j->key_cur, (float)j->cur_scale, j->bits_in, j->aside_in,
                           (int)j->mode, j->key_upd, (float)j->upd_c, (float)j->upd_lr,
@@ -540,7 +470,7 @@ void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
                           (int)j->has_upd2, j->key_upd2, (float)j->upd_c2,
                           (int)j->has_tgt, j->key_tgt, (float)j->tgt_scale, j->bits_out, scratch,
                           (int)j->has_mask, (float)j->mask_h, j->mask_in, j->mask_out,
-                          j->mask_key, j->keep_full, j->keep_last, hashes, j->thresholds);
+                          j->mask_key, j->mask_limit);
         j->aside = 0;
         if (j->kept) {
             j->aside = malloc((size_t)(j->kept + 8) * sizeof(float));
@@ -548,7 +478,6 @@ void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
         }
     }
     free(scratch);
-    free(hashes);
 }
 
 void zt_free(void *p) { free(p); }
@@ -562,7 +491,8 @@ int64_t zt_move_rows(float *flat, int64_t width, const int64_t *rows, int64_t nr
                      const float *cells, int has_cur, uint64_t key_cur, float cur_scale,
                      const uint8_t *bits_in, const float *aside_in, int has_tgt,
                      uint64_t key_tgt, float tgt_scale, uint8_t *bits_out, float *aside_out,
-                     int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out) {
+                     int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
+                     uint64_t mask_key, int64_t mask_limit) {
     int64_t used = 0, kept = 0, wb = width / 8;
     for (int64_t r = 0; r < nrows; r++) {
         int64_t at = rows[r] * width;
@@ -573,7 +503,7 @@ int64_t zt_move_rows(float *flat, int64_t width, const int64_t *rows, int64_t nr
                         tgt_scale,
                         bits_out ? bits_out + r * wb : 0, aside_out ? aside_out + kept : 0,
                         has_mask, mask_h, mask_in ? mask_in + r * wb : 0,
-                        mask_out ? mask_out + r * wb : 0, 0, 0, 0, 0, 0);
+                        mask_out ? mask_out + r * wb : 0, mask_key, mask_limit);
         if (bi)
             for (int64_t k = 0; k < wb; k++) used += __builtin_popcount(bi[k]);
     }
@@ -610,7 +540,7 @@ FLAGS = [
 ]
 
 # zt_job, field by field: pointers and 64-bit integers as Q/q, floats as d (narrowed in C)
-JOB = struct.Struct("<Qqqq Q qQd QQ qQddqd QQ 7d qQd qQdQ qdQQ Qqq Q qQ".replace(" ", ""))
+JOB = struct.Struct("<Qqqq Q qQd QQ qQddqd QQ 7d qQd qQdQ qdQQ Qq qQ".replace(" ", ""))
 JOB_RESULT = struct.Struct("<qQ")  # its last two fields, written by the kernel: kept, aside
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
@@ -651,10 +581,10 @@ def _compile() -> ctypes.CDLL | None:
                           i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
                           i32, u64, fl,
                           i32, u64, fl, u8, f32,
-                          i32, fl, u8, u8, u64, i64, i64, u8, u8]  # fmt: skip
+                          i32, fl, u8, u8, u64, i64]  # fmt: skip
     c.zt_move.restype = i64
     c.zt_move_rows.argtypes = [f32, i64, u8, i64, i32, f32, i32, u64, fl, u8, f32,
-                               i32, u64, fl, u8, f32, i32, fl, u8, u8]  # fmt: skip
+                               i32, u64, fl, u8, f32, i32, fl, u8, u8, u64, i64]  # fmt: skip
     c.zt_move_rows.restype = i64
     c.zt_move_jobs.argtypes = [u8, i64, u8]
     c.zt_move_jobs.restype = None

@@ -47,6 +47,7 @@ BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z doe
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 PAD = 8  # slack after kept-aside values: the C kernel moves them 8 at a time
 _ZEROS = (0.0,) * 7  # unused rule constants of a zt_job
+MASK_SALT = 0x4D41534B  # random masks hash under derive_seed(step seed, key, MASK_SALT)
 GENERATOR = "weyl-lowbias32-icdf4096/2"  # the law's version, saved with trajectories
 
 _M64 = (1 << 64) - 1
@@ -274,7 +275,6 @@ class ParameterSpace:
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
-        self._thresholds: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}  # R-MeZO, per unit
         self._mask_keys: dict[tuple[int, int], int] = {}  # R-MeZO: the key of each unit's kept mask
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
         self.at: Offset | None = None  # where the weights sit now (set by every transition)
@@ -354,7 +354,7 @@ class ParameterSpace:
         read are never seen perturbed, so no loss and no weight changes, bit for bit; a step
         then draws z for the whole table once (the update) instead of three times. Returns
         False where this does not apply (no C kernel, not 2-D float32 on the CPU, a width that
-        is not a multiple of 8, a mask other than Sparse MeZO's: R-MeZO's is drawn per block)."""
+        is not a multiple of 8, a custom mask)."""
         t = self.tensors[index]
         ok = (
             _native.lib() is not None
@@ -362,7 +362,7 @@ class ParameterSpace:
             and t.dtype == torch.float32
             and t.is_cpu
             and t.shape[1] % 8 == 0
-            and (self.mask is None or isinstance(self.mask, MagnitudeMask))  # row-wise masks
+            and (self.mask is None or isinstance(self.mask, (MagnitudeMask, RandomMask)))
             and self.at is None
         )
         if ok:
@@ -395,12 +395,16 @@ class ParameterSpace:
         lib, t, width, key = _native.lib(), self.tensors[index], self._lazy[index], self.keys[index]
         n = rows.numel() * width
         bits = scratch = mask_out = None
-        masked = isinstance(self.mask, MagnitudeMask)
+        masked = self.mask is not None
         if target is not None:
             bits = torch.empty(n // 8, dtype=torch.uint8)
             scratch = torch.empty(n + PAD, dtype=torch.float32)
             mask_out = torch.empty(n // 8, dtype=torch.uint8) if masked else None
         bits_in, aside_in, mask_in = kept or (None, None, None)
+        # a row's mask: from |θ0| (magnitude), its hash (random) or, on the way back, kept bits
+        magnitude = isinstance(self.mask, MagnitudeMask)
+        kind = 0 if not masked else 3 if mask_in is not None else 1 if magnitude else 2
+        mask_key = derive_seed(self.mask_seed, key, MASK_SALT) if kind == 2 else 0
         gaussian = isinstance(self.direction, Gaussian)
         count = lib.zt_move_rows(
             t.data_ptr(), width, rows.data_ptr(), rows.numel(), 0 if gaussian else 1,
@@ -409,8 +413,9 @@ class ParameterSpace:
             current.scale if current else 0.0, _native.bptr(bits_in), _native.bptr(aside_in),
             target is not None, derive_seed(target.seed, key) if target else 0,
             target.scale if target else 0.0, _native.bptr(bits), _native.bptr(scratch),
-            1 if masked else 0, self.mask.thresholds[key] if masked else 0.0,
-            _native.bptr(mask_in), _native.bptr(mask_out),
+            kind, self.mask.thresholds[key] if kind == 1 else 0.0,
+            _native.bptr(mask_in), _native.bptr(mask_out), mask_key,
+            self.mask.limit if kind == 2 else 0,
         )  # fmt: skip
         if target is None:
             return None
@@ -565,7 +570,7 @@ class ParameterSpace:
             bits_in, aside_in, mask_in = kept
             kind, mask_key = kind0, None
             if kind == 2:
-                mask_key = derive_seed(self.mask_seed, key, 0x4D41534B)
+                mask_key = derive_seed(self.mask_seed, key, MASK_SALT)
                 if mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
                     kind = 3  # the kept bits are this step's random mask: read them, no hash
             bits = mask_out = None
@@ -593,7 +598,7 @@ class ParameterSpace:
                 kind, mask.thresholds[key] if kind == 1 else 0.0,
                 0 if mask_in is None else mask_in.data_ptr(),
                 0 if mask_out is None else mask_out.data_ptr(),
-                *self._random_mask_args(index, lo, n, hi, mask_key), 0, 0,
+                mask_key or 0, mask.limit if kind == 2 else 0, 0, 0,
             )  # fmt: skip
             # passes of z drawn: one per distinct seed among the offsets and update terms
             seeds = {o.seed for o in (current, target) if o is not None}
@@ -623,22 +628,6 @@ class ParameterSpace:
             if job.target:
                 kept = _native.adopt(aside, count + PAD) if count else None
                 self._aside[(job.index, job.lo)] = (job.bits if count else None, kept, job.mask)
-
-    def _random_mask_args(
-        self, index: int, lo: int, n: int, hi: int, mask_key: int | None
-    ) -> tuple:
-        """(hash key, kept per full block, kept in the tensor's last block, per-block thresholds)
-        for R-MeZO. A step's passes share one mask, so the kernel selects each block's threshold
-        in the first pass and the others reuse it."""
-        if mask_key is None:
-            return 0, 0, 0, 0
-        last = hi % BLOCK or BLOCK  # only a tensor's last block can be shorter
-        keep = [round((1 - self.mask.sparsity) * m) for m in (BLOCK, last)]
-        cached = self._thresholds.get((index, lo))
-        if cached is None or cached[0] != mask_key:
-            cached = (mask_key, torch.full(((n + BLOCK - 1) // BLOCK,), -2, dtype=torch.int64))
-            self._thresholds[(index, lo)] = cached
-        return mask_key, keep[0], keep[1], cached[1].data_ptr()
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
@@ -727,16 +716,17 @@ class MagnitudeMask:
 
 
 class RandomMask:
-    """A random mask keeping exactly round((1 - sparsity) · n) entries of every block of n,
-    drawn afresh from each step's seed (R-MeZO; ZO-Bench's random sparse perturbation)."""
+    """A random mask drawn afresh from each step's seed (R-MeZO; ZO-Bench's random sparse
+    perturbation): entry i of tensor k is kept when hash(derive_seed(s, k, MASK), i) <
+    round((1 - sparsity) · 2^32), so each entry independently with probability 1 - sparsity
+    (ZO-Bench's code masks Φ(s) of them instead of s). Per element, like z: any block, row or
+    order of visiting gives the same mask."""
 
     def __init__(self, sparsity: float):
         self.sparsity = sparsity
+        self.limit = round((1 - sparsity) * 2**32)  # kept: hashes below this
 
     def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
-        n = theta.numel()
-        keep = round((1 - self.sparsity) * n)
-        if keep <= 0:
-            return torch.zeros(n, dtype=torch.bool, device=theta.device)
-        scores = hash32(derive_seed(seed, key, 0x4D41534B), start, n, theta.device)  # distinct
-        return scores <= scores.kthvalue(keep).values
+        return hash32(derive_seed(seed, key, MASK_SALT), start, theta.numel(), theta.device) < (
+            self.limit
+        )
