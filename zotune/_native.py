@@ -129,15 +129,19 @@ void zt_fill_normal(float *out, int64_t n, uint64_t key, int64_t start, const fl
     }
 }
 
+#ifdef __AVX2__
+static inline __m256 zt_sign8(__m256i x) {  /* ±1 from the top bit of 8 hashes */
+    __m256 b = _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 31));
+    return _mm256_sub_ps(_mm256_mul_ps(b, _mm256_set1_ps(2.0f)), _mm256_set1_ps(1.0f));
+}
+#endif
+
 void zt_fill_sign(float *out, int64_t n, uint64_t key, int64_t start) {
     uint32_t s0 = (uint32_t)start;
     int64_t j = 0;
 #ifdef __AVX2__
     __m256i w = zt_weyl8(key, s0), step = zt_weyl_step(key);
-    for (; j + 8 <= n; j += 8, w = _mm256_add_epi32(w, step)) {
-        __m256 b = _mm256_cvtepi32_ps(_mm256_srli_epi32(zt_mix8(w), 31));
-        _mm256_storeu_ps(out + j, _mm256_sub_ps(_mm256_mul_ps(b, _mm256_set1_ps(2.0f)), _mm256_set1_ps(1.0f)));
-    }
+    for (; j + 8 <= n; j += 8, w = _mm256_add_epi32(w, step)) _mm256_storeu_ps(out + j, zt_sign8(zt_mix8(w)));
 #endif
     for (; j < n; j++) {
         uint32_t u = zt_hash(key, s0 + (uint32_t)j);
@@ -222,51 +226,31 @@ static void zt_fill(int law, float *out, int64_t n, uint64_t key, int64_t start,
     else zt_fill_sign(out, n, key, start);
 }
 
-/* Sparse MeZO's mask: z where the stored bit is set, else 0 (as torch's masked_fill_). */
-static void zt_mask_bits(float *out, const float *z, const uint8_t *bits, int64_t n) {
-    int64_t j = 0;
-#ifdef __AVX2__
-    /* spread a byte over 8 lanes (lane k tests bit k) and keep z where the bit is set */
-    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (; j + 8 <= n; j += 8) {
-        __m256i b = _mm256_and_si256(_mm256_set1_epi32(bits[j >> 3]), lane);
-        __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane));
-        _mm256_storeu_ps(out + j, _mm256_and_ps(keep, _mm256_loadu_ps(z + j)));
-    }
-#endif
-    for (; j < n; j++) out[j] = (bits[j >> 3] >> (j & 7)) & 1 ? z[j] : 0.0f;
-}
+/* Masks as bits (bit k of byte j: element 8j + k kept), one function per kind. */
 
-/* The mask recomputed from the unperturbed weights: keep |theta| <= h; optionally packed. */
-static void zt_mask_range(float *out, const float *z, const float *theta, float h,
-                          uint8_t *bits, int64_t n) {
+/* Sparse MeZO: keep |theta| <= h, from the unperturbed weights (ordered compares: a NaN weight
+   is never kept). */
+static void zt_bits_range(uint8_t *bits, const float *theta, float h, int64_t n) {
     int64_t j0 = 0;
 #ifdef __AVX2__
-    /* ordered compares: a NaN weight is never kept, as in the scalar loop */
     const __m256 hi = _mm256_set1_ps(h), lo = _mm256_set1_ps(-h);
     for (; j0 + 8 <= n; j0 += 8) {
         __m256 t = _mm256_loadu_ps(theta + j0);
         __m256 keep = _mm256_and_ps(_mm256_cmp_ps(t, hi, _CMP_LE_OQ), _mm256_cmp_ps(t, lo, _CMP_GE_OQ));
-        _mm256_storeu_ps(out + j0, _mm256_and_ps(keep, _mm256_loadu_ps(z + j0)));
-        if (bits) bits[j0 >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+        bits[j0 >> 3] = (uint8_t)_mm256_movemask_ps(keep);
     }
 #endif
     for (int64_t j = j0; j < n; j += 8) {
         uint32_t byte = 0;
-        int64_t m = n - j < 8 ? n - j : 8;
-        for (int64_t k = 0; k < m; k++) {
-            int keep = theta[j + k] <= h && theta[j + k] >= -h;
-            out[j + k] = keep ? z[j + k] : 0.0f;
-            byte |= (uint32_t)keep << k;
-        }
-        if (bits) bits[j >> 3] = (uint8_t)byte;
+        for (int64_t k = 0; k < 8 && j + k < n; k++)
+            byte |= (uint32_t)(theta[j + k] <= h && theta[j + k] >= -h) << k;
+        bits[j >> 3] = (uint8_t)byte;
     }
 }
 
-/* R-MeZO's mask: keep element i when its hash under the step's mask key is below `limit`
+/* R-MeZO: keep element i when its hash under the step's mask key is below `limit`
    (= round((1 - sparsity) * 2^32)): each entry kept with probability 1 - sparsity, alone. */
-static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t start,
-                           int64_t limit, uint8_t *bits, int64_t n) {
+static void zt_bits_random(uint8_t *bits, uint64_t key, int64_t start, int64_t limit, int64_t n) {
     int64_t j0 = 0;
 #ifdef __AVX2__
     /* u < limit, unsigned: compare with the sign bits flipped (limit <= 2^32 - 1 here) */
@@ -275,39 +259,82 @@ static void zt_mask_random(float *out, const float *z, uint64_t key, int64_t sta
     __m256i w = zt_weyl8(key, (uint32_t)start), step = zt_weyl_step(key);
     for (; j0 + 8 <= n; j0 += 8, w = _mm256_add_epi32(w, step)) {
         __m256i u = _mm256_xor_si256(zt_mix8(w), flip);
-        __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, u));
-        _mm256_storeu_ps(out + j0, _mm256_and_ps(keep, _mm256_loadu_ps(z + j0)));
-        if (bits) bits[j0 >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+        bits[j0 >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, u)));
     }
 #endif
     for (int64_t j = j0; j < n; j += 8) {
         uint32_t byte = 0;
-        int64_t m = n - j < 8 ? n - j : 8;
-        for (int64_t k = 0; k < m; k++) {
-            int keep = (int64_t)zt_hash(key, (uint32_t)(start + j + k)) < limit;
-            out[j + k] = keep ? z[j + k] : 0.0f;
-            byte |= (uint32_t)keep << k;
-        }
-        if (bits) bits[j >> 3] = (uint8_t)byte;
+        for (int64_t k = 0; k < 8 && j + k < n; k++)
+            byte |= (uint32_t)((int64_t)zt_hash(key, (uint32_t)(start + j + k)) < limit) << k;
+        bits[j >> 3] = (uint8_t)byte;
     }
+}
+
+/* z at the elements whose bit is set and 0 elsewhere, the same numbers as a full draw then
+   masked, but only the kept elements are drawn (a fifth by default): their indices are
+   left-packed, drawn 8 at a time, and spread back. n <= ZT_SUB. */
+static void zt_fill_sparse(int law, float *out, const uint8_t *bits, int64_t n, uint64_t key,
+                           int64_t start, const float *cells) {
+    uint32_t idx[ZT_SUB + 8];
+    float val[ZT_SUB + 8];
+    int64_t m = 0, j = 0, k = 0;
+#ifdef __AVX2__
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; j + 8 <= n; j += 8) {  /* (each store writes 8, of which popcount are kept) */
+        uint32_t b = bits[j >> 3];
+        __m256i ix = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(start + j)), lanes);
+        _mm256_storeu_si256((__m256i *)(idx + m), _mm256_permutevar8x32_epi32(ix, zt_lanes(ZT_PACK[b])));
+        m += __builtin_popcount(b);
+    }
+#endif
+    for (; j < n; j++)
+        if (bits[j >> 3] >> (j & 7) & 1) idx[m++] = (uint32_t)(start + j);
+#ifdef __AVX2__
+    const __m256i k1 = _mm256_set1_epi32((int)((uint32_t)key | 1u));
+    const __m256i k0 = _mm256_set1_epi32((int)(uint32_t)(key >> 32));
+    for (; k + 8 <= m; k += 8) {
+        __m256i i = _mm256_loadu_si256((const __m256i *)(idx + k));
+        __m256i x = zt_mix8(_mm256_add_epi32(_mm256_mullo_epi32(i, k1), k0));
+        if (law == 0) _mm256_storeu_ps(val + k, zt_normal8((const double *)cells, x));
+        else _mm256_storeu_ps(val + k, zt_sign8(x));
+    }
+#endif
+    for (; k < m; k++) zt_fill(law, val + k, 1, key, idx[k], cells);
+    memset(val + m, 0, 8 * sizeof(float));  /* the spread below reads up to 8 past the last */
+    int64_t used = 0;
+    j = 0;
+#ifdef __AVX2__
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; j + 8 <= n; j += 8) {
+        uint32_t b = bits[j >> 3];
+        __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(val + used), zt_lanes(ZT_EXPAND[b]));
+        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)b), lane), lane);
+        _mm256_storeu_ps(out + j, _mm256_and_ps(v, _mm256_castsi256_ps(set)));
+        used += __builtin_popcount(b);
+    }
+#endif
+    for (; j < n; j++) out[j] = bits[j >> 3] >> (j & 7) & 1 ? val[used++] : 0.0f;
+}
+
+/* The draws made for one chunk: a later use with the same key and mask takes the same z. */
+typedef struct { uint64_t key; const uint8_t *bits; const float *z; } zt_use;
+
+static const float *zt_draw(zt_use *uses, int *nu, float *buf, int law, const float *cells,
+                            uint64_t key, const uint8_t *bits, int64_t n, int64_t at) {
+    for (int u = 0; u < *nu; u++) {
+        const uint8_t *b = uses[u].bits;
+        if (uses[u].key == key && (b == bits || (b && bits && !memcmp(b, bits, (size_t)((n + 7) >> 3)))))
+            return uses[u].z;
+    }
+    if (bits) zt_fill_sparse(law, buf, bits, n, key, at, cells);
+    else zt_fill(law, buf, n, key, at, cells);
+    uses[*nu].key = key; uses[*nu].bits = bits; uses[*nu].z = buf;
+    (*nu)++;
+    return buf;
 }
 
 enum { ZT_NONE, ZT_SGD, ZT_SIGN, ZT_MOMENTUM, ZT_ADAM };  /* update modes */
 
-
-/* One update term's z for a chunk: the current offset's draw `za` when the key is the same
-   (`reuse`), else drawn into `buf`; then masked into `mbuf` (has_mask as zt_move's). */
-static const float *zt_term(int law, const float *cells, const float *za, int reuse,
-                            uint64_t key, float *buf, float *mbuf, const float *theta,
-                            int64_t cm, int64_t at, int has_mask, float mask_h,
-                            uint64_t mask_key, int64_t mask_limit, const uint8_t *mask_bits) {
-    const float *z = za;
-    if (!reuse) { zt_fill(law, buf, cm, key, at, cells); z = buf; }
-    if (has_mask == 1) { zt_mask_range(mbuf, z, theta, mask_h, 0, cm); z = mbuf; }
-    if (has_mask == 2) { zt_mask_random(mbuf, z, mask_key, at, mask_limit, 0, cm); z = mbuf; }
-    if (has_mask == 3) { zt_mask_bits(mbuf, z, mask_bits, cm); z = mbuf; }
-    return z;
-}
 
 /* theta <- theta - step(c * z) for one chunk, after decay; one loop per mode so that each is
    vectorized without branches (a branch per element on sign(g) mispredicts half the time).
@@ -371,37 +398,34 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO): hash under mask_key
        below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
        depend on theta is the same for the whole step: no hash per element) */
-    float za[ZT_SUB], zb[ZT_SUB], zm[ZT_SUB], buf[ZT_SUB];
-    float zc[ZT_SUB], zm2[ZT_SUB], g2[ZT_SUB];  /* a second update term's */
+    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], buf[ZT_SUB], g2[ZT_SUB];
+    uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     int64_t used = 0, kept = 0;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
-        int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB;
-        int a_full = 0, b_full = 0;
+        int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0;
         float *p = flat + j0;
         /* theta: the chunk's unperturbed values; a move with neither offset updates in place */
         float *theta = has_cur || has_tgt ? buf : p;
+        const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
+        zt_use uses[4];
+        int nu = 0;
         if (has_cur) {
-            zt_fill(law, za, cm, key_cur, start + j0, cells);
-            a_full = 1;
-            const float *zd = za;
-            if (has_mask) { zt_mask_bits(zm, za, mask_in + (j0 >> 3), cm); zd = zm; }
-            used += zt_decode(p, zd, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
+            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
+            used += zt_decode(p, z, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
                               aside_in ? aside_in + used : 0, cm);
         } else if (theta != p) {
             memcpy(theta, p, (size_t)cm * sizeof(float));
         }
         if (mode) {
-            const uint8_t *mb = mask_in ? mask_in + (j0 >> 3) : 0;
-            int reuse = a_full && key_cur == key_upd;
-            const float *z = zt_term(law, cells, za, reuse, key_upd, zb, zm, theta, cm, start + j0,
-                                     has_mask, mask_h, mask_key, mask_limit, mb);
-            b_full = !reuse;  /* zb holds key_upd's draw */
+            const uint8_t *b = 0;  /* the update's mask, from the weights before the update */
+            if (has_mask == 1) { zt_bits_range(ub, theta, mask_h, cm); b = ub; }
+            if (has_mask == 2) { zt_bits_random(ub, mask_key, at, mask_limit, cm); b = ub; }
+            if (has_mask == 3) b = mask_in + (j0 >> 3);
+            const float *z = zt_draw(uses, &nu, zb, law, cells, key_upd, b, cm, at);
             float c = upd_c;
             if (has_upd2) {  /* g = c1·z1 + c2·z2 (q = 2, MeZO-SVRG), in rules.estimate's order */
-                const float *z2 = zt_term(law, cells, za, a_full && key_cur == key_upd2, key_upd2,
-                                          zc, zm2, theta, cm, start + j0, has_mask, mask_h,
-                                          mask_key, mask_limit, mb);
-                for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, b = z2[j] * upd_c2; g2[j] = a + b; }
+                const float *z2 = zt_draw(uses, &nu, zc, law, cells, key_upd2, b, cm, at);
+                for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, e = z2[j] * upd_c2; g2[j] = a + e; }
                 z = g2; c = 1.0f;  /* g·1 is g exactly */
             }
             zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
@@ -411,20 +435,11 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             if (theta != p) memcpy(p, theta, (size_t)cm * sizeof(float));
             continue;
         }
-        const float *z;
-        if (a_full && key_cur == key_tgt) z = za;
-        else if (b_full && key_upd == key_tgt) z = zb;
-        else { zt_fill(law, zb, cm, key_tgt, start + j0, cells); z = zb; }
-        if (has_mask == 1) { zt_mask_range(zm, z, theta, mask_h, mask_out + (j0 >> 3), cm); z = zm; }
-        if (has_mask == 2) {
-            zt_mask_random(zm, z, mask_key, start + j0, mask_limit, mask_out + (j0 >> 3), cm);
-            z = zm;
-        }
-        if (has_mask == 3) {
-            zt_mask_bits(zm, z, mask_in + (j0 >> 3), cm);
-            memcpy(mask_out + (j0 >> 3), mask_in + (j0 >> 3), (size_t)((cm + 7) >> 3));
-            z = zm;
-        }
+        uint8_t *tb = has_mask ? mask_out + (j0 >> 3) : 0;  /* the target's mask, kept */
+        if (has_mask == 1) zt_bits_range(tb, theta, mask_h, cm);
+        if (has_mask == 2) zt_bits_random(tb, mask_key, at, mask_limit, cm);
+        if (has_mask == 3) memcpy(tb, mask_in + (j0 >> 3), (size_t)((cm + 7) >> 3));
+        const float *z = zt_draw(uses, &nu, zd, law, cells, key_tgt, tb, cm, at);
         kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);
     }
     return kept;
