@@ -111,11 +111,15 @@ void zt_fill_normal(float *out, int64_t n, uint64_t key, int64_t start, const fl
 #ifdef __AVX2__
     const double *pairs = (const double *)cells;
     __m256i w = zt_weyl8(key, s0), step = zt_weyl_step(key);  /* counters advance by adds */
-    for (; j + 16 <= n; j += 16) {  /* two vectors per round: their loads overlap */
-        __m256i x = zt_mix8(w), y = zt_mix8(_mm256_add_epi32(w, step));
-        w = _mm256_add_epi32(w, _mm256_add_epi32(step, step));
-        _mm256_storeu_ps(out + j, zt_normal8(pairs, x));
-        _mm256_storeu_ps(out + j + 8, zt_normal8(pairs, y));
+    const __m256i step2 = _mm256_add_epi32(step, step), step3 = _mm256_add_epi32(step2, step);
+    for (; j + 32 <= n; j += 32) {  /* four vectors per round: their loads overlap */
+        __m256i x0 = zt_mix8(w), x1 = zt_mix8(_mm256_add_epi32(w, step));
+        __m256i x2 = zt_mix8(_mm256_add_epi32(w, step2)), x3 = zt_mix8(_mm256_add_epi32(w, step3));
+        w = _mm256_add_epi32(w, _mm256_add_epi32(step2, step2));
+        _mm256_storeu_ps(out + j, zt_normal8(pairs, x0));
+        _mm256_storeu_ps(out + j + 8, zt_normal8(pairs, x1));
+        _mm256_storeu_ps(out + j + 16, zt_normal8(pairs, x2));
+        _mm256_storeu_ps(out + j + 24, zt_normal8(pairs, x3));
     }
     for (; j + 8 <= n; j += 8, w = _mm256_add_epi32(w, step))
         _mm256_storeu_ps(out + j, zt_normal8(pairs, zt_mix8(w)));
