@@ -402,14 +402,14 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO): hash under mask_key
        below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
        depend on theta is the same for the whole step: no hash per element) */
-    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], buf[ZT_SUB], g2[ZT_SUB];
+    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     int64_t used = 0, kept = 0;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0;
-        float *p = flat + j0;
-        /* theta: the chunk's unperturbed values; a move with neither offset updates in place */
-        float *theta = has_cur || has_tgt ? buf : p;
+        /* the chunk is moved in place: decode, update and encode each read an element before
+           writing it, so p holds the unperturbed theta between them */
+        float *p = flat + j0, *theta = p;
         const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
         zt_use uses[4];
         int nu = 0;
@@ -417,8 +417,6 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
             used += zt_decode(p, z, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
                               aside_in ? aside_in + used : 0, cm);
-        } else if (theta != p) {
-            memcpy(theta, p, (size_t)cm * sizeof(float));
         }
         if (mode) {
             const uint8_t *b = 0;  /* the update's mask, from the weights before the update */
@@ -435,10 +433,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
                       m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
         }
-        if (!has_tgt) {
-            if (theta != p) memcpy(p, theta, (size_t)cm * sizeof(float));
-            continue;
-        }
+        if (!has_tgt) continue;
         uint8_t *tb = has_mask ? mask_out + (j0 >> 3) : 0;  /* the target's mask, kept */
         if (has_mask == 1) zt_bits_range(tb, theta, mask_h, cm);
         if (has_mask == 2) zt_bits_random(tb, mask_key, at, mask_limit, cm);
