@@ -467,9 +467,15 @@ def test_attach_hook_reads_ids_passed_by_keyword():
         if attach:
             assert opt.attach(model, [model.emb]) == ["emb"]
         losses = [opt.step(lambda m=model: m(ids)) for _ in range(3)]
-        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], opt.regenerations))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    # regenerations count z drawn over the weights: 3 full passes a step without attach; with
+    # it, the table's 800 weights are drawn once (the update), and the rows a forward reads
+    # twice per forward (perturbed before it, put back after)
+    n_other, rows_read = 17, ids.unique().numel() * 16
+    assert runs[0][2] == 9
+    assert runs[1][2] == pytest.approx(3 * (3 * n_other + 800 + 4 * rows_read) / (n_other + 800))
 
 
 def test_attach_skips_tied_and_untrained_embeddings():

@@ -306,7 +306,7 @@ class ParameterSpace:
         ]
         self.at = target
         jobs, rest = self._native_jobs(work, update)
-        draws = [job.draws for job in jobs]
+        drawn = sum(job.draws * job.n for job in jobs)  # elements of z drawn
         if jobs:
             self._run_jobs(jobs)
         if self.threads > 1 and len(rest) > 1:
@@ -321,18 +321,22 @@ class ParameterSpace:
                 lanes[k].append(w)
                 load[k] += w[2] - w[1]
 
-            def run(lane: list[tuple]) -> list[float]:
-                return [self._move_unit(*w, update) for w in lane]
+            def run(lane: list[tuple]) -> float:
+                return sum(self._move_unit(*w, update) * (w[2] - w[1]) for w in lane)
 
             futures = [self._pool.submit(run, lane) for lane in lanes]
             try:
-                draws += [d for f in futures for d in f.result()]
+                drawn += sum(f.result() for f in futures)
             except BaseException:
                 wait(futures)  # no caller moves the weights again while a lane still does
                 raise
         else:
-            draws += [self._move_unit(*w, update) for w in rest]
-        self.regenerations += sum(draws) / max(len(work), 1)
+            drawn += sum(self._move_unit(*w, update) * (w[2] - w[1]) for w in rest)
+        self._count_draws(drawn)
+
+    def _count_draws(self, elements: float) -> None:
+        """`regenerations` counts full passes of z over the space: draws weighted by size."""
+        self.regenerations += elements / max(sum(t.numel() for t in self.tensors), 1)
 
     def set_aside(self) -> tuple:
         """Take what keeps the current perturbation invertible, leaving the space as if at θ0,
@@ -417,6 +421,7 @@ class ParameterSpace:
             _native.bptr(mask_in), _native.bptr(mask_out), mask_key,
             self.mask.limit if kind == 2 else 0,
         )  # fmt: skip
+        self._count_draws(n)  # (one z per row: either the current offset's or the target's)
         if target is None:
             return None
         return (
@@ -616,8 +621,8 @@ class ParameterSpace:
         counter = ctypes.c_int64(0)
         args = (address, len(jobs), ctypes.addressof(counter))
         helpers = min(self.threads, len(jobs)) - 1
-        if helpers and self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="zotune")
+        if helpers and self._pool is None:  # (as many as threads: the torch path uses them all)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
         calls = [self._pool.submit(self._lib.zt_move_jobs, *args) for _ in range(helpers)]
         try:
             self._lib.zt_move_jobs(*args)
