@@ -122,6 +122,7 @@ class _Counter:
         ("gaussian", "sparse-mezo", {"sparsity": 0.7, "queries": 2}),
         ("gaussian", "r-mezo", {"sparsity": 0.7}),
         ("gaussian", "r-mezo", {"sparsity": 0.7, "queries": 2}),
+        ("gaussian", "r-mezo", {"sparsity": 1e-12}),  # keeps every hash: limit 2^32 - 1
         ("gaussian", "zo-adam", {"queries": 2}),
         ("gaussian", "zo-sgd-sign", {"official": True, "queries": 2}),
         ("gaussian", "mezo", {"queries": 3}),  # three terms run as torch blocks
@@ -158,6 +159,29 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
             assert (torch_path.count > 0) == (extra.get("queries") == 3)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_a_move_that_fails_before_the_kernel_runs_leaves_the_weights_restorable():
+    torch.manual_seed(0)
+    tensors = [torch.randn(1000) * 1e-4, torch.randn(3000) * 1e-4]  # many kept-aside values
+    before = [t.clone() for t in tensors]
+    space = ParameterSpace(tensors)
+    space.transition(None, Offset(1, 1e-3))
+
+    def update(block):
+        raise AssertionError("the kernel path should not call the torch update")
+
+    def fused(key):  # the second tensor's arguments fail, after the first's were taken
+        if key == 1:
+            raise RuntimeError("bad rule arguments")
+        return (2, 1e-3, 0.0, 1, 1.0, None, None, (), None, 0.0)
+
+    update.fused = fused
+    with pytest.raises(RuntimeError, match="bad rule"):
+        space.transition(Offset(1, 1e-3), None, update)
+    assert space.at == Offset(1, 1e-3)
+    space.transition(Offset(1, 1e-3), None)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -257,7 +257,8 @@ static void zt_bits_range(uint8_t *bits, const float *theta, float h, int64_t n)
 static void zt_bits_random(uint8_t *bits, uint64_t key, int64_t start, int64_t limit, int64_t n) {
     int64_t j0 = 0;
 #ifdef __AVX2__
-    /* u < limit, unsigned: compare with the sign bits flipped (limit <= 2^32 - 1 here) */
+    /* u < limit, unsigned: compare with the sign bits flipped (RandomMask caps limit at
+       2^32 - 1, so it fits in 32 bits) */
     const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
     const __m256i lim = _mm256_set1_epi32((int)((uint32_t)limit ^ 0x80000000u));
     __m256i w = zt_weyl8(key, (uint32_t)start), step = zt_weyl_step(key);
@@ -383,7 +384,7 @@ static void zt_update(int mode, float *theta, const float *z, int64_t cm, int ha
 }
 
 
-/* One block's whole move in one call (ParameterSpace.transition for an unmasked fp32 block):
+/* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
    undo the current offset (decode), apply an update rule to g = z_upd*c (rules.py's SGD, sign,
    momentum or Adam, operation for operation as their torch code), then perturb to the target
    (encode), chunk by chunk. Each z is drawn once even when seeds repeat. Returns the target's
@@ -444,7 +445,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     return kept;
 }
 /* One unit's zt_move arguments, for zt_move_jobs. Every field is 8 bytes wide (no padding):
-   Python fills an array of these with struct.pack (directions._JOB), far cheaper than a ctypes
+   Python fills an array of these with struct.pack (JOB below), far cheaper than a ctypes
    call of 44 arguments per unit. */
 typedef struct {
     float *flat; int64_t n, start, law; const float *cells;
@@ -470,10 +471,12 @@ void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
         int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
         if (k >= njobs) break;
         zt_job *j = &jobs[k];
+        j->aside = 0;
         if (j->has_tgt && cap < j->n + 8) {
             free(scratch);
             cap = j->n + 8;
             scratch = malloc((size_t)cap * sizeof(float));
+            if (!scratch) { cap = 0; j->kept = -1; continue; }  /* out of memory: not moved */
         }
         j->kept = zt_move(j->flat, j->n, j->start, (int)j->law, j->cells,
                           (int)j->has_cur, j->key_cur, (float)j->cur_scale, j->bits_in, j->aside_in,
@@ -485,10 +488,10 @@ void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
                           (int)j->has_tgt, j->key_tgt, (float)j->tgt_scale, j->bits_out, scratch,
                           (int)j->has_mask, (float)j->mask_h, j->mask_in, j->mask_out,
                           j->mask_key, j->mask_limit);
-        j->aside = 0;
         if (j->kept) {
             j->aside = malloc((size_t)(j->kept + 8) * sizeof(float));
-            memcpy(j->aside, scratch, (size_t)(j->kept + 8) * sizeof(float));
+            if (j->aside) memcpy(j->aside, scratch, (size_t)(j->kept + 8) * sizeof(float));
+            else j->kept = -1;  /* out of memory: moved, but its kept-aside values are lost */
         }
     }
     free(scratch);
@@ -590,17 +593,10 @@ def _compile() -> ctypes.CDLL | None:
     c.zt_decode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]
     c.zt_decode.restype = i64
     fl, i32 = ctypes.c_float, ctypes.c_int
-    c.zt_move.argtypes = [f32, i64, i64, i32, f32,
-                          i32, u64, fl, u8, f32,
-                          i32, u64, fl, fl, i32, fl, f32, f32, fl, fl, fl, fl, fl, fl, fl,
-                          i32, u64, fl,
-                          i32, u64, fl, u8, f32,
-                          i32, fl, u8, u8, u64, i64]  # fmt: skip
-    c.zt_move.restype = i64
     c.zt_move_rows.argtypes = [f32, i64, u8, i64, i32, f32, i32, u64, fl, u8, f32,
                                i32, u64, fl, u8, f32, i32, fl, u8, u8, u64, i64]  # fmt: skip
     c.zt_move_rows.restype = i64
-    c.zt_move_jobs.argtypes = [u8, i64, u8]
+    c.zt_move_jobs.argtypes = [u8, i64, ctypes.POINTER(ctypes.c_int64)]
     c.zt_move_jobs.restype = None
     c.zt_free.argtypes = [u8]
     c.zt_free.restype = None
@@ -642,7 +638,7 @@ def adopt(address: int, n: int) -> torch.Tensor:
 
 def take(src: torch.Tensor, n: int) -> torch.Tensor:
     """A new float32 CPU tensor holding src[:n], copied by memmove: a torch copy of this size
-    would start an OpenMP team from the worker thread, which on a busy machine waits for cores
+    would start an OpenMP team from a worker thread, which on a busy machine waits for cores
     (measured: 6 ms for 300 KB instead of 0.05)."""
     out = torch.empty(n, dtype=torch.float32)
     ctypes.memmove(out.data_ptr(), src.data_ptr(), n * 4)

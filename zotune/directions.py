@@ -305,7 +305,11 @@ class ParameterSpace:
             if i not in self._lazy or update is not None  # the rest of a lazy table: update only
         ]
         self.at = target
-        jobs, rest = self._native_jobs(work, update)
+        try:
+            jobs, rest = self._native_jobs(work, update)
+        except BaseException:
+            self.at = current  # nothing has moved
+            raise
         drawn = sum(job.draws * job.n for job in jobs)  # elements of z drawn
         if jobs:
             self._run_jobs(jobs)
@@ -560,56 +564,67 @@ class ParameterSpace:
         law, cells = (0, self.direction.cells.data_ptr()) if gaussian else (1, 0)
         kind0 = 0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2
         pack, aside, empty, u8 = _native.JOB.pack, self._aside, torch.empty, torch.uint8
-        for w in work:
-            index, lo, hi, current, target = w
-            tensor = self.tensors[index]
-            if tensor.dtype != torch.float32 or not tensor.is_cpu:
-                rest.append(w)
-                continue
-            n, key = hi - lo, self.keys[index]
-            args = fused(key) if fused is not None else None
-            if update is not None and args is None:
-                rest.append(w)
-                continue
-            kept = aside.pop((index, lo)) if current is not None else (None, None, None)
-            bits_in, aside_in, mask_in = kept
-            kind, mask_key = kind0, None
-            if kind == 2:
-                mask_key = derive_seed(self.mask_seed, key, MASK_SALT)
-                if mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
-                    kind = 3  # the kept bits are this step's random mask: read them, no hash
-            bits = mask_out = None
-            if target is not None:
-                bits = empty((n + 7) // 8, dtype=u8)
-                mask_out = empty((n + 7) // 8, dtype=u8) if kind else None
-                if mask_key is not None:
-                    self._mask_keys[(index, lo)] = mask_key
-            seed = lr = wd = c = c2 = 0.0
-            mode, m, v, consts, seed2 = 0, None, None, (), None
-            if args is not None:
-                seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
-            packed = pack(
-                tensor.data_ptr() + 4 * lo, n, lo, law, cells,
-                current is not None, derive_seed(current.seed, key) if current else 0,
-                current.scale if current else 0.0,
-                0 if bits_in is None else bits_in.data_ptr(),
-                0 if aside_in is None else aside_in.data_ptr(),
-                mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
-                0 if m is None else m.data_ptr() + 4 * lo, 0 if v is None else v.data_ptr() + 4 * lo,
-                *consts, *_ZEROS[len(consts):],
-                seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
-                target is not None, derive_seed(target.seed, key) if target else 0,
-                target.scale if target else 0.0, 0 if bits is None else bits.data_ptr(),
-                kind, mask.thresholds[key] if kind == 1 else 0.0,
-                0 if mask_in is None else mask_in.data_ptr(),
-                0 if mask_out is None else mask_out.data_ptr(),
-                mask_key or 0, mask.limit if kind == 2 else 0, 0, 0,
-            )  # fmt: skip
-            # passes of z drawn: one per distinct seed among the offsets and update terms
-            seeds = {o.seed for o in (current, target) if o is not None}
-            seeds.update(() if args is None else (seed,) if seed2 is None else (seed, seed2))
-            draws = len(seeds)
-            jobs.append(_Job(packed, index, lo, n, target is not None, bits, mask_out, kept, draws))
+        popped: list[tuple] = []  # put back if packing fails: nothing has moved yet
+        mask_keys: list[tuple] = []  # the random masks the targets will keep as bits
+        try:
+            for w in work:
+                index, lo, hi, current, target = w
+                tensor = self.tensors[index]
+                if tensor.dtype != torch.float32 or not tensor.is_cpu:
+                    rest.append(w)
+                    continue
+                n, key = hi - lo, self.keys[index]
+                args = fused(key) if fused is not None else None
+                if update is not None and args is None:
+                    rest.append(w)
+                    continue
+                kept = aside.pop((index, lo)) if current is not None else (None, None, None)
+                if current is not None:
+                    popped.append(((index, lo), kept))
+                bits_in, aside_in, mask_in = kept
+                kind, mask_key = kind0, None
+                if kind == 2:
+                    mask_key = derive_seed(self.mask_seed, key, MASK_SALT)
+                    if mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
+                        kind = 3  # the kept bits are this step's random mask: read them, no hash
+                bits = mask_out = None
+                if target is not None:
+                    bits = empty((n + 7) // 8, dtype=u8)
+                    mask_out = empty((n + 7) // 8, dtype=u8) if kind else None
+                    if mask_key is not None:
+                        mask_keys.append(((index, lo), mask_key))
+                seed = lr = wd = c = c2 = 0.0
+                mode, m, v, consts, seed2 = 0, None, None, (), None
+                if args is not None:
+                    seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
+                packed = pack(
+                    tensor.data_ptr() + 4 * lo, n, lo, law, cells,
+                    current is not None, derive_seed(current.seed, key) if current else 0,
+                    current.scale if current else 0.0,
+                    0 if bits_in is None else bits_in.data_ptr(),
+                    0 if aside_in is None else aside_in.data_ptr(),
+                    mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
+                    0 if m is None else m.data_ptr() + 4 * lo, 0 if v is None else v.data_ptr() + 4 * lo,
+                    *consts, *_ZEROS[len(consts):],
+                    seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
+                    target is not None, derive_seed(target.seed, key) if target else 0,
+                    target.scale if target else 0.0, 0 if bits is None else bits.data_ptr(),
+                    kind, mask.thresholds[key] if kind == 1 else 0.0,
+                    0 if mask_in is None else mask_in.data_ptr(),
+                    0 if mask_out is None else mask_out.data_ptr(),
+                    mask_key or 0, mask.limit if kind == 2 else 0, 0, 0,
+                )  # fmt: skip
+                # passes of z drawn: one per distinct seed among the offsets and update terms
+                seeds = {o.seed for o in (current, target) if o is not None}
+                seeds.update(() if args is None else (seed,) if seed2 is None else (seed, seed2))
+                draws = len(seeds)
+                jobs.append(
+                    _Job(packed, index, lo, n, target is not None, bits, mask_out, kept, draws)
+                )
+        except BaseException:
+            aside.update(popped)
+            raise
+        self._mask_keys.update(mask_keys)
         return jobs, rest
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
@@ -617,22 +632,30 @@ class ParameterSpace:
         the next job as it finishes one; then keep aside what the targets need."""
         jobs.sort(key=lambda j: -j.n)  # largest first: the threads end close together
         table = bytearray(b"".join(j.packed for j in jobs))
-        address = ctypes.addressof((ctypes.c_char * len(table)).from_buffer(table))
+        # the ctypes objects themselves travel with each call: they keep the table and the
+        # counter alive for as long as any thread may still write to them
         counter = ctypes.c_int64(0)
-        args = (address, len(jobs), ctypes.addressof(counter))
+        args = ((ctypes.c_char * len(table)).from_buffer(table), len(jobs), ctypes.byref(counter))
         helpers = min(self.threads, len(jobs)) - 1
         if helpers and self._pool is None:  # (as many as threads: the torch path uses them all)
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
-        calls = [self._pool.submit(self._lib.zt_move_jobs, *args) for _ in range(helpers)]
+        calls = []
         try:
+            calls = [self._pool.submit(self._lib.zt_move_jobs, *args) for _ in range(helpers)]
             self._lib.zt_move_jobs(*args)
         finally:
             wait(calls)  # no caller moves the weights again while a thread still does
-        for k, job in enumerate(jobs):
-            count, aside = _native.JOB_RESULT.unpack_from(table, (k + 1) * _native.JOB.size - 16)
+        results = [
+            _native.JOB_RESULT.unpack_from(table, (k + 1) * _native.JOB.size - 16)
+            for k in range(len(jobs))
+        ]
+        failed = any(count < 0 for count, _ in results)
+        for job, (count, aside) in zip(jobs, results):  # every buffer is freed, even on failure
+            kept = _native.adopt(aside, count + PAD) if count > 0 else None
             if job.target:
-                kept = _native.adopt(aside, count + PAD) if count else None
                 self._aside[(job.index, job.lo)] = (job.bits if count else None, kept, job.mask)
+        if failed:
+            raise MemoryError("out of memory while moving the weights: they are left perturbed")
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
@@ -729,7 +752,8 @@ class RandomMask:
 
     def __init__(self, sparsity: float):
         self.sparsity = sparsity
-        self.limit = round((1 - sparsity) * 2**32)  # kept: hashes below this
+        # kept: hashes below this (at most 2^32 - 1: the kernel compares in 32 bits)
+        self.limit = min(round((1 - sparsity) * 2**32), 2**32 - 1)
 
     def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
         return hash32(derive_seed(seed, key, MASK_SALT), start, theta.numel(), theta.device) < (
