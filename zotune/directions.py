@@ -244,7 +244,7 @@ class _Job(NamedTuple):
     target: bool  # whether it ends perturbed: then bits, mask and the kernel's aside are kept
     bits: torch.Tensor | None
     mask: torch.Tensor | None
-    kept: tuple  # what it reads (held until the kernel is done)
+    kept: tuple  # what it reads (held until the kernel is done, then dropped)
     draws: int
 
 
@@ -627,10 +627,19 @@ class ParameterSpace:
         self._mask_keys.update(mask_keys)
         return jobs, rest
 
-    def _run_jobs(self, jobs: list[_Job]) -> None:
-        """Run the kernel over all jobs on `threads` threads (this one included), each taking
-        the next job as it finishes one; then keep aside what the targets need."""
+    def _run_jobs(self, jobs: list[_Job], batches: int = 4) -> None:
+        """Run the kernel over the jobs on `threads` threads (this one included), each taking
+        the next job as it finishes one, largest first; then keep aside what the targets need.
+        Jobs go in `batches` rounds of similar size, and what a round's moves read is freed
+        before the next round: a transition holds the old and new kept-aside records of one
+        round at a time, not of the whole model (the list is emptied as it goes)."""
         jobs.sort(key=lambda j: -j.n)  # largest first: the threads end close together
+        rounds = [jobs[k::batches] for k in range(min(batches, len(jobs)))]
+        jobs.clear()
+        while rounds:
+            self._run_round(rounds.pop(0))
+
+    def _run_round(self, jobs: list[_Job]) -> None:
         table = bytearray(b"".join(j.packed for j in jobs))
         # the ctypes objects themselves travel with each call: they keep the table and the
         # counter alive for as long as any thread may still write to them
@@ -650,6 +659,7 @@ class ParameterSpace:
             for k in range(len(jobs))
         ]
         failed = any(count < 0 for count, _ in results)
+        jobs[:] = [job._replace(kept=()) for job in jobs]  # free what the moves read, first
         for job, (count, aside) in zip(jobs, results):  # every buffer is freed, even on failure
             kept = _native.adopt(aside, count + PAD) if count > 0 else None
             if job.target:
