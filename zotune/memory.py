@@ -74,9 +74,12 @@ def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g).to(device)
     if loaded.kind == "causal":
-        return lambda: model(input_ids=ids, labels=ids).loss.float()
-    labels = torch.randint(0, model.config.num_labels, (batch,), generator=g).to(device)
-    return lambda: torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels)
+        fn = lambda: model(input_ids=ids, labels=ids).loss.float()  # noqa: E731
+    else:
+        labels = torch.randint(0, model.config.num_labels, (batch,), generator=g).to(device)
+        fn = lambda: torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), labels)  # noqa: E731
+    fn.ids = ids  # type: ignore[attr-defined]  (benchmarks read the batch's tokens)
+    return fn
 
 
 def make_optimizer(method: str, loaded, params, loss_fn, threads: int | None = None):
