@@ -313,30 +313,34 @@ class ParameterSpace:
         drawn = sum(job.draws * job.n for job in jobs)  # elements of z drawn
         if jobs:
             self._run_jobs(jobs)
-        if self.threads > 1 and len(rest) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
-            # one task per thread, each a list of units of about equal total size: a task per
-            # unit cost more in pool overhead than a small tensor's move
-            lanes: list[list[tuple]] = [[] for _ in range(self.threads)]
-            load = [0] * self.threads
-            for w in sorted(rest, key=lambda w: w[1] - w[2]):  # largest first
-                k = load.index(min(load))
-                lanes[k].append(w)
-                load[k] += w[2] - w[1]
-
-            def run(lane: list[tuple]) -> float:
-                return sum(self._move_unit(*w, update) * (w[2] - w[1]) for w in lane)
-
-            futures = [self._pool.submit(run, lane) for lane in lanes]
-            try:
-                drawn += sum(f.result() for f in futures)
-            except BaseException:
-                wait(futures)  # no caller moves the weights again while a lane still does
-                raise
-        else:
-            drawn += sum(self._move_unit(*w, update) * (w[2] - w[1]) for w in rest)
+        if rest:
+            drawn += self._run_torch(rest, update)
         self._count_draws(drawn)
+
+    def _run_torch(self, work: list[tuple], update: Update | None) -> float:
+        """Move units through the torch path, one task per thread, each a list of units of
+        about equal total size (a task per unit cost more in pool overhead than a small
+        tensor's move). Returns the elements of z drawn."""
+
+        def run(lane: list[tuple]) -> float:
+            return sum(self._move_unit(*w, update) * (w[2] - w[1]) for w in lane)
+
+        if self.threads == 1 or len(work) == 1:
+            return run(work)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
+        lanes: list[list[tuple]] = [[] for _ in range(self.threads)]
+        load = [0] * self.threads
+        for w in sorted(work, key=lambda w: w[1] - w[2]):  # largest first
+            k = load.index(min(load))
+            lanes[k].append(w)
+            load[k] += w[2] - w[1]
+        futures = [self._pool.submit(run, lane) for lane in lanes]
+        try:
+            return sum(f.result() for f in futures)
+        except BaseException:
+            wait(futures)  # no caller moves the weights again while a lane still does
+            raise
 
     def _count_draws(self, elements: float) -> None:
         """`regenerations` counts full passes of z over the space: draws weighted by size."""
