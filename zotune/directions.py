@@ -635,41 +635,65 @@ class ParameterSpace:
         """Run the kernel over the jobs on `threads` threads (this one included), each taking
         the next job as it finishes one, largest first; then keep aside what the targets need.
         Jobs go in `batches` rounds of similar size, and what a round's moves read is freed
-        before the next round: a transition holds the old and new kept-aside records of one
-        round at a time, not of the whole model (the list is emptied as it goes)."""
+        before the next round's records are kept: a transition holds the old and new kept-aside
+        records of about one round at a time, not of the whole model (the list is emptied as
+        it goes). Helper threads go straight on to the next round while this one keeps the
+        last round's records aside."""
         jobs.sort(key=lambda j: -j.n)  # largest first: the threads end close together
-        rounds = [jobs[k::batches] for k in range(min(batches, len(jobs)))]
+        rounds: list = [jobs[k::batches] for k in range(min(batches, len(jobs)))]
         jobs.clear()
-        while rounds:
-            self._run_round(rounds.pop(0))
+        tables = [bytearray(b"".join(j.packed for j in r)) for r in rounds]
+        # the ctypes objects themselves travel with each call: they keep the tables and the
+        # counters alive for as long as any thread may still write to them
+        counters = [ctypes.c_int64(0) for _ in rounds]
+        calls = [
+            ((ctypes.c_char * len(t)).from_buffer(t), len(r), ctypes.byref(c))
+            for t, r, c in zip(tables, rounds, counters)
+        ]
+        helpers = min(self.threads, len(rounds[0])) - 1
+        done = [threading.Semaphore(0) for _ in rounds]  # one release per helper past a round
+        lib = self._lib
 
-    def _run_round(self, jobs: list[_Job]) -> None:
-        table = bytearray(b"".join(j.packed for j in jobs))
-        # the ctypes objects themselves travel with each call: they keep the table and the
-        # counter alive for as long as any thread may still write to them
-        counter = ctypes.c_int64(0)
-        args = ((ctypes.c_char * len(table)).from_buffer(table), len(jobs), ctypes.byref(counter))
-        helpers = min(self.threads, len(jobs)) - 1
+        def helper() -> None:
+            try:
+                for k, args in enumerate(calls):
+                    lib.zt_move_jobs(*args)
+                    done[k].release()
+            finally:
+                for d in done:  # (after an error: never leave this thread's caller waiting)
+                    d.release()
+
         if helpers and self._pool is None:  # (as many as threads: the torch path uses them all)
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
-        calls = []
+        futures = []
+        failed = False
         try:
-            calls = [self._pool.submit(self._lib.zt_move_jobs, *args) for _ in range(helpers)]
-            self._lib.zt_move_jobs(*args)
+            futures = [self._pool.submit(helper) for _ in range(helpers)]
+            for k, args in enumerate(calls):
+                lib.zt_move_jobs(*args)
+                for _ in futures:
+                    done[k].acquire()
+                failed |= self._keep_aside(rounds[k], tables[k])
+                rounds[k] = None  # free what the round's moves read
         finally:
-            wait(calls)  # no caller moves the weights again while a thread still does
+            wait(futures)  # no caller moves the weights again while a thread still does
+        for f in futures:
+            f.result()
+        if failed:
+            raise MemoryError("out of memory while moving the weights: they are left perturbed")
+
+    def _keep_aside(self, jobs: list[_Job], table: bytearray) -> bool:
+        """Keep aside what a finished round's targets need; True if a job ran out of memory."""
         results = [
             _native.JOB_RESULT.unpack_from(table, (k + 1) * _native.JOB.size - 16)
             for k in range(len(jobs))
         ]
-        failed = any(count < 0 for count, _ in results)
         jobs[:] = [job._replace(kept=()) for job in jobs]  # free what the moves read, first
         for job, (count, aside) in zip(jobs, results):  # every buffer is freed, even on failure
             kept = _native.adopt(aside, count + PAD) if count > 0 else None
             if job.target:
                 self._aside[(job.index, job.lo)] = (job.bits if count else None, kept, job.mask)
-        if failed:
-            raise MemoryError("out of memory while moving the weights: they are left perturbed")
+        return any(count < 0 for count, _ in results)
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
