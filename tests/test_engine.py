@@ -463,6 +463,21 @@ def test_lazy_embedding_rows_change_no_loss_and_no_weight(method, extra):
         assert not all(seen_a) and all(seen_b)  # eager perturbs unread rows, lazy does not
 
 
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize("method", ["mezo", "r-mezo", "sparse-mezo"])
+def test_lazy_rows_split_over_threads_change_nothing(method):
+    """Batches that read over 128 rows are moved in one segment per thread."""
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(bert_config(200, num_labels=2)).eval()
+    batches = [torch.randint(0, 200, (16, 24)) for _ in range(3)]
+    labels = torch.randint(0, 2, (16,))
+    extra = {"sparsity": 0.5} if method != "mezo" else {}
+    loss_a, weights_a, _, _ = _train_tiny_bert(base, method, extra, False, batches, labels)
+    loss_b, weights_b, _, _ = _train_tiny_bert(base, method, extra, True, batches, labels)
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+
+
 def test_attach_defaults_to_the_input_embedding_and_skips_overridden_lookups():
     bert = BertForSequenceClassification(bert_config(64, num_labels=2))
     opt = build("mezo", bert.parameters(), lr=1e-3)
@@ -495,11 +510,11 @@ def test_attach_hook_reads_ids_passed_by_keyword():
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     # regenerations count z drawn over the weights: 3 full passes a step without attach; with
-    # it, the table's 800 weights are drawn once (the update), and the rows a forward reads
-    # twice per forward (perturbed before it, put back after)
+    # it, the table's 800 weights are drawn once (the update), and the rows the forwards read
+    # three times (to +εz before the first, straight to -εz after it, back after the second)
     n_other, rows_read = 17, ids.unique().numel() * 16
     assert runs[0][2] == 9
-    assert runs[1][2] == pytest.approx(3 * (3 * n_other + 800 + 4 * rows_read) / (n_other + 800))
+    assert runs[1][2] == pytest.approx(3 * (3 * n_other + 800 + 3 * rows_read) / (n_other + 800))
 
 
 def test_attach_skips_tied_and_untrained_embeddings():

@@ -296,9 +296,14 @@ class ParameterSpace:
         if current is None and target is None and update is None:
             return
         self._lib = _native.lib()  # resolved once a pass, not per unit
-        for index in self._lazy:  # rows a forward pass read go back to θ0 (few: main thread)
-            for rows, kept in self._rows.pop(index, []):
-                self._move_rows(index, rows, current, None, kept)
+        for index in self._lazy:  # rows a forward pass read: to the target, or back to θ0
+            # (straight to the next offset when nothing updates θ0 meanwhile: the next forward
+            # reads the same batch; the update pass assumes every row at θ0)
+            segments = self._rows.pop(index, [])
+            to = target if update is None else None
+            moved = self._move_row_segments(index, segments, current, to)
+            if to is not None:
+                self._rows[index] = moved
         work = [
             (i, lo, hi, current, target) if i not in self._lazy else (i, lo, hi, None, None)
             for i, lo, hi in self.units()
@@ -392,7 +397,31 @@ class ParameterSpace:
         for done, _ in segments:
             rows = rows[~torch.isin(rows, done)]
         if rows.numel():
-            segments.append((rows, self._move_rows(index, rows, None, self.at)))
+            parts = rows.tensor_split(min(self.threads, max(1, rows.numel() // 64)))
+            segments += self._move_row_segments(index, [(r, None) for r in parts], None, self.at)
+
+    def _move_row_segments(
+        self, index: int, segments: list[tuple], current: Offset | None, target: Offset | None
+    ) -> list[tuple]:
+        """Move row segments (rows, kept) of a row-lazy tensor, one per thread at a time;
+        returns the segments at the target (rows, what is kept aside for them)."""
+
+        def move(segment: tuple) -> tuple:
+            rows, kept = segment
+            return rows, self._move_rows(index, rows, current, target, kept)
+
+        # one z per row: the current offset's and the target's share a seed or one is None
+        self._count_draws(sum(rows.numel() for rows, _ in segments) * self._lazy[index])
+        if self.threads == 1 or len(segments) < 2:
+            return [move(sg) for sg in segments]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
+        futures = [self._pool.submit(move, sg) for sg in segments[1:]]
+        try:
+            first = move(segments[0])
+        finally:
+            wait(futures)
+        return [first, *(f.result() for f in futures)]
 
     def _move_rows(
         self,
@@ -429,7 +458,6 @@ class ParameterSpace:
             _native.bptr(mask_in), _native.bptr(mask_out), mask_key,
             self.mask.limit if kind == 2 else 0,
         )  # fmt: skip
-        self._count_draws(n)  # (one z per row: either the current offset's or the target's)
         if target is None:
             return None
         return (
