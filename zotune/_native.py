@@ -365,7 +365,7 @@ static void zt_update(int mode, float *theta, const float *z, int64_t cm, int ha
             mm[j] = a;
             theta[j] = theta[j] - a * upd_lr;
         }
-    } else {  /* ZT_ADAM: h1..h7 = b1, 1-b1, b2, 1-b2, 1-b2^t, delta, lr/(1-b1^t) */
+    } else {  /* ZT_ADAM: h1..h7 = b1, 1-b1, b2, 1-b2, 1/(1-b2^t), delta, lr/(1-b1^t) */
         for (int64_t j = 0; j < cm; j++) {
             float g = z[j] * upd_c, a = mm[j] * h1, b = g * h2;
             a = a + b;
@@ -374,7 +374,7 @@ static void zt_update(int mode, float *theta, const float *z, int64_t cm, int ha
             gg = gg * h4;
             c = c + gg;
             vv[j] = c;
-            float d = c / h5;
+            float d = c * h5;
             d = sqrtf(d);
             d = d + h6;
             float r = a / d;

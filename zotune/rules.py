@@ -137,7 +137,7 @@ class Adam(Rule):
     def kernel(self, c, lr, state, step):
         t = step + 1
         b1, b2 = self.beta1, self.beta2
-        consts = (b1, 1 - b1, b2, 1 - b2, 1 - b2**t, self.delta, lr / (1 - b1**t))
+        consts = (b1, 1 - b1, b2, 1 - b2, 1 / (1 - b2**t), self.delta, lr / (1 - b1**t))
         return KERNEL_ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
@@ -146,9 +146,10 @@ class Adam(Rule):
         m.mul_(self.beta1).add_(g * (1 - self.beta1))
         v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
         t = step + 1
+        # v times the reciprocal of the bias correction (a division per element costs more);
         # sqrt through float64: correctly rounded on every device, as the C kernel's sqrtf
         # (torch's float32 CPU sqrt is not: it differs in the last bit for ~20% of inputs)
-        denom = (v / (1 - self.beta2**t)).double().sqrt_().float().add_(self.delta)
+        denom = (v * (1 / (1 - self.beta2**t))).double().sqrt_().float().add_(self.delta)
         _decay(block, lr, weight_decay)
         block.theta.sub_((m / denom).mul_(lr / (1 - self.beta1**t)))
 
