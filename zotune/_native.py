@@ -63,8 +63,6 @@ static inline __m256i zt_weyl_step(uint64_t key) {
     return _mm256_set1_epi32((int)(8u * ((uint32_t)key | 1u)));
 }
 
-/* zt_hash of the 8 indices i0 .. i0 + 7 */
-static inline __m256i zt_hash8(uint64_t key, uint32_t i0) { return zt_mix8(zt_weyl8(key, i0)); }
 #endif
 
 #ifdef __AVX2__

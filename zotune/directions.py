@@ -277,6 +277,7 @@ class ParameterSpace:
         self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
         self._mask_keys: dict[tuple[int, int], int] = {}  # R-MeZO: the key of each unit's kept mask
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
+        self._numel = max(sum(t.numel() for t in self.tensors), 1)  # (shapes never change)
         self.at: Offset | None = None  # where the weights sit now (set by every transition)
         self._lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width (`lazy_rows`)
         self._rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0
@@ -328,7 +329,7 @@ class ParameterSpace:
         tensor's move). Returns the elements of z drawn."""
 
         def run(lane: list[tuple]) -> float:
-            return sum(self._move_unit(*w, update) * (w[2] - w[1]) for w in lane)
+            return sum(self._move_torch(*w, update) * (w[2] - w[1]) for w in lane)
 
         if self.threads == 1 or len(work) == 1:
             return run(work)
@@ -349,7 +350,7 @@ class ParameterSpace:
 
     def _count_draws(self, elements: float) -> None:
         """`regenerations` counts full passes of z over the space: draws weighted by size."""
-        self.regenerations += elements / max(sum(t.numel() for t in self.tensors), 1)
+        self.regenerations += elements / self._numel
 
     def set_aside(self) -> tuple:
         """Take what keeps the current perturbation invertible, leaving the space as if at θ0,
@@ -466,7 +467,8 @@ class ParameterSpace:
             mask_out,
         )
 
-    def _move_unit(
+    @torch.no_grad()
+    def _move_torch(
         self,
         index: int,
         lo: int,
@@ -475,27 +477,11 @@ class ParameterSpace:
         target: Offset | None,
         update: Update | None,
     ) -> float:
-        """Move one unit block by block in torch ops (what the C kernel does not cover).
-        Returns the passes of z drawn, as a fraction of the unit's elements."""
+        """Move one unit block by block in torch ops (any dtype, device, mask or rule: what the
+        C kernel does not cover). Returns the passes of z drawn, as a fraction of its elements."""
         tensor = self.tensors[index]
         lib = self._lib if tensor.dtype == torch.float32 and tensor.is_cpu else None
         kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
-        with torch.no_grad():
-            return self._move_torch(tensor, index, lo, hi, current, target, update, lib, kept)
-
-    def _move_torch(
-        self,
-        tensor: torch.Tensor,
-        index: int,
-        lo: int,
-        hi: int,
-        current: Offset | None,
-        target: Offset | None,
-        update: Update | None,
-        lib: object,
-        kept: tuple,
-    ) -> float:
-        """The unit block by block in torch ops (any dtype, device, mask or rule)."""
         flat = tensor.detach().view(-1)[lo:hi]
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
