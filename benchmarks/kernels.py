@@ -46,8 +46,18 @@ def main() -> None:
         def decode():
             lib.zt_decode(p(out), p(z), 1e-3, p(scratch), None, None, n)
 
+        encode()  # (out, bits, scratch as aside: the records an undo reads)
+        aside = scratch.clone()
+
+        def decode_kept():
+            lib.zt_decode(p(out), p(z), 1e-3, p(theta2), _native.bptr(bits), p(aside), n)
+
+        theta2 = torch.empty(n)
+
         print(f"  perturb + check      {per_element_ns(encode, n):.2f}")
         print(f"  undo                 {per_element_ns(decode, n):.2f}")
+        print(f"  undo + kept-aside    {per_element_ns(decode_kept, n):.2f}")
+        assert torch.equal(theta2, theta), "the undo did not give θ back"
 
 
 if __name__ == "__main__":

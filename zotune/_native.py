@@ -189,33 +189,35 @@ int64_t zt_encode(const float *theta, const float *z, float scale, float *out,
 }
 
 /* theta = param - z*scale, then the elements marked in bits take their kept-aside values.
-   Returns the number of aside values used. */
+   Returns the number of aside values used. (param may be theta: each element is read before
+   it is written.) */
 int64_t zt_decode(const float *param, const float *z, float scale, float *theta,
                   const uint8_t *bits, const float *aside, int64_t n) {
-    for (int64_t j = 0; j < n; j++) {
-        float s = z[j] * scale;
-        theta[j] = param[j] - s;
-    }
-    if (!bits) return 0;
-    int64_t count = 0, b = 0;
+    int64_t count = 0, j = 0;
 #ifdef __AVX2__
-    /* the flagged lanes take the next aside values in order (reads up to 8 floats past the
-       last one used: kept-aside arrays carry 8 floats of padding) */
+    /* one pass: the flagged lanes take the next aside values in order (reads up to 8 floats
+       past the last one used: kept-aside arrays carry 8 floats of padding) */
+    const __m256 sc = _mm256_set1_ps(scale);
     const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    for (; b + 8 <= n; b += 8) {
-        uint32_t byte = bits[b >> 3];
+    for (; bits && j + 8 <= n; j += 8) {
+        __m256 t = _mm256_sub_ps(_mm256_loadu_ps(param + j), _mm256_mul_ps(_mm256_loadu_ps(z + j), sc));
+        uint32_t byte = bits[j >> 3];
         __m256 fresh = _mm256_permutevar8x32_ps(_mm256_loadu_ps(aside + count), zt_lanes(ZT_EXPAND[byte]));
         __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane), lane);
-        __m256 t = _mm256_blendv_ps(_mm256_loadu_ps(theta + b), fresh, _mm256_castsi256_ps(set));
-        _mm256_storeu_ps(theta + b, t);
+        _mm256_storeu_ps(theta + j, _mm256_blendv_ps(t, fresh, _mm256_castsi256_ps(set)));
         count += __builtin_popcount(byte);
     }
 #endif
-    for (; b < n; b += 8) {
-        uint32_t byte = bits[b >> 3];
+    for (int64_t k = j; k < n; k++) {
+        float s = z[k] * scale;
+        theta[k] = param[k] - s;
+    }
+    if (!bits) return 0;
+    for (; j < n; j += 8) {
+        uint32_t byte = bits[j >> 3];
         while (byte) {
             int k = __builtin_ctz(byte);
-            theta[b + k] = aside[count++];
+            theta[j + k] = aside[count++];
             byte &= byte - 1;
         }
     }
