@@ -244,7 +244,7 @@ class _Job(NamedTuple):
     target: bool  # whether it ends perturbed: then bits, mask and the kernel's aside are kept
     bits: torch.Tensor | None
     mask: torch.Tensor | None
-    kept: tuple  # what it reads (held until the kernel is done, then dropped)
+    kept: list  # [what it reads]: held until the kernel is done, then emptied
     draws: int
 
 
@@ -282,6 +282,7 @@ class ParameterSpace:
         self._lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width (`lazy_rows`)
         self._rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0
 
+    @functools.cached_property
     def units(self) -> list[tuple[int, int, int]]:
         """Work items (tensor index, lo, hi): what is kept aside is kept per unit."""
         return [
@@ -307,7 +308,7 @@ class ParameterSpace:
                 self._rows[index] = moved
         work = [
             (i, lo, hi, current, target) if i not in self._lazy else (i, lo, hi, None, None)
-            for i, lo, hi in self.units()
+            for i, lo, hi in self.units
             if i not in self._lazy or update is not None  # the rest of a lazy table: update only
         ]
         self.at = target
@@ -637,7 +638,7 @@ class ParameterSpace:
                 seeds.update(() if args is None else (seed,) if seed2 is None else (seed, seed2))
                 draws = len(seeds)
                 jobs.append(
-                    _Job(packed, index, lo, n, target is not None, bits, mask_out, kept, draws)
+                    _Job(packed, index, lo, n, target is not None, bits, mask_out, [kept], draws)
                 )
         except BaseException:
             aside.update(popped)
@@ -702,7 +703,8 @@ class ParameterSpace:
             _native.JOB_RESULT.unpack_from(table, (k + 1) * _native.JOB.size - 16)
             for k in range(len(jobs))
         ]
-        jobs[:] = [job._replace(kept=()) for job in jobs]  # free what the moves read, first
+        for job in jobs:  # free what the moves read, first
+            job.kept.clear()
         for job, (count, aside) in zip(jobs, results):  # every buffer is freed, even on failure
             kept = _native.adopt(aside, count + PAD) if count > 0 else None
             if job.target:
