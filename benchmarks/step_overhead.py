@@ -3,11 +3,11 @@
     python benchmarks/step_overhead.py                 # both built-in models, time + memory
     python benchmarks/step_overhead.py --models smollm2-135m --skip-memory
 
-Time: for each model (full-parameter, fp32, batch 16 x 64 tokens), the median time of a
-training step divided by the median time of the forward passes that step needs, run alone. The
-official MeZO step (torch.normal per tensor, out-of-place updates, z drawn 4 times) is timed the
-same way in the same run, for reference. Steps and forwards are interleaved, so machine noise
-hits both alike. Then each method's passes over the weights are timed alone (its closure only
+Time: for each model (full-parameter, fp32, batch 16 x 64 tokens), a training step's time
+divided by the time of the forward passes it makes, each step paired with a forward pass run
+alone just before it; the median of these ratios over the repetitions is printed. The official
+MeZO step (torch.normal per tensor, out-of-place updates, z drawn 4 times) is timed the same way
+in the same run, for reference. Pairing makes the machine's drift hit both sides alike. Then each method's passes over the weights are timed alone (its closure only
 looks up the batch's embedding rows and returns a number) and printed as a share of the
 forward passes its step makes: the ratio minus one, without the forward pass's noise.
 
@@ -71,7 +71,8 @@ def time_model(name: str, methods: list[str], reps: int, threads: int | None) ->
     params = [p for p in model.parameters()]
     loss_fn = random_batch_loss(loaded, BATCH, SEQ)
     times: dict[str, list[float]] = {"forward": [], "official": [], **{m: [] for m in methods}}
-    forwards: dict[str, float] = {}
+    ratios: dict[str, list[float]] = {m: [] for m in ["official", *methods]}
+    forwards: dict[str, int] = {"official": 2}
     opts = {}
     for m in methods:
         opts[m] = make_optimizer(m, loaded, params, loss_fn, threads)
@@ -79,30 +80,33 @@ def time_model(name: str, methods: list[str], reps: int, threads: int | None) ->
     with torch.no_grad():
         loss_fn()  # warm up
         for r in range(reps):
-            t = time.perf_counter()
-            loss_fn()
-            times["forward"].append(time.perf_counter() - t)
             # the order rotates each repetition: the official step reallocates every weight,
             # which would otherwise always slow down whichever method follows it
             order = ["official", *methods]
             for m in order[r % len(order) :] + order[: r % len(order)]:
+                # each step is paired with a forward pass timed just before it: the machine's
+                # speed drifts over seconds, and the pair shares the drift
+                t = time.perf_counter()
+                loss_fn()
+                fwd = time.perf_counter() - t
+                times["forward"].append(fwd)
                 t = time.perf_counter()
                 if m == "official":
                     official_step(params, loss_fn, seed=r, lr=1e-7, eps=1e-3)
-                    times[m].append(time.perf_counter() - t)
-                    continue
-                before = opts[m].forward_passes
-                opts[m].step(loss_fn)
+                else:
+                    before = opts[m].forward_passes
+                    opts[m].step(loss_fn)
+                    forwards[m] = opts[m].forward_passes - before
                 times[m].append(time.perf_counter() - t)
-                forwards[m] = opts[m].forward_passes - before
+                ratios[m].append(times[m][-1] / (forwards[m] * fwd))
     passes = passes_alone(loaded, opts, loss_fn, reps)
     fwd = statistics.median(times["forward"])
     row = {"model": name, "params": sum(p.numel() for p in params), "forward_s": fwd}
-    row["official_ratio"] = statistics.median(times["official"]) / (2 * fwd)
+    row["official_ratio"] = statistics.median(ratios["official"])
     for m in methods:
         row[f"{m}_s"] = statistics.median(times[m])
         row[f"{m}_forwards"] = forwards[m]
-        row[f"{m}_ratio"] = row[f"{m}_s"] / (forwards[m] * fwd)
+        row[f"{m}_ratio"] = statistics.median(ratios[m])
         row[f"{m}_passes_s"] = passes[m]
         row[f"{m}_passes_share"] = passes[m] / (forwards[m] * fwd)
     return row
