@@ -608,7 +608,9 @@ class ParameterSpace:
                         kind = 3  # the kept bits are this step's random mask: read them, no hash
                 bits = mask_out = None
                 if target is not None:
-                    bits = empty((n + 7) // 8, dtype=u8)
+                    # the kernel reads a chunk's old flags before writing its new ones, so the
+                    # current's flag bits can take the target's (no allocation, no second copy)
+                    bits = bits_in if bits_in is not None else empty((n + 7) // 8, dtype=u8)
                     mask_out = empty((n + 7) // 8, dtype=u8) if kind else None
                     if mask_key is not None:
                         mask_keys.append(((index, lo), mask_key))
