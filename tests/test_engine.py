@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 
 import pytest
@@ -161,6 +162,7 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
 def test_a_move_that_fails_before_the_kernel_runs_leaves_the_weights_restorable():
     torch.manual_seed(0)
     tensors = [torch.randn(1000) * 1e-4, torch.randn(3000) * 1e-4]  # many kept-aside values
@@ -478,6 +480,7 @@ def test_lazy_rows_split_over_threads_change_nothing(method):
     assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
 
 
+@pytest.mark.skipif(_native.lib() is None, reason="attached rows need the C kernel")
 def test_attach_defaults_to_the_input_embedding_and_skips_overridden_lookups():
     bert = BertForSequenceClassification(bert_config(64, num_labels=2))
     opt = build("mezo", bert.parameters(), lr=1e-3)
@@ -487,6 +490,7 @@ def test_attach_defaults_to_the_input_embedding_and_skips_overridden_lookups():
     assert opt.attach(opt_model, [positions, opt_model.get_input_embeddings()]) == []  # tied
 
 
+@pytest.mark.skipif(_native.lib() is None, reason="attached rows need the C kernel")
 def test_attach_hook_reads_ids_passed_by_keyword():
     class Bag(nn.Module):
         def __init__(self):
@@ -517,6 +521,7 @@ def test_attach_hook_reads_ids_passed_by_keyword():
     assert runs[1][2] == pytest.approx(3 * (3 * n_other + 800 + 3 * rows_read) / (n_other + 800))
 
 
+@pytest.mark.skipif(_native.lib() is None, reason="attached rows need the C kernel")
 def test_attach_skips_tied_and_untrained_embeddings():
     tied = LlamaForCausalLM(llama_config(64, tie_word_embeddings=True))
     assert build("mezo", tied.parameters(), lr=1e-3).attach(tied) == []
@@ -529,7 +534,9 @@ def test_attach_skips_tied_and_untrained_embeddings():
 
 
 @pytest.mark.skipif(
-    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+    (shutil.which("cc") is None and shutil.which("gcc") is None)
+    or os.environ.get("ZOTUNE_NATIVE") == "0",
+    reason="no C compiler, or the kernel turned off",
 )
 def test_the_c_kernel_compiles_where_a_compiler_exists():
     """Every kernel test skips without the library: a source that fails to compile must fail."""
