@@ -47,12 +47,10 @@ def main() -> None:
             lib.zt_decode(p(out), p(z), 1e-3, p(scratch), None, None, n)
 
         encode()  # (out, bits, scratch as aside: the records an undo reads)
-        aside = scratch.clone()
+        aside, theta2 = scratch.clone(), torch.empty(n)
 
         def decode_kept():
             lib.zt_decode(p(out), p(z), 1e-3, p(theta2), _native.bptr(bits), p(aside), n)
-
-        theta2 = torch.empty(n)
 
         print(f"  perturb + check      {per_element_ns(encode, n):.2f}")
         print(f"  undo                 {per_element_ns(decode, n):.2f}")

@@ -7,9 +7,10 @@ Time: for each model (full-parameter, fp32, batch 16 x 64 tokens), a training st
 divided by the time of the forward passes it makes, each step paired with a forward pass run
 alone just before it; the median of these ratios over the repetitions is printed. The official
 MeZO step (torch.normal per tensor, out-of-place updates, z drawn 4 times) is timed the same way
-in the same run, for reference. Pairing makes the machine's drift hit both sides alike. Then each method's passes over the weights are timed alone (its closure only
-looks up the batch's embedding rows and returns a number) and printed as a share of the
-forward passes its step makes: the ratio minus one, without the forward pass's noise.
+in the same run, for reference. Pairing makes the machine's drift hit both sides alike. Then
+each method's passes over the weights are timed alone (its closure only looks up the batch's
+embedding rows and returns a number) and printed as a share of the forward passes its step
+makes: the ratio minus one, without the forward pass's noise.
 
 Memory: each configuration runs in its own process (a fresh interpreter, so peaks do not bleed
 between them) and reports its peak resident memory: forward passes only, then training steps
