@@ -14,7 +14,16 @@ from transformers import BertForSequenceClassification, LlamaForCausalLM, OPTCon
 
 import zotune
 from zotune import _native
-from zotune.directions import BLOCK, Gaussian, Offset, ParameterSpace, derive_seed, hash32
+from zotune.directions import (
+    BLOCK,
+    Gaussian,
+    MagnitudeMask,
+    Offset,
+    ParameterSpace,
+    RandomMask,
+    derive_seed,
+    hash32,
+)
 from zotune.estimators import one_sided, two_sided
 from zotune.optim import build, param_groups
 
@@ -184,6 +193,34 @@ def test_a_move_that_fails_before_the_kernel_runs_leaves_the_weights_restorable(
     assert space.at == Offset(1, 1e-3)
     space.transition(Offset(1, 1e-3), None)
     assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize("mask", [None, "magnitude", "random"])
+def test_what_the_torch_path_keeps_aside_the_kernel_restores(mask):
+    """An update without a kernel form runs as torch ops, and may end perturbed: its records
+    go where the kernel will look for them, so the next pass restores θ0' bit for bit."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(3000) * 1e-3, torch.randn(BLOCK + 40) * 0.05]  # many kept aside
+    masks = {
+        None: None,
+        "magnitude": MagnitudeMask(tensors, range(2), 0.5),
+        "random": RandomMask(0.5),
+    }
+    expected = [t * 0.5 for t in tensors]
+    space = ParameterSpace(tensors, mask=masks[mask])
+    space.mask_seed = 7
+
+    def halve(block):  # no `fused`: the torch path moves every unit
+        block.theta.mul_(0.5)
+
+    space.transition(None, Offset(3, 1e-2), halve)
+    assert not space.at_rest() and space._aside == {}  # kept in the kernel's records
+    assert not torch.equal(tensors[0], expected[0])
+    space.transition(Offset(3, 1e-2), Offset(3, -1e-2))  # the kernel, reading those records
+    space.transition(Offset(3, -1e-2), None)
+    assert space.at_rest()
+    assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -258,7 +258,7 @@ def test_sparse_mezo_perturbs_exactly_the_intended_fraction():
         small = t0.abs() <= t0.abs().flatten().kthvalue(round(0.2 * t0.numel())).values
         assert torch.equal(t[~small], t0[~small])  # masked weights bit-identical
         assert (t[small] != t0[small]).float().mean() > 0.9
-    assert opt.space._aside == {}  # nothing mask-sized outlives the step
+    assert opt.space.at_rest()  # nothing mask-sized outlives the step
 
 
 def test_random_mask_keeps_its_ratio_and_changes_per_step():

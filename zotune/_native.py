@@ -13,7 +13,6 @@ import hashlib
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -444,61 +443,148 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     }
     return kept;
 }
-/* One unit's zt_move arguments, for zt_move_jobs. Every field is 8 bytes wide (no padding):
-   Python fills an array of these with struct.pack (JOB below), far cheaper than a ctypes
-   call of 44 arguments per unit. */
-typedef struct {
-    float *flat; int64_t n, start, law; const float *cells;
-    int64_t has_cur; uint64_t key_cur; double cur_scale;
-    const uint8_t *bits_in; const float *aside_in;
-    int64_t mode; uint64_t key_upd; double upd_c, upd_lr; int64_t has_decay; double upd_decay;
-    float *m, *v; double h[7];
-    int64_t has_upd2; uint64_t key_upd2; double upd_c2;
-    int64_t has_tgt; uint64_t key_tgt; double tgt_scale; uint8_t *bits_out;
-    int64_t has_mask; double mask_h; const uint8_t *mask_in; uint8_t *mask_out;
-    uint64_t mask_key; int64_t mask_limit;
-    int64_t kept; float *aside;  /* out: the target's kept-aside values (malloc'd; 8 floats of
-                                    slack), NULL when none; the caller copies then frees them */
-} zt_job;
+/* splitmix64, as directions._splitmix64: the kernel derives each unit's keys itself. */
+static inline uint64_t zt_splitmix(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
 
-/* Run jobs[k] for k = (*next)++ until none is left: every thread of a transition calls this on
-   the same array (largest jobs first), so the threads finish together without a Python task
-   per unit. The float arguments are narrowed from double exactly as ctypes narrows them. */
-void zt_move_jobs(zt_job *jobs, int64_t njobs, int64_t *next) {
+/* What keeps a perturbed unit invertible, owned by the kernel from the move that perturbs the
+   unit to the move that restores it (Python only swaps whole tables: MeZO-SVRG's anchor). */
+typedef struct {
+    uint8_t *bits;      /* one bit per element: its theta is kept aside; NULL when none is */
+    float *aside;       /* those thetas in element order, + 8 floats of slack */
+    uint8_t *mask;      /* the perturbation's mask as bits, or NULL */
+    uint64_t mask_key;  /* the random mask's key, when mask is one (kind 2) */
+    int64_t count;      /* floats in aside */
+} zt_rec;
+
+/* One unit (elements start .. start + n of a tensor), built once per space. The update fields
+   are written before each pass that updates. */
+typedef struct {
+    float *flat; int64_t n, start; uint64_t key;
+    int64_t offsets;  /* 0: a row-lazy table's unit, at theta0 through every pass (update only) */
+    double mask_h;    /* the magnitude mask's threshold */
+    int64_t mode; uint64_t key_upd; double upd_c, upd_lr; int64_t has_decay; double upd_decay;
+    float *m, *v; double h[7]; int64_t has_upd2; uint64_t key_upd2; double upd_c2;
+} zt_unit;
+
+/* What a pass shares: the offsets' and the mask's seeds enter as the state of derive_seed
+   after their first part, s = splitmix64(0x5EED ^ seed), and each unit's key is mixed in here. */
+typedef struct {
+    int64_t law; const float *cells;
+    int64_t has_cur; uint64_t cur_s; double cur_scale;
+    int64_t update;
+    int64_t has_tgt; uint64_t tgt_s; double tgt_scale;
+    int64_t mask_kind; uint64_t mask_s; int64_t mask_limit;  /* kind 1 magnitude, 2 random */
+} zt_pass;
+
+#define ZT_MASK_SALT 0x4D41534Bull
+
+/* Move the units order[k] for k = (*next)++ until none is left: every thread of a pass calls
+   this on the same order (largest first), so the threads finish together with no Python per
+   unit. Each unit's record is read, replaced and freed here. Counts into *failed the units
+   whose memory ran out (before the move: not moved; after: moved, kept-aside values lost).
+   The float arguments are narrowed from double exactly as ctypes narrows them. */
+void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order,
+            int64_t count, int64_t *next, int64_t *failed) {
     float *scratch = 0;
     int64_t cap = 0;
     for (;;) {
         int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-        if (k >= njobs) break;
-        zt_job *j = &jobs[k];
-        j->aside = 0;
-        if (j->has_tgt && cap < j->n + 8) {
-            free(scratch);
-            cap = j->n + 8;
-            scratch = malloc((size_t)cap * sizeof(float));
-            if (!scratch) { cap = 0; j->kept = -1; continue; }  /* out of memory: not moved */
+        if (k >= count) break;
+        zt_unit *u = &units[order[k]];
+        zt_rec *r = &recs[order[k]];
+        int cur = p->has_cur && u->offsets, tgt = p->has_tgt && u->offsets;
+        int kind = (int)p->mask_kind;
+        uint64_t mask_key = 0;
+        if (kind == 2) {
+            mask_key = zt_splitmix(zt_splitmix(p->mask_s ^ u->key) ^ ZT_MASK_SALT) >> 1;
+            if (cur && r->mask && r->mask_key == mask_key)
+                kind = 3;  /* the kept bits are this step's random mask: read them, no hash */
         }
-        j->kept = zt_move(j->flat, j->n, j->start, (int)j->law, j->cells,
-                          (int)j->has_cur, j->key_cur, (float)j->cur_scale, j->bits_in, j->aside_in,
-                          (int)j->mode, j->key_upd, (float)j->upd_c, (float)j->upd_lr,
-                          (int)j->has_decay, (float)j->upd_decay, j->m, j->v,
-                          (float)j->h[0], (float)j->h[1], (float)j->h[2], (float)j->h[3],
-                          (float)j->h[4], (float)j->h[5], (float)j->h[6],
-                          (int)j->has_upd2, j->key_upd2, (float)j->upd_c2,
-                          (int)j->has_tgt, j->key_tgt, (float)j->tgt_scale, j->bits_out, scratch,
-                          (int)j->has_mask, (float)j->mask_h, j->mask_in, j->mask_out,
-                          j->mask_key, j->mask_limit);
-        if (j->kept) {
-            j->aside = malloc((size_t)(j->kept + 8) * sizeof(float));
-            if (j->aside) memcpy(j->aside, scratch, (size_t)(j->kept + 8) * sizeof(float));
-            else j->kept = -1;  /* out of memory: moved, but its kept-aside values are lost */
+        uint8_t *bits_in = cur ? r->bits : 0, *mask_in = cur ? r->mask : 0, *bits = 0, *mask = 0;
+        int64_t nb = (u->n + 7) >> 3;
+        if (tgt) {
+            /* the old flags are read chunk by chunk before the new ones are written: reuse them */
+            bits = bits_in ? bits_in : malloc((size_t)nb);
+            mask = kind ? malloc((size_t)nb) : 0;  /* (new: z's reuse within a chunk compares masks) */
+            if (cap < u->n + 8) {
+                free(scratch);
+                cap = u->n + 8;
+                scratch = malloc((size_t)cap * sizeof(float));
+                if (!scratch) cap = 0;
+            }
+            if (!bits || (kind && !mask) || !scratch) {  /* out of memory: not moved */
+                if (bits != bits_in) free(bits);
+                free(mask);
+                __atomic_fetch_add(failed, 1, __ATOMIC_RELAXED);
+                continue;
+            }
         }
+        int upd = p->update ? (int)u->mode : 0;
+        int64_t kept = zt_move(
+            u->flat, u->n, u->start, (int)p->law, p->cells,
+            cur, cur ? zt_splitmix(p->cur_s ^ u->key) >> 1 : 0, (float)p->cur_scale,
+            bits_in, cur ? r->aside : 0,
+            upd, u->key_upd, (float)u->upd_c, (float)u->upd_lr, (int)u->has_decay,
+            (float)u->upd_decay, u->m, u->v, (float)u->h[0], (float)u->h[1], (float)u->h[2],
+            (float)u->h[3], (float)u->h[4], (float)u->h[5], (float)u->h[6],
+            upd ? (int)u->has_upd2 : 0, u->key_upd2, (float)u->upd_c2,
+            tgt, tgt ? zt_splitmix(p->tgt_s ^ u->key) >> 1 : 0, (float)p->tgt_scale, bits, scratch,
+            kind, (float)u->mask_h, mask_in, mask, mask_key, p->mask_limit);
+        if (cur) {  /* what the move read is spent */
+            free(r->aside);
+            free(r->mask);
+            if (!tgt) free(bits_in);
+            memset(r, 0, sizeof *r);
+        }
+        if (!tgt) continue;
+        r->mask = mask;
+        r->mask_key = kind >= 2 ? mask_key : 0;
+        if (!kept) { free(bits); continue; }
+        r->aside = malloc((size_t)(kept + 8) * sizeof(float));
+        if (!r->aside) { free(bits); __atomic_fetch_add(failed, 1, __ATOMIC_RELAXED); continue; }
+        memcpy(r->aside, scratch, (size_t)(kept + 8) * sizeof(float));
+        r->bits = bits;
+        r->count = kept;
     }
     free(scratch);
 }
 
-void zt_free(void *p) { free(p); }
-int64_t zt_job_size(void) { return (int64_t)sizeof(zt_job); }
+/* Free every record of a table (a space dropped while perturbed). */
+void zt_clear(zt_rec *recs, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        free(recs[k].bits); free(recs[k].aside); free(recs[k].mask);
+        memset(&recs[k], 0, sizeof recs[k]);
+    }
+}
+
+/* A record made by the torch path, copied into memory the kernel owns (nb bytes of bits and of
+   mask, count floats kept aside). Returns 0, or -1 when memory ran out (nothing kept). */
+int64_t zt_store(zt_rec *r, const uint8_t *bits, const float *aside, int64_t count,
+                 const uint8_t *mask, uint64_t mask_key, int64_t nb) {
+    zt_rec s = {0, 0, 0, mask_key, count};
+    if (bits && count) {
+        s.bits = malloc((size_t)nb);
+        s.aside = malloc((size_t)(count + 8) * sizeof(float));
+        if (s.bits) memcpy(s.bits, bits, (size_t)nb);
+        if (s.aside) memcpy(s.aside, aside, (size_t)(count + 8) * sizeof(float));
+    }
+    if (mask && (s.mask = malloc((size_t)nb))) memcpy(s.mask, mask, (size_t)nb);
+    if ((bits && count && (!s.bits || !s.aside)) || (mask && !s.mask)) {
+        free(s.bits); free(s.aside); free(s.mask);
+        return -1;
+    }
+    *r = s;
+    return 0;
+}
+
+int64_t zt_sizes(void) {  /* the three layouts, for a check against their ctypes mirrors */
+    return (int64_t)sizeof(zt_rec) | (int64_t)sizeof(zt_unit) << 16 | (int64_t)sizeof(zt_pass) << 32;
+}
 
 /* zt_move without an update over some rows of a [rows x width] tensor (width a multiple of 8):
    row r of the list is moved as elements rows[r]*width .. +width, its flags and mask at
@@ -556,9 +642,89 @@ FLAGS = [
     "-fPIC",
 ]
 
-# zt_job, field by field: pointers and 64-bit integers as Q/q, floats as d (narrowed in C)
-JOB = struct.Struct("<Qqqq Q qQd QQ qQddqd QQ 7d qQd qQdQ qdQQ Qq qQ".replace(" ", ""))
-JOB_RESULT = struct.Struct("<qQ")  # its last two fields, written by the kernel: kept, aside
+
+_P, _I, _U, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_double
+
+
+class Record(ctypes.Structure):
+    """zt_rec: what keeps one perturbed unit invertible (memory the kernel owns)."""
+
+    _fields_ = [("bits", _P), ("aside", _P), ("mask", _P), ("mask_key", _U), ("count", _I)]
+
+
+class Unit(ctypes.Structure):
+    """zt_unit: one unit of a space, and the update a pass applies to it."""
+
+    _fields_ = [
+        ("flat", _P), ("n", _I), ("start", _I), ("key", _U), ("offsets", _I), ("mask_h", _D),
+        ("mode", _I), ("key_upd", _U), ("upd_c", _D), ("upd_lr", _D), ("has_decay", _I),
+        ("upd_decay", _D), ("m", _P), ("v", _P), ("h", _D * 7), ("has_upd2", _I),
+        ("key_upd2", _U), ("upd_c2", _D),
+    ]  # fmt: skip
+
+
+class Pass(ctypes.Structure):
+    """zt_pass: what every unit of a pass shares (seeds as derive_seed's state after them)."""
+
+    _fields_ = [
+        ("law", _I), ("cells", _P), ("has_cur", _I), ("cur_s", _U), ("cur_scale", _D),
+        ("update", _I), ("has_tgt", _I), ("tgt_s", _U), ("tgt_scale", _D),
+        ("mask_kind", _I), ("mask_s", _U), ("mask_limit", _I),
+    ]  # fmt: skip
+
+
+class Records:
+    """One Record per unit of a space. The torch path reads and writes them as tensors (`take`,
+    `store`); the table frees whatever it still holds when dropped (a space dropped while
+    perturbed must not leak what it kept aside)."""
+
+    def __init__(self, n: int):
+        self.table = (Record * n)()
+
+    def empty(self) -> bool:
+        return not any(r.bits or r.aside or r.mask for r in self.table)
+
+    def empty_at(self, k: int) -> bool:
+        r = self.table[k]
+        return not (r.bits or r.aside or r.mask)
+
+    def take(self, k: int, n: int) -> tuple:
+        """Record k as (inexact bits, kept-aside values with PAD slack, mask bits) tensors, each
+        None when absent; the kernel's copy is freed."""
+        r, nb = self.table[k], (n + 7) // 8
+
+        def copy(address: int | None, size: int, dtype: torch.dtype) -> torch.Tensor | None:
+            if not address:
+                return None
+            out = torch.empty(size, dtype=dtype)
+            ctypes.memmove(out.data_ptr(), address, size * out.element_size())
+            return out
+
+        kept = (
+            copy(r.bits, nb, torch.uint8),
+            copy(r.aside, r.count + PAD, torch.float32),
+            copy(r.mask, nb, torch.uint8),
+        )
+        _lib.zt_clear(ctypes.byref(r), 1)
+        return kept
+
+    def store(self, k: int, n: int, kept: tuple, mask_key: int) -> None:
+        """Keep a torch-path record (as `take` returns them) as record k."""
+        bits, aside, mask = kept
+        count = 0 if aside is None else aside.numel() - PAD
+        done = _lib.zt_store(
+            ctypes.byref(self.table[k]), bptr(bits), bptr(aside), count, bptr(mask), mask_key,
+            (n + 7) // 8,
+        )  # fmt: skip
+        if done < 0:
+            raise MemoryError("out of memory while moving the weights: they are left perturbed")
+
+    def __del__(self) -> None:
+        if _lib:
+            _lib.zt_clear(self.table, len(self.table))
+
+
+PAD = 8  # floats of slack after kept-aside values: the kernel moves them 8 at a time
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
@@ -596,13 +762,16 @@ def _compile() -> ctypes.CDLL | None:
     c.zt_move_rows.argtypes = [f32, i64, u8, i64, i32, f32, i32, u64, fl, u8, f32,
                                i32, u64, fl, u8, f32, i32, fl, u8, u8, u64, i64]  # fmt: skip
     c.zt_move_rows.restype = i64
-    c.zt_move_jobs.argtypes = [u8, i64, ctypes.POINTER(ctypes.c_int64)]
-    c.zt_move_jobs.restype = None
-    c.zt_free.argtypes = [u8]
-    c.zt_free.restype = None
-    c.zt_job_size.restype = i64
-    if c.zt_job_size() != JOB.size:  # the two layouts must agree field for field
-        raise OSError(f"zt_job is {c.zt_job_size()} bytes, zotune packs {JOB.size}")
+    c.zt_run.argtypes = [u8, u8, u8, u8, i64, u8, u8]
+    c.zt_run.restype = None
+    c.zt_clear.argtypes = [u8, i64]
+    c.zt_clear.restype = None
+    c.zt_store.argtypes = [u8, u8, u8, i64, u8, u64, i64]
+    c.zt_store.restype = i64
+    c.zt_sizes.restype = i64
+    sizes = ctypes.sizeof(Record) | ctypes.sizeof(Unit) << 16 | ctypes.sizeof(Pass) << 32
+    if c.zt_sizes() != sizes:  # the layouts must agree field for field
+        raise OSError("the kernel's record, unit and pass layouts differ from zotune's")
     return c
 
 
@@ -625,15 +794,6 @@ def ptr(t: torch.Tensor) -> int:
 
 def bptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def adopt(address: int, n: int) -> torch.Tensor:
-    """A float32 CPU tensor holding the n floats the kernel malloc'd at `address`, which it
-    frees (a copy: torch cannot take ownership of foreign memory from Python)."""
-    out = torch.empty(n, dtype=torch.float32)
-    ctypes.memmove(out.data_ptr(), address, n * 4)
-    _lib.zt_free(address)  # (only the kernel hands out such memory: it is loaded)
-    return out
 
 
 def take(src: torch.Tensor, n: int) -> torch.Tensor:

@@ -37,7 +37,6 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -45,8 +44,8 @@ from . import _native
 
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
-PAD = 8  # slack after kept-aside values: the C kernel moves them 8 at a time
-_ZEROS = (0.0,) * 7  # unused rule constants of a zt_job
+PAD = _native.PAD  # slack after kept-aside values: the C kernel moves them 8 at a time
+_ZEROS = (0.0,) * 7  # unused rule constants of a zt_unit
 MASK_SALT = 0x4D41534B  # random masks hash under derive_seed(step seed, key, MASK_SALT)
 GENERATOR = "weyl-lowbias32-icdf4096/2"  # the law's version, saved with trajectories
 
@@ -234,20 +233,6 @@ class Block:
 Update = Callable[[Block], None]
 
 
-class _Job(NamedTuple):
-    """One unit's move for the C kernel (`ParameterSpace._native_jobs`)."""
-
-    packed: bytes  # its zt_job
-    index: int
-    lo: int
-    n: int
-    target: bool  # whether it ends perturbed: then bits, mask and the kernel's aside are kept
-    bits: torch.Tensor | None
-    mask: torch.Tensor | None
-    kept: list  # [what it reads]: held until the kernel is done, then emptied
-    draws: int
-
-
 class ParameterSpace:
     """The trainable tensors of an optimizer, their keys, the direction law and an optional mask."""
 
@@ -281,6 +266,11 @@ class ParameterSpace:
         self.at: Offset | None = None  # where the weights sit now (set by every transition)
         self._lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width (`lazy_rows`)
         self._rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0
+        self._lib = _native.lib()  # the C kernel, or None: resolved once per space
+        # while perturbed, a unit the kernel moves keeps its record in kernel memory, here
+        # (the torch path's units keep theirs in _aside)
+        self._records = _native.Records(len(self.units)) if self._lib else None
+        self._kernel: _KernelTable | None = None  # the units as the kernel sees them
 
     @functools.cached_property
     def units(self) -> list[tuple[int, int, int]]:
@@ -297,7 +287,6 @@ class ParameterSpace:
         """Move the weights from θ0 + current to θ0' + target, where θ0' = update(θ0), in one pass."""
         if current is None and target is None and update is None:
             return
-        self._lib = _native.lib()  # resolved once a pass, not per unit
         for index in self._lazy:  # rows a forward pass read: to the target, or back to θ0
             # (straight to the next offset when nothing updates θ0 meanwhile: the next forward
             # reads the same batch; the update pass assumes every row at θ0)
@@ -306,20 +295,14 @@ class ParameterSpace:
             moved = self._move_row_segments(index, segments, current, to)
             if to is not None:
                 self._rows[index] = moved
-        work = [
-            (i, lo, hi, current, target) if i not in self._lazy else (i, lo, hi, None, None)
-            for i, lo, hi in self.units
-            if i not in self._lazy or update is not None  # the rest of a lazy table: update only
-        ]
         self.at = target
         try:
-            jobs, rest = self._native_jobs(work, update)
+            order, drawn, rest = self._native_jobs(current, target, update)
         except BaseException:
             self.at = current  # nothing has moved
             raise
-        drawn = sum(job.draws * job.n for job in jobs)  # elements of z drawn
-        if jobs:
-            self._run_jobs(jobs)
+        if order:
+            self._run_jobs(order, current, target, update is not None)
         if rest:
             drawn += self._run_torch(rest, update)
         self._count_draws(drawn)
@@ -357,14 +340,21 @@ class ParameterSpace:
         """Take what keeps the current perturbation invertible, leaving the space as if at θ0,
         so that the same tensors can hold other values meanwhile (MeZO-SVRG's anchor);
         `take_back` returns it before the perturbation is moved again."""
-        kept = (self.at, self._aside, self._rows)
+        kept = (self.at, self._aside, self._rows, self._records)
         self.at, self._aside, self._rows = None, {}, {}
+        if self._records is not None:
+            self._records = _native.Records(len(self.units))
         return kept
 
     def take_back(self, kept: tuple) -> None:
-        if self.at is not None or self._aside or self._rows:
+        if not self.at_rest():
             raise RuntimeError("take_back needs the space at rest")
-        self.at, self._aside, self._rows = kept
+        self.at, self._aside, self._rows, self._records = kept
+
+    def at_rest(self) -> bool:
+        """Whether the weights are at θ0 with nothing kept aside."""
+        native = self._records is None or self._records.empty()
+        return self.at is None and not self._aside and not self._rows and native
 
     def lazy_rows(self, index: int) -> bool:
         """Let tensor `index`, a [rows × width] table that the model reads only by row lookups
@@ -376,7 +366,7 @@ class ParameterSpace:
         is not a multiple of 8, a custom mask)."""
         t = self.tensors[index]
         ok = (
-            _native.lib() is not None
+            self._lib is not None
             and t.dim() == 2
             and t.dtype == torch.float32
             and t.is_cpu
@@ -386,6 +376,7 @@ class ParameterSpace:
         )
         if ok:
             self._lazy[index] = t.shape[1]
+            self._kernel = None  # its units now stay at θ0 through the passes
         return ok
 
     def read_rows(self, index: int, ids: torch.Tensor) -> None:
@@ -435,7 +426,7 @@ class ParameterSpace:
     ) -> tuple | None:
         """Move some rows of a row-lazy tensor (no update): one C call. Returns what is kept
         aside for them at the target (None without a target)."""
-        lib, t, width, key = _native.lib(), self.tensors[index], self._lazy[index], self.keys[index]
+        lib, t, width, key = self._lib, self.tensors[index], self._lazy[index], self.keys[index]
         n = rows.numel() * width
         bits = scratch = mask_out = None
         masked = self.mask is not None
@@ -482,7 +473,7 @@ class ParameterSpace:
         C kernel does not cover). Returns the passes of z drawn, as a fraction of its elements."""
         tensor = self.tensors[index]
         lib = self._lib if tensor.dtype == torch.float32 and tensor.is_cpu else None
-        kept = self._aside.pop((index, lo)) if current is not None else (None, None, None)
+        kept = self._take_record(index, lo, hi) if current is not None else (None, None, None)
         flat = tensor.detach().view(-1)[lo:hi]
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
@@ -502,8 +493,31 @@ class ParameterSpace:
             draws += d * n
             out.append((moved, n))
         if target is not None:
-            self._aside[(index, lo)] = _pad(_join(out))
+            self._keep_record(index, lo, hi, _pad(_join(out)))
         return draws / max(hi - lo, 1)
+
+    def _take_record(self, index: int, lo: int, hi: int) -> tuple:
+        """A perturbed unit's record as tensors (inexact bits, kept-aside values, mask bits),
+        from wherever it is kept; it is kept there no longer."""
+        k = self._unit_at[(index, lo)]
+        if self._records is not None and not self._records.empty_at(k):
+            return self._records.take(k, hi - lo)
+        return self._aside.pop((index, lo), (None, None, None))
+
+    def _keep_record(self, index: int, lo: int, hi: int, kept: tuple) -> None:
+        """Keep a torch-path record where the next pass will look for it: in kernel memory
+        when the kernel will move the unit."""
+        k = self._unit_at[(index, lo)]
+        if self._kernel_moves() and self._kernel_table().native[k]:
+            random = isinstance(self.mask, RandomMask) and kept[2] is not None
+            mask_key = derive_seed(self.mask_seed, self.keys[index], MASK_SALT) if random else 0
+            self._records.store(k, hi - lo, kept, mask_key)
+        else:
+            self._aside[(index, lo)] = kept
+
+    @functools.cached_property
+    def _unit_at(self) -> dict[tuple[int, int], int]:
+        return {(i, lo): k for k, (i, lo, _) in enumerate(self.units)}
 
     def _move_block(
         self,
@@ -569,149 +583,111 @@ class ParameterSpace:
             flat.copy_(moved)
         return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
 
-    def _native_jobs(self, work: list[tuple], update: Update | None) -> tuple[list, list]:
-        """Split work items into zt_jobs for the C kernel and the rest, which the torch path
-        moves: units not float32 on the CPU, a custom mask, an update of three or more terms
-        or without a kernel form. The kernel's arithmetic is the torch path's, op for op.
-        (Python per unit is the cost of small tensors: everything per pass is hoisted.)"""
-        lib, mask = self._lib, self.mask
-        if lib is None or (mask is not None and not isinstance(mask, (MagnitudeMask, RandomMask))):
-            return [], work
-        jobs, rest = [], []
+    def _kernel_moves(self) -> bool:
+        """Whether the C kernel moves this space's float32 CPU units (the kernel is loaded and
+        the mask, if any, is one it computes)."""
+        mask = self.mask
+        return self._lib is not None and (
+            mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
+        )
+
+    def _kernel_table(self) -> _KernelTable:
+        kernel = self._kernel
+        if kernel is None or any(t.data_ptr() != p for t, p in zip(self.tensors, kernel.ptrs)):
+            kernel = self._kernel = _KernelTable(self)  # (built again if a tensor moved)
+        return kernel
+
+    def _native_jobs(
+        self, current: Offset | None, target: Offset | None, update: Update | None
+    ) -> tuple[list[int], float, list[tuple]]:
+        """Split a pass's units into those the C kernel moves (returned as unit numbers,
+        largest first, with the elements of z they draw) and the rest, work items for the torch
+        path: units not float32 on the CPU, a custom mask, an update of three or more terms or
+        without a kernel form. The kernel's arithmetic is the torch path's, op for op. A pass
+        without an update costs no Python per unit; one with an update writes each unit's
+        update terms into the kernel's table."""
+        lazy = self._lazy
+
+        def work(ks: Sequence[int]) -> list[tuple]:
+            return [
+                (i, lo, hi, current, target) if i not in lazy else (i, lo, hi, None, None)
+                for i, lo, hi in (self.units[k] for k in ks)
+                if i not in lazy or update is not None  # the rest of a lazy table: update only
+            ]
+
+        if not self._kernel_moves():
+            return [], 0.0, work(range(len(self.units)))
+        kernel = self._kernel_table()
+        offsets = {o.seed for o in (current, target) if o is not None}
+        if update is None:
+            return kernel.moving, len(offsets) * kernel.moving_n, work(kernel.other)
         fused = getattr(update, "fused", None)
-        gaussian = isinstance(self.direction, Gaussian)
-        law, cells = (0, self.direction.cells.data_ptr()) if gaussian else (1, 0)
-        kind0 = 0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2
-        pack, aside, empty, u8 = _native.JOB.pack, self._aside, torch.empty, torch.uint8
-        popped: list[tuple] = []  # put back if packing fails: nothing has moved yet
-        mask_keys: list[tuple] = []  # the random masks the targets will keep as bits
-        try:
-            for w in work:
-                index, lo, hi, current, target = w
-                tensor = self.tensors[index]
-                if tensor.dtype != torch.float32 or not tensor.is_cpu:
-                    rest.append(w)
-                    continue
-                n, key = hi - lo, self.keys[index]
-                args = fused(key) if fused is not None else None
-                if update is not None and args is None:
-                    rest.append(w)
-                    continue
-                kept = aside.pop((index, lo)) if current is not None else (None, None, None)
-                if current is not None:
-                    popped.append(((index, lo), kept))
-                bits_in, aside_in, mask_in = kept
-                kind, mask_key = kind0, None
-                if kind == 2:
-                    mask_key = derive_seed(self.mask_seed, key, MASK_SALT)
-                    if mask_in is not None and self._mask_keys.get((index, lo)) == mask_key:
-                        kind = 3  # the kept bits are this step's random mask: read them, no hash
-                bits = mask_out = None
-                if target is not None:
-                    # the kernel reads a chunk's old flags before writing its new ones, so the
-                    # current's flag bits can take the target's (no allocation, no second copy)
-                    bits = bits_in if bits_in is not None else empty((n + 7) // 8, dtype=u8)
-                    mask_out = empty((n + 7) // 8, dtype=u8) if kind else None
-                    if mask_key is not None:
-                        mask_keys.append(((index, lo), mask_key))
-                seed = lr = wd = c = c2 = 0.0
-                mode, m, v, consts, seed2 = 0, None, None, (), None
-                if args is not None:
-                    seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
-                packed = pack(
-                    tensor.data_ptr() + 4 * lo, n, lo, law, cells,
-                    current is not None, derive_seed(current.seed, key) if current else 0,
-                    current.scale if current else 0.0,
-                    0 if bits_in is None else bits_in.data_ptr(),
-                    0 if aside_in is None else aside_in.data_ptr(),
-                    mode, derive_seed(seed, key) if args else 0, c, lr, bool(wd), lr * wd,
-                    0 if m is None else m.data_ptr() + 4 * lo, 0 if v is None else v.data_ptr() + 4 * lo,
-                    *consts, *_ZEROS[len(consts):],
-                    seed2 is not None, derive_seed(seed2, key) if seed2 is not None else 0, c2,
-                    target is not None, derive_seed(target.seed, key) if target else 0,
-                    target.scale if target else 0.0, 0 if bits is None else bits.data_ptr(),
-                    kind, mask.thresholds[key] if kind == 1 else 0.0,
-                    0 if mask_in is None else mask_in.data_ptr(),
-                    0 if mask_out is None else mask_out.data_ptr(),
-                    mask_key or 0, mask.limit if kind == 2 else 0, 0, 0,
-                )  # fmt: skip
-                # passes of z drawn: one per distinct seed among the offsets and update terms
-                seeds = {o.seed for o in (current, target) if o is not None}
-                seeds.update(() if args is None else (seed,) if seed2 is None else (seed, seed2))
-                draws = len(seeds)
-                jobs.append(
-                    _Job(packed, index, lo, n, target is not None, bits, mask_out, [kept], draws)
-                )
-        except BaseException:
-            aside.update(popped)
-            raise
-        self._mask_keys.update(mask_keys)
-        return jobs, rest
+        order, drawn, skipped, terms = [], 0.0, [], {}
+        for k in kernel.every:
+            index, lo, _ = self.units[k]
+            if index not in terms:
+                terms[index] = fused(self.keys[index]) if fused is not None else None
+            args = terms[index]
+            if args is None:
+                skipped.append(k)
+                continue
+            seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
+            unit = kernel.table[k]
+            unit.mode, unit.key_upd = mode, derive_seed(seed, self.keys[index])
+            unit.upd_c, unit.upd_lr, unit.has_decay, unit.upd_decay = c, lr, bool(wd), lr * wd
+            unit.m = None if m is None else m.data_ptr() + 4 * lo
+            unit.v = None if v is None else v.data_ptr() + 4 * lo
+            unit.h[:] = (*consts, *_ZEROS[len(consts) :])
+            unit.has_upd2 = seed2 is not None
+            unit.key_upd2 = derive_seed(seed2, self.keys[index]) if seed2 is not None else 0
+            unit.upd_c2 = c2
+            # passes of z drawn: one per distinct seed among the offsets and update terms
+            seeds = (offsets if unit.offsets else set()) | {seed} | ({seed2} - {None})
+            drawn += len(seeds) * unit.n
+            order.append(k)
+        return order, drawn, work(sorted(kernel.other + skipped))
 
-    def _run_jobs(self, jobs: list[_Job], batches: int = 4) -> None:
-        """Run the kernel over the jobs on `threads` threads (this one included), each taking
-        the next job as it finishes one, largest first; then keep aside what the targets need.
-        Jobs go in `batches` rounds of similar size, and what a round's moves read is freed
-        before the next round's records are kept: a transition holds the old and new kept-aside
-        records of about one round at a time, not of the whole model (the list is emptied as
-        it goes). Helper threads go straight on to the next round while this one keeps the
-        last round's records aside."""
-        jobs.sort(key=lambda j: -j.n)  # largest first: the threads end close together
-        rounds: list = [jobs[k::batches] for k in range(min(batches, len(jobs)))]
-        jobs.clear()
-        tables = [bytearray(b"".join(j.packed for j in r)) for r in rounds]
-        # the ctypes objects themselves travel with each call: they keep the tables and the
-        # counters alive for as long as any thread may still write to them
-        counters = [ctypes.c_int64(0) for _ in rounds]
-        calls = [
-            ((ctypes.c_char * len(t)).from_buffer(t), len(r), ctypes.byref(c))
-            for t, r, c in zip(tables, rounds, counters)
-        ]
-        helpers = min(self.threads, len(rounds[0])) - 1
-        done = [threading.Semaphore(0) for _ in rounds]  # one release per helper past a round
-        lib = self._lib
-
-        def helper() -> None:
-            try:
-                for k, args in enumerate(calls):
-                    lib.zt_move_jobs(*args)
-                    done[k].release()
-            finally:
-                for d in done:  # (after an error: never leave this thread's caller waiting)
-                    d.release()
-
+    def _run_jobs(
+        self, order: list[int], current: Offset | None, target: Offset | None, update: bool
+    ) -> None:
+        """Run the kernel over units `order` on `threads` threads (this one included), each
+        taking the next unit as it finishes one, largest first. The kernel reads each unit's
+        record, replaces it and frees the old one as it goes: no Python per unit, and a pass
+        holds the old and new records of one unit per thread at a time."""
+        gaussian, mask = isinstance(self.direction, Gaussian), self.mask
+        shared = _native.Pass(
+            law=0 if gaussian else 1,
+            cells=self.direction.cells.data_ptr() if gaussian else None,
+            has_cur=current is not None,
+            cur_s=_splitmix64(0x5EED ^ (current.seed & _M64)) if current else 0,
+            cur_scale=current.scale if current else 0.0,
+            update=update,
+            has_tgt=target is not None,
+            tgt_s=_splitmix64(0x5EED ^ (target.seed & _M64)) if target else 0,
+            tgt_scale=target.scale if target else 0.0,
+            mask_kind=0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2,
+            mask_s=_splitmix64(0x5EED ^ (self.mask_seed & _M64)),
+            mask_limit=mask.limit if isinstance(mask, RandomMask) else 0,
+        )
+        kernel, lib = self._kernel, self._lib
+        # the ctypes objects travel with each call: alive while any thread may use them
+        counter, failed = ctypes.c_int64(0), ctypes.c_int64(0)
+        args = (
+            ctypes.byref(shared), kernel.table, self._records.table, kernel.array(order),
+            len(order), ctypes.byref(counter), ctypes.byref(failed),
+        )  # fmt: skip
+        helpers = min(self.threads, len(order)) - 1
         if helpers and self._pool is None:  # (as many as threads: the torch path uses them all)
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
-        futures = []
-        failed = False
+        futures = [self._pool.submit(lib.zt_run, *args) for _ in range(helpers)]
         try:
-            futures = [self._pool.submit(helper) for _ in range(helpers)]
-            for k, args in enumerate(calls):
-                lib.zt_move_jobs(*args)
-                for _ in futures:
-                    done[k].acquire()
-                failed |= self._keep_aside(rounds[k], tables[k])
-                rounds[k] = None  # free what the round's moves read
+            lib.zt_run(*args)
         finally:
             wait(futures)  # no caller moves the weights again while a thread still does
         for f in futures:
             f.result()
-        if failed:
+        if failed.value:
             raise MemoryError("out of memory while moving the weights: they are left perturbed")
-
-    def _keep_aside(self, jobs: list[_Job], table: bytearray) -> bool:
-        """Keep aside what a finished round's targets need; True if a job ran out of memory."""
-        results = [
-            _native.JOB_RESULT.unpack_from(table, (k + 1) * _native.JOB.size - 16)
-            for k in range(len(jobs))
-        ]
-        for job in jobs:  # free what the moves read, first
-            job.kept.clear()
-        for job, (count, aside) in zip(jobs, results):  # every buffer is freed, even on failure
-            kept = _native.adopt(aside, count + PAD) if count > 0 else None
-            if job.target:
-                self._aside[(job.index, job.lo)] = (job.bits if count else None, kept, job.mask)
-        return any(count < 0 for count, _ in results)
 
     def _scratch(self) -> torch.Tensor:
         return self._buffer("scratch", BLOCK, _CPU, BLOCK + PAD)
@@ -723,6 +699,36 @@ class ParameterSpace:
         if key not in bufs:
             bufs[key] = torch.empty(size, dtype=torch.float32, device=device)
         return bufs[key][:n]
+
+
+class _KernelTable:
+    """A space's units as the C kernel sees them (`_native.Unit`), built once, with the orders
+    a pass runs them in (largest first: the threads end close together)."""
+
+    def __init__(self, space: ParameterSpace):
+        self.ptrs = [t.data_ptr() for t in space.tensors]
+        units, mask = space.units, space.mask
+        self.table = (_native.Unit * len(units))()
+        self.native = []  # per unit: float32 on the CPU
+        for k, (index, lo, hi) in enumerate(units):
+            t, key, unit = space.tensors[index], space.keys[index], self.table[k]
+            unit.flat, unit.n, unit.start, unit.key = t.data_ptr() + 4 * lo, hi - lo, lo, key & _M64
+            unit.offsets = index not in space._lazy
+            unit.mask_h = mask.thresholds[key] if isinstance(mask, MagnitudeMask) else 0.0
+            self.native.append(t.dtype == torch.float32 and t.is_cpu)
+        by_size = sorted(range(len(units)), key=lambda k: units[k][1] - units[k][2])
+        self.every = [k for k in by_size if self.native[k]]  # a pass that updates
+        self.moving = [k for k in self.every if self.table[k].offsets]  # one that does not
+        self.moving_n = sum(self.table[k].n for k in self.moving)
+        self.other = [k for k in range(len(units)) if not self.native[k]]  # the torch path's
+        self._arrays: dict[tuple[int, ...], ctypes.Array] = {}
+
+    def array(self, order: list[int]) -> ctypes.Array:
+        """`order` as a C array (a space's passes use a few orders: each is made once)."""
+        key = tuple(order)
+        if key not in self._arrays:
+            self._arrays[key] = (ctypes.c_int64 * len(order))(*order)
+        return self._arrays[key]
 
 
 def _pad(kept: tuple) -> tuple:
