@@ -461,14 +461,21 @@ typedef struct {
     int64_t count;      /* floats in aside */
 } zt_rec;
 
-/* One unit (elements start .. start + n of a tensor), built once per space. The update fields
-   are written before each pass that updates. */
+/* An update's terms, shared by the units whose rule arguments agree (typically a param
+   group's): the rule (mode, constants), g = c·z(seed) [+ c2·z(seed2)], its seeds entered as
+   derive_seed's state after them (see zt_pass). */
+typedef struct {
+    int64_t mode; uint64_t upd_s; double upd_c, upd_lr; int64_t has_decay; double upd_decay;
+    double h[7]; int64_t has_upd2; uint64_t upd2_s; double upd_c2;
+} zt_terms;
+
+/* One unit (elements start .. start + n of a tensor), built once per space; its terms and
+   state buffers are set before each pass that updates. */
 typedef struct {
     float *flat; int64_t n, start; uint64_t key;
     int64_t offsets;  /* 0: a row-lazy table's unit, at theta0 through every pass (update only) */
     double mask_h;    /* the magnitude mask's threshold */
-    int64_t mode; uint64_t key_upd; double upd_c, upd_lr; int64_t has_decay; double upd_decay;
-    float *m, *v; double h[7]; int64_t has_upd2; uint64_t key_upd2; double upd_c2;
+    const zt_terms *terms; float *m, *v;
 } zt_unit;
 
 /* What a pass shares: the offsets' and the mask's seeds enter as the state of derive_seed
@@ -524,15 +531,17 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
                 continue;
             }
         }
-        int upd = p->update ? (int)u->mode : 0;
+        static const zt_terms none = {0};
+        const zt_terms *t = p->update ? u->terms : &none;
         int64_t kept = zt_move(
             u->flat, u->n, u->start, (int)p->law, p->cells,
             cur, cur ? zt_splitmix(p->cur_s ^ u->key) >> 1 : 0, (float)p->cur_scale,
             bits_in, cur ? r->aside : 0,
-            upd, u->key_upd, (float)u->upd_c, (float)u->upd_lr, (int)u->has_decay,
-            (float)u->upd_decay, u->m, u->v, (float)u->h[0], (float)u->h[1], (float)u->h[2],
-            (float)u->h[3], (float)u->h[4], (float)u->h[5], (float)u->h[6],
-            upd ? (int)u->has_upd2 : 0, u->key_upd2, (float)u->upd_c2,
+            (int)t->mode, zt_splitmix(t->upd_s ^ u->key) >> 1, (float)t->upd_c,
+            (float)t->upd_lr, (int)t->has_decay, (float)t->upd_decay, u->m, u->v,
+            (float)t->h[0], (float)t->h[1], (float)t->h[2], (float)t->h[3], (float)t->h[4],
+            (float)t->h[5], (float)t->h[6],
+            (int)t->has_upd2, zt_splitmix(t->upd2_s ^ u->key) >> 1, (float)t->upd_c2,
             tgt, tgt ? zt_splitmix(p->tgt_s ^ u->key) >> 1 : 0, (float)p->tgt_scale, bits, scratch,
             kind, (float)u->mask_h, mask_in, mask, mask_key, p->mask_limit);
         if (cur) {  /* what the move read is spent */
@@ -582,8 +591,9 @@ int64_t zt_store(zt_rec *r, const uint8_t *bits, const float *aside, int64_t cou
     return 0;
 }
 
-int64_t zt_sizes(void) {  /* the three layouts, for a check against their ctypes mirrors */
-    return (int64_t)sizeof(zt_rec) | (int64_t)sizeof(zt_unit) << 16 | (int64_t)sizeof(zt_pass) << 32;
+int64_t zt_sizes(void) {  /* the layouts, for a check against their ctypes mirrors */
+    return (int64_t)sizeof(zt_rec) | (int64_t)sizeof(zt_unit) << 12 |
+           (int64_t)sizeof(zt_pass) << 24 | (int64_t)sizeof(zt_terms) << 36;
 }
 
 /* zt_move without an update over some rows of a [rows x width] tensor (width a multiple of 8):
@@ -652,14 +662,21 @@ class Record(ctypes.Structure):
     _fields_ = [("bits", _P), ("aside", _P), ("mask", _P), ("mask_key", _U), ("count", _I)]
 
 
+class Terms(ctypes.Structure):
+    """zt_terms: an update's rule and coefficients, shared by units whose arguments agree."""
+
+    _fields_ = [
+        ("mode", _I), ("upd_s", _U), ("upd_c", _D), ("upd_lr", _D), ("has_decay", _I),
+        ("upd_decay", _D), ("h", _D * 7), ("has_upd2", _I), ("upd2_s", _U), ("upd_c2", _D),
+    ]  # fmt: skip
+
+
 class Unit(ctypes.Structure):
-    """zt_unit: one unit of a space, and the update a pass applies to it."""
+    """zt_unit: one unit of a space, and the update terms and state a pass gives it."""
 
     _fields_ = [
         ("flat", _P), ("n", _I), ("start", _I), ("key", _U), ("offsets", _I), ("mask_h", _D),
-        ("mode", _I), ("key_upd", _U), ("upd_c", _D), ("upd_lr", _D), ("has_decay", _I),
-        ("upd_decay", _D), ("m", _P), ("v", _P), ("h", _D * 7), ("has_upd2", _I),
-        ("key_upd2", _U), ("upd_c2", _D),
+        ("terms", _P), ("m", _P), ("v", _P),
     ]  # fmt: skip
 
 
@@ -769,7 +786,8 @@ def _compile() -> ctypes.CDLL | None:
     c.zt_store.argtypes = [u8, u8, u8, i64, u8, u64, i64]
     c.zt_store.restype = i64
     c.zt_sizes.restype = i64
-    sizes = ctypes.sizeof(Record) | ctypes.sizeof(Unit) << 16 | ctypes.sizeof(Pass) << 32
+    sizes = ctypes.sizeof(Record) | ctypes.sizeof(Unit) << 12 | ctypes.sizeof(Pass) << 24
+    sizes |= ctypes.sizeof(Terms) << 36
     if c.zt_sizes() != sizes:  # the layouts must agree field for field
         raise OSError("the kernel's record, unit and pass layouts differ from zotune's")
     return c

@@ -593,7 +593,7 @@ class ParameterSpace:
 
     def _kernel_table(self) -> _KernelTable:
         kernel = self._kernel
-        if kernel is None or any(t.data_ptr() != p for t, p in zip(self.tensors, kernel.ptrs)):
+        if kernel is None or [t.data_ptr() for t in self.tensors] != kernel.ptrs:
             kernel = self._kernel = _KernelTable(self)  # (built again if a tensor moved)
         return kernel
 
@@ -622,30 +622,55 @@ class ParameterSpace:
         if update is None:
             return kernel.moving, len(offsets) * kernel.moving_n, work(kernel.other)
         fused = getattr(update, "fused", None)
-        order, drawn, skipped, terms = [], 0.0, [], {}
+        order, drawn, skipped = [], 0.0, []
+        per_tensor: dict[int, tuple | None] = {}  # (terms, m, v, z draws with / without offsets)
+        shared: dict[tuple, _native.Terms] = {}  # one zt_terms per distinct set of arguments
         for k in kernel.every:
             index, lo, _ = self.units[k]
-            if index not in terms:
-                terms[index] = fused(self.keys[index]) if fused is not None else None
-            args = terms[index]
-            if args is None:
+            if index not in per_tensor:
+                args = fused(self.keys[index]) if fused is not None else None
+                per_tensor[index] = args and self._terms(args, shared, offsets)
+            found = per_tensor[index]
+            if found is None:
                 skipped.append(k)
                 continue
-            seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
+            terms, m, v, draws, draws_lazy = found
             unit = kernel.table[k]
-            unit.mode, unit.key_upd = mode, derive_seed(seed, self.keys[index])
-            unit.upd_c, unit.upd_lr, unit.has_decay, unit.upd_decay = c, lr, bool(wd), lr * wd
-            unit.m = None if m is None else m.data_ptr() + 4 * lo
-            unit.v = None if v is None else v.data_ptr() + 4 * lo
-            unit.h[:] = (*consts, *_ZEROS[len(consts) :])
-            unit.has_upd2 = seed2 is not None
-            unit.key_upd2 = derive_seed(seed2, self.keys[index]) if seed2 is not None else 0
-            unit.upd_c2 = c2
-            # passes of z drawn: one per distinct seed among the offsets and update terms
-            seeds = (offsets if unit.offsets else set()) | {seed} | ({seed2} - {None})
-            drawn += len(seeds) * unit.n
+            unit.terms, unit.m, unit.v = terms, m and m + 4 * lo, v and v + 4 * lo
+            drawn += (draws if unit.offsets else draws_lazy) * unit.n
             order.append(k)
+        kernel.terms = list(shared.values())  # alive until the next pass that updates
         return order, drawn, work(sorted(kernel.other + skipped))
+
+    @staticmethod
+    def _terms(args: tuple, shared: dict, offsets: set) -> tuple:
+        """A tensor's update arguments (`update.fused(key)`) as the address of a zt_terms
+        (shared by the tensors whose arguments agree), its state buffers' addresses, and the
+        passes of z its units draw: one per distinct seed among the offsets and update terms
+        (without the offsets for a row-lazy table)."""
+        seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
+        key = (seed, lr, wd, mode, c, consts, seed2, c2)
+        if key not in shared:
+            shared[key] = _native.Terms(
+                mode=mode,
+                upd_s=_splitmix64(0x5EED ^ (seed & _M64)),
+                upd_c=c,
+                upd_lr=lr,
+                has_decay=bool(wd),
+                upd_decay=lr * wd,
+                h=(ctypes.c_double * 7)(*consts, *_ZEROS[len(consts) :]),
+                has_upd2=seed2 is not None,
+                upd2_s=_splitmix64(0x5EED ^ (seed2 & _M64)) if seed2 is not None else 0,
+                upd_c2=c2,
+            )
+        seeds = {seed} | ({seed2} - {None})
+        return (
+            ctypes.addressof(shared[key]),
+            None if m is None else m.data_ptr(),
+            None if v is None else v.data_ptr(),
+            len(seeds | offsets),
+            len(seeds),
+        )
 
     def _run_jobs(
         self, order: list[int], current: Offset | None, target: Offset | None, update: bool
@@ -722,6 +747,7 @@ class _KernelTable:
         self.moving_n = sum(self.table[k].n for k in self.moving)
         self.other = [k for k in range(len(units)) if not self.native[k]]  # the torch path's
         self._arrays: dict[tuple[int, ...], ctypes.Array] = {}
+        self.terms: list[_native.Terms] = []  # what the units' terms point to
 
     def array(self, order: list[int]) -> ctypes.Array:
         """`order` as a C array (a space's passes use a few orders: each is made once)."""
