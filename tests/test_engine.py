@@ -223,6 +223,33 @@ def test_what_the_torch_path_keeps_aside_the_kernel_restores(mask):
     assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
 
 
+@pytest.mark.parametrize("method", ["mezo", "zo-adam"])
+def test_weights_given_new_storage_between_steps_are_the_ones_trained(method):
+    """`p.data = ...` between steps: the kernel's table of units is built again, so steps move
+    the new storage and never write the old."""
+    torch.manual_seed(0)
+    base = [torch.randn(40, 30) * 0.1, torch.randn(30)]
+    runs = []
+    for swap in (False, True):
+        params = [nn.Parameter(t.clone()) for t in base]
+        opt = build(method, params, lr=1e-2, eps=1e-3)
+
+        def loss(params=params):
+            return (params[0].sum(0) * params[1]).square().sum()
+
+        opt.step(loss)
+        old = params[0].data
+        if swap:
+            params[0].data = old.clone()
+        frozen = old.clone()
+        opt.step(loss)
+        opt.step(loss)
+        if swap:
+            assert torch.equal(old, frozen)  # the old storage is left alone
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_perturb_and_restore_is_exact(dtype):
     torch.manual_seed(0)

@@ -340,8 +340,9 @@ class ParameterSpace:
         """Take what keeps the current perturbation invertible, leaving the space as if at θ0,
         so that the same tensors can hold other values meanwhile (MeZO-SVRG's anchor);
         `take_back` returns it before the perturbation is moved again."""
-        kept = (self.at, self._aside, self._rows, self._records)
-        self.at, self._aside, self._rows = None, {}, {}
+        # (the kernel's table too: the tensors may be given other storage meanwhile)
+        kept = (self.at, self._aside, self._rows, self._records, self._kernel)
+        self.at, self._aside, self._rows, self._kernel = None, {}, {}, None
         if self._records is not None:
             self._records = _native.Records(len(self.units))
         return kept
@@ -349,7 +350,7 @@ class ParameterSpace:
     def take_back(self, kept: tuple) -> None:
         if not self.at_rest():
             raise RuntimeError("take_back needs the space at rest")
-        self.at, self._aside, self._rows, self._records = kept
+        self.at, self._aside, self._rows, self._records, self._kernel = kept
 
     def at_rest(self) -> bool:
         """Whether the weights are at θ0 with nothing kept aside."""
@@ -591,10 +592,13 @@ class ParameterSpace:
             mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
         )
 
-    def _kernel_table(self) -> _KernelTable:
+    def _kernel_table(self, at_rest: bool = False) -> _KernelTable:
+        """The kernel's table, built again if a tensor was given new storage (`p.data = ...`),
+        which is checked when the weights are at θ0: the only time user code may do that
+        (MeZO-SVRG's anchor swaps storage while the perturbation is set aside: `set_aside`)."""
         kernel = self._kernel
-        if kernel is None or [t.data_ptr() for t in self.tensors] != kernel.ptrs:
-            kernel = self._kernel = _KernelTable(self)  # (built again if a tensor moved)
+        if kernel is None or (at_rest and [t.data_ptr() for t in self.tensors] != kernel.ptrs):
+            kernel = self._kernel = _KernelTable(self)
         return kernel
 
     def _native_jobs(
@@ -617,14 +621,14 @@ class ParameterSpace:
 
         if not self._kernel_moves():
             return [], 0.0, work(range(len(self.units)))
-        kernel = self._kernel_table()
+        kernel = self._kernel_table(at_rest=current is None)
         offsets = {o.seed for o in (current, target) if o is not None}
         if update is None:
             return kernel.moving, len(offsets) * kernel.moving_n, work(kernel.other)
         fused = getattr(update, "fused", None)
         order, drawn, skipped = [], 0.0, []
         per_tensor: dict[int, tuple | None] = {}  # (terms, m, v, z draws with / without offsets)
-        shared: dict[tuple, _native.Terms] = {}  # one zt_terms per distinct set of arguments
+        shared: dict[tuple, tuple] = {}  # per distinct set of arguments: its zt_terms, draws
         for k in kernel.every:
             index, lo, _ = self.units[k]
             if index not in per_tensor:
@@ -639,7 +643,7 @@ class ParameterSpace:
             unit.terms, unit.m, unit.v = terms, m and m + 4 * lo, v and v + 4 * lo
             drawn += (draws if unit.offsets else draws_lazy) * unit.n
             order.append(k)
-        kernel.terms = list(shared.values())  # alive until the next pass that updates
+        kernel.terms = [terms for terms, _, _ in shared.values()]  # alive until the next update
         return order, drawn, work(sorted(kernel.other + skipped))
 
     @staticmethod
@@ -663,13 +667,15 @@ class ParameterSpace:
                 upd2_s=_splitmix64(0x5EED ^ (seed2 & _M64)) if seed2 is not None else 0,
                 upd_c2=c2,
             )
-        seeds = {seed} | ({seed2} - {None})
+            seeds = {seed} | ({seed2} - {None})
+            shared[key] = (shared[key], len(seeds | offsets), len(seeds))
+        terms, draws, draws_lazy = shared[key]
         return (
-            ctypes.addressof(shared[key]),
+            ctypes.addressof(terms),
             None if m is None else m.data_ptr(),
             None if v is None else v.data_ptr(),
-            len(seeds | offsets),
-            len(seeds),
+            draws,
+            draws_lazy,
         )
 
     def _run_jobs(
