@@ -223,6 +223,19 @@ def test_what_the_torch_path_keeps_aside_the_kernel_restores(mask):
     assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
 
 
+@pytest.mark.parametrize("method", ["zo-sgd-sign", "mezo", "zo-sgd-mmt"])
+def test_a_flat_loss_leaves_the_weights_exactly_where_they_were(method):
+    """Equal losses give ĝ = 0 everywhere: sign(0) = 0, so no rule moves a weight, and the
+    restore returns every one bit for bit (the kernel and the torch path alike)."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3000) * 0.05), nn.Parameter(torch.randn(77))]
+    before = [p.detach().clone() for p in params]
+    opt = build(method, params, lr=1e-2, eps=1e-3)
+    for _ in range(2):
+        opt.step(lambda: torch.tensor(1.0))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 @pytest.mark.parametrize("method", ["mezo", "zo-adam"])
 def test_weights_given_new_storage_between_steps_are_the_ones_trained(method):
     """`p.data = ...` between steps: the kernel's table of units is built again, so steps move

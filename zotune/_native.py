@@ -383,6 +383,68 @@ static void zt_update(int mode, float *theta, const float *z, int64_t cm, int ha
 }
 
 
+/* zt_decode then zt_update, one pass over the chunk, when the undo and the update use the same
+   z (no mask, one term): theta and the rule's state stream through one loop instead of theta
+   alone then the state, which keeps more of them in flight (MiniLM-L6's restore + update, 22.7M
+   weights: Adam 18.5 -> 16.1 ms). The same operations in the same order as the two calls.
+   Returns the number of aside values used. */
+static int64_t zt_decode_update(int mode, float *p, const float *z, float scale,
+                                const uint8_t *bits, const float *aside, int64_t n,
+                                int has_decay, float decay, float c, float lr, float *mm,
+                                float *vv, float h1, float h2, float h3, float h4, float h5,
+                                float h6, float h7) {
+    int64_t count = 0, j = 0;
+#ifdef __AVX2__
+    const __m256 sc = _mm256_set1_ps(scale), dec = _mm256_set1_ps(decay), vc = _mm256_set1_ps(c);
+    const __m256 rate = _mm256_set1_ps(lr), k1 = _mm256_set1_ps(h1), k2 = _mm256_set1_ps(h2);
+    const __m256 k3 = _mm256_set1_ps(h3), k4 = _mm256_set1_ps(h4), k5 = _mm256_set1_ps(h5);
+    const __m256 k6 = _mm256_set1_ps(h6), k7 = _mm256_set1_ps(h7);
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; j + 8 <= n; j += 8) {
+        __m256 zz = _mm256_loadu_ps(z + j);
+        __m256 t = _mm256_sub_ps(_mm256_loadu_ps(p + j), _mm256_mul_ps(zz, sc));
+        if (bits) {  /* as zt_decode: the flagged lanes take their kept-aside values */
+            uint32_t byte = bits[j >> 3];
+            __m256 fresh = _mm256_permutevar8x32_ps(_mm256_loadu_ps(aside + count), zt_lanes(ZT_EXPAND[byte]));
+            __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane), lane);
+            t = _mm256_blendv_ps(t, fresh, _mm256_castsi256_ps(set));
+            count += __builtin_popcount(byte);
+        }
+        if (has_decay) t = _mm256_sub_ps(t, _mm256_mul_ps(t, dec));
+        __m256 g = _mm256_mul_ps(zz, vc), s;  /* s: what theta moves by, before the rate */
+        if (mode == ZT_SGD) {
+            s = _mm256_mul_ps(g, rate);
+        } else if (mode == ZT_SIGN) {  /* ±1, but 0 and NaN stay */
+            __m256 keep = _mm256_or_ps(_mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_EQ_OQ),
+                                       _mm256_cmp_ps(g, g, _CMP_UNORD_Q));
+            __m256 unit = _mm256_or_ps(_mm256_and_ps(g, sign), one);
+            s = _mm256_mul_ps(_mm256_blendv_ps(unit, g, keep), rate);
+        } else if (mode == ZT_MOMENTUM) {
+            __m256 a = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(mm + j), k1), g);
+            _mm256_storeu_ps(mm + j, a);
+            s = _mm256_mul_ps(a, rate);
+        } else {  /* ZT_ADAM */
+            __m256 a = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(mm + j), k1), _mm256_mul_ps(g, k2));
+            _mm256_storeu_ps(mm + j, a);
+            __m256 e = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(vv + j), k3),
+                                     _mm256_mul_ps(_mm256_mul_ps(g, g), k4));
+            _mm256_storeu_ps(vv + j, e);
+            __m256 d = _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(e, k5)), k6);
+            s = _mm256_mul_ps(_mm256_div_ps(a, d), k7);
+        }
+        _mm256_storeu_ps(p + j, _mm256_sub_ps(t, s));
+    }
+#endif
+    if (j < n) {  /* the rest (j is a multiple of 8: whole bytes of bits) */
+        count += zt_decode(p + j, z + j, scale, p + j, bits ? bits + (j >> 3) : 0,
+                           aside ? aside + count : 0, n - j);
+        zt_update(mode, p + j, z + j, n - j, has_decay, decay, c, lr, mm ? mm + j : 0,
+                  vv ? vv + j : 0, h1, h2, h3, h4, h5, h6, h7);
+    }
+    return count;
+}
+
 /* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
    undo the current offset (decode), apply an update rule to g = z_upd*c (rules.py's SGD, sign,
    momentum or Adam, operation for operation as their torch code), then perturb to the target
@@ -413,12 +475,20 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
         zt_use uses[4];
         int nu = 0;
+        int fused = 0;  /* the undo and the update in one loop: both use this z */
         if (has_cur) {
             const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
-            used += zt_decode(p, z, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
-                              aside_in ? aside_in + used : 0, cm);
+            fused = mode && !has_mask && !has_upd2 && key_upd == key_cur;
+            if (fused)
+                used += zt_decode_update(mode, p, z, cur_scale, bits_in ? bits_in + (j0 >> 3) : 0,
+                                         aside_in ? aside_in + used : 0, cm, has_decay, upd_decay,
+                                         upd_c, upd_lr, m ? m + j0 : 0, v ? v + j0 : 0, h1, h2,
+                                         h3, h4, h5, h6, h7);
+            else
+                used += zt_decode(p, z, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
+                                  aside_in ? aside_in + used : 0, cm);
         }
-        if (mode) {
+        if (mode && !fused) {
             const uint8_t *b = 0;  /* the update's mask, from the weights before the update */
             if (has_mask == 1) { zt_bits_range(ub, theta, mask_h, cm); b = ub; }
             if (has_mask == 2) { zt_bits_random(ub, mask_key, at, mask_limit, cm); b = ub; }
