@@ -172,6 +172,28 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
 
 
 @pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("method", ["mezo", "zo-sgd-sign", "zo-sgd-mmt", "zo-adam"])
+def test_updates_alone_agree_with_the_torch_path_bit_for_bit(method, direction, monkeypatch):
+    """An update with the weights at θ0 (an attached table's, block-wise ZO's, a replay's):
+    the kernel draws z inside the update loop; the torch path draws it first."""
+    torch.manual_seed(0)
+    weights = [torch.randn(BLOCK + 13) * 0.02, torch.randn(29, 7)]
+    runs = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("ZOTUNE_NATIVE", native)
+        model = nn.ParameterList([nn.Parameter(w.clone()) for w in weights])
+        groups = [{"params": [model[0]], "weight_decay": 0.1}, {"params": [model[1]]}]
+        opt = build(method, groups, lr=1e-2, eps=1e-3, direction=direction)
+        for step, c in enumerate((0.7, -1.3, 0.0)):
+            record = {"lr": [1e-2, 1e-2], "wd": [0.1, 0.0]}
+            opt.steps = step
+            opt.space.transition(None, None, opt.update_for([(11 + step, c)], record))
+        runs.append([p.detach().clone() for p in model])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
 def test_a_move_that_fails_before_the_kernel_runs_leaves_the_weights_restorable():
     torch.manual_seed(0)
     tensors = [torch.randn(1000) * 1e-4, torch.randn(3000) * 1e-4]  # many kept-aside values
