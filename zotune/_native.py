@@ -425,10 +425,11 @@ static inline __m256 zt_rule8(int mode, __m256 t, __m256 zz, float *mm, float *v
 }
 #endif
 
-/* zt_decode then zt_update, one pass over the chunk, when the undo and the update use the same
-   z (no mask, one term): theta and the rule's state stream through one loop instead of theta
-   alone then the state, which keeps more of them in flight (restore + update over 22.7M
-   weights: SGD 11.9 -> 11.1 ms, Adam 18.5 -> 16.5). Returns the number of aside values used. */
+/* zt_decode then zt_update, one pass over the chunk, for a rule with state when the undo and
+   the update use the same z (no mask, one term): theta and the state stream through one loop
+   instead of theta alone then the state, which keeps more of them in flight (SmolLM2-135M's
+   restore + update: Adam 100.3-100.8 -> 92.0-97.7 ms, momentum 82.4-84.7 -> 80.4-80.9; SGD's
+   went 64.0 -> 65.5, so stateless rules keep the two loops). Returns the aside values used. */
 static int64_t zt_decode_update(int mode, float *p, const float *z, float scale,
                                 const uint8_t *bits, const float *aside, int64_t n,
                                 int has_decay, float decay, float c, float lr, float *mm,
@@ -463,7 +464,8 @@ static int64_t zt_decode_update(int mode, float *p, const float *z, float scale,
 
 /* An update alone (no offset, no mask, one term) with z drawn in the same loop and never
    stored: the weights' loads overlap the draws (an attached table's update each step; 11.7M
-   weights: SGD 5.2-5.8 -> 4.8-5.0 ms, momentum 6.4 -> 5.7). */
+   weights alone: SGD 5.2-5.8 -> 4.8-5.0 ms, momentum 6.4 -> 5.7; MiniLM-L6 momentum's whole
+   restore + update pass 13.2-13.6 -> 12.1-12.3). */
 static void zt_draw_update(int mode, float *theta, int64_t n, int law, const float *cells,
                            uint64_t key, int64_t start, int has_decay, float decay, float c,
                            float lr, float *mm, float *vv, float h1, float h2, float h3,
@@ -518,10 +520,11 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
         zt_use uses[4];
         int nu = 0;
-        int fused = 0;  /* the undo and the update in one loop: both use this z */
+        int fused = 0;  /* the undo and a stateful update in one loop, with this z */
         if (has_cur) {
             const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
-            fused = mode && !has_mask && !has_upd2 && key_upd == key_cur;
+            fused = (mode == ZT_MOMENTUM || mode == ZT_ADAM) && !has_mask && !has_upd2 &&
+                    key_upd == key_cur;
             if (fused)
                 used += zt_decode_update(mode, p, z, cur_scale, bits_in ? bits_in + (j0 >> 3) : 0,
                                          aside_in ? aside_in + used : 0, cm, has_decay, upd_decay,
