@@ -621,6 +621,32 @@ def test_attach_hook_reads_ids_passed_by_keyword():
 
 
 @pytest.mark.skipif(_native.lib() is None, reason="attached rows need the C kernel")
+def test_attached_rows_follow_ids_changed_in_place_between_forwards():
+    """The second forward of a step skips the row lookup only for the very same ids, unchanged:
+    a batch tensor rewritten in place between the two forwards has its new rows moved."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(60, 16), nn.Linear(16, 1)
+    ids = torch.randint(0, 20, (4, 6))
+    runs = []
+    for attach in (False, True):
+        model = nn.ModuleDict({"emb": copy.deepcopy(emb), "head": copy.deepcopy(head)})
+        opt = build("mezo", model.parameters(), lr=1e-2, eps=1e-3)
+        if attach:
+            assert opt.attach(model, [model["emb"]]) == ["emb"]
+        batch = ids.clone()
+
+        def loss(model=model, batch=batch):
+            out = model["head"](model["emb"](batch).mean(1)).square().mean()
+            batch.add_(7)  # the next call reads other rows, from the same tensor
+            return out
+
+        losses = [opt.step(loss) for _ in range(3)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="attached rows need the C kernel")
 def test_attach_skips_tied_and_untrained_embeddings():
     tied = LlamaForCausalLM(llama_config(64, tie_word_embeddings=True))
     assert build("mezo", tied.parameters(), lr=1e-3).attach(tied) == []

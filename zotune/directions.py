@@ -266,6 +266,9 @@ class ParameterSpace:
         self.at: Offset | None = None  # where the weights sit now (set by every transition)
         self._lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width (`lazy_rows`)
         self._rows: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0
+        # per row-lazy tensor: the ids (and their version) whose rows are all at the offset, so
+        # that a step's second forward, reading the same batch, costs no lookup of its rows
+        self._covers: dict[int, tuple[torch.Tensor, int]] = {}
         self._lib = _native.lib()  # the C kernel, or None: resolved once per space
         # while perturbed, a unit the kernel moves keeps its record in kernel memory, here
         # (the torch path's units keep theirs in _aside)
@@ -295,6 +298,8 @@ class ParameterSpace:
             moved = self._move_row_segments(index, segments, current, to)
             if to is not None:
                 self._rows[index] = moved
+            else:
+                self._covers.pop(index, None)
         self.at = target
         try:
             order, drawn, rest = self._native_jobs(current, target, update)
@@ -342,7 +347,7 @@ class ParameterSpace:
         `take_back` returns it before the perturbation is moved again."""
         # (the kernel's table too: the tensors may be given other storage meanwhile)
         kept = (self.at, self._aside, self._rows, self._records, self._kernel)
-        self.at, self._aside, self._rows, self._kernel = None, {}, {}, None
+        self.at, self._aside, self._rows, self._kernel, self._covers = None, {}, {}, None, {}
         if self._records is not None:
             self._records = _native.Records(len(self.units))
         return kept
@@ -351,6 +356,7 @@ class ParameterSpace:
         if not self.at_rest():
             raise RuntimeError("take_back needs the space at rest")
         self.at, self._aside, self._rows, self._records, self._kernel = kept
+        self._covers = {}
 
     def at_rest(self) -> bool:
         """Whether the weights are at θ0 with nothing kept aside."""
@@ -384,6 +390,9 @@ class ParameterSpace:
         """Bring rows `ids` of row-lazy tensor `index` to the current offset, before a lookup."""
         if self.at is None or index not in self._lazy:
             return
+        covered = self._covers.get(index)
+        if covered is not None and covered[0] is ids and covered[1] == ids._version:
+            return  # (the estimator's second forward: the same batch, its rows already moved)
         rows = torch.unique(ids.detach().reshape(-1).cpu()).to(torch.int64)
         if rows.numel() == 0 or rows[0] < 0 or rows[-1] >= self.tensors[index].shape[0]:
             return  # the lookup itself will reject out-of-range ids
@@ -393,6 +402,7 @@ class ParameterSpace:
         if rows.numel():
             parts = rows.tensor_split(min(self.threads, max(1, rows.numel() // 64)))
             segments += self._move_row_segments(index, [(r, None) for r in parts], None, self.at)
+        self._covers[index] = (ids, ids._version)
 
     def _move_row_segments(
         self, index: int, segments: list[tuple], current: Offset | None, target: Offset | None
