@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import shutil
 
 import pytest
@@ -243,6 +244,21 @@ def test_what_the_torch_path_keeps_aside_the_kernel_restores(mask):
     space.transition(Offset(3, -1e-2), None)
     assert space.at_rest()
     assert all(torch.equal(a, b) for a, b in zip(tensors, expected))
+
+
+def test_a_space_given_another_mask_perturbs_by_the_new_one():
+    """The kernel's table holds the magnitude thresholds: a new mask object is read afresh."""
+    torch.manual_seed(0)
+    w = torch.randn(5000)
+    before = w.clone()
+    space = ParameterSpace([w], mask=MagnitudeMask([w], [0], 0.8))
+    for sparsity in (0.8, 0.3):
+        space.mask = MagnitudeMask([w], [0], sparsity)
+        space.transition(None, Offset(1, 1e-3))
+        moved = (w != before).float().mean().item()
+        assert abs(moved - (1 - sparsity)) < 0.02
+        space.transition(Offset(1, 1e-3), None)
+        assert torch.equal(w, before)
 
 
 @pytest.mark.parametrize("method", ["zo-sgd-sign", "mezo", "zo-sgd-mmt"])
@@ -656,6 +672,43 @@ def test_attach_skips_tied_and_untrained_embeddings():
     assert len(opt._row_hooks) == 1  # attaching twice hooks once
     frozen = [p for n, p in untied.named_parameters() if "embed" not in n]
     assert build("mezo", frozen, lr=1e-3).attach(untied) == []
+
+
+@pytest.mark.skipif(
+    _native.lib() is None or platform.machine() not in ("x86_64", "AMD64"),
+    reason="needs the kernel, built here for x86-64",
+)
+def test_the_kernel_built_without_avx2_agrees_with_the_torch_path(tmp_path, monkeypatch):
+    """CPUs without AVX2 (ARM, older x86) run the kernel's plain C loops: build it so here and
+    check every fused path against the torch code (updates alone included: their draw buffer
+    must hold a whole chunk when no vector loop went first)."""
+    monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
+    # (not inlined, with stack canaries: a buffer overrun aborts instead of passing unseen)
+    flags = [*_native.FLAGS, "-mno-avx2", "-fno-inline", "-fstack-protector-all"]
+    monkeypatch.setattr(_native, "FLAGS", flags)
+    monkeypatch.setattr(_native, "_lib", False)
+    assert _native.lib() is not None
+    torch.manual_seed(0)
+    weights = [torch.randn(3 * 1024 + 21) * 0.02, torch.randn(13, 7)]
+    for method, extra in [
+        ("mezo", {}),
+        ("zo-sgd-mmt", {}),
+        ("zo-sgd-sign", {}),
+        ("zo-adam", {}),
+        ("sparse-mezo", {"sparsity": 0.7}),
+        ("r-mezo", {"sparsity": 0.7}),
+    ]:
+        runs = []
+        for native in ("1", "0"):
+            monkeypatch.setenv("ZOTUNE_NATIVE", native)
+            model = nn.ParameterList([nn.Parameter(w.clone()) for w in weights])
+            opt = build(method, model.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, **extra)
+            for _ in range(2):
+                opt.step(lambda m=model: sum((p**2).sum() for p in m.parameters()))
+            record = {"lr": [1e-2], "wd": [0.1]}
+            opt.space.transition(None, None, opt.update_for([(99, 0.5)], record))
+            runs.append([p.detach().clone() for p in model])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), method
 
 
 @pytest.mark.skipif(

@@ -482,8 +482,8 @@ static void zt_draw_update(int mode, float *theta, int64_t n, int law, const flo
         _mm256_storeu_ps(theta + j, zt_rule8(mode, t, zz, mm ? mm + j : 0, vv ? vv + j : 0, &k));
     }
 #endif
-    if (j < n) {
-        float z[8];
+    if (j < n) {  /* the last few elements, or all of them without AVX2 (n <= ZT_SUB) */
+        float z[ZT_SUB];
         zt_fill(law, z, n - j, key, start + j, cells);
         zt_update(mode, theta + j, z, n - j, has_decay, decay, c, lr, mm ? mm + j : 0,
                   vv ? vv + j : 0, h1, h2, h3, h4, h5, h6, h7);

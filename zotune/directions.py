@@ -45,7 +45,7 @@ from . import _native
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 PAD = _native.PAD  # slack after kept-aside values: the C kernel moves them 8 at a time
-_ZEROS = (0.0,) * 7  # unused rule constants of a zt_unit
+_ZEROS = (0.0,) * 7  # unused rule constants of a zt_terms
 MASK_SALT = 0x4D41534B  # random masks hash under derive_seed(step seed, key, MASK_SALT)
 GENERATOR = "weyl-lowbias32-icdf4096/2"  # the law's version, saved with trajectories
 
@@ -259,8 +259,8 @@ class ParameterSpace:
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
-        self._aside: dict[tuple[int, int], tuple] = {}  # per block, while perturbed (module doc)
-        self._mask_keys: dict[tuple[int, int], int] = {}  # R-MeZO: the key of each unit's kept mask
+        # per unit the torch path moves, while perturbed: what keeps it invertible (module doc)
+        self._aside: dict[tuple[int, int], tuple] = {}
         self.regenerations = 0.0  # full passes of z drawn so far (the per-step cost docs state)
         self._numel = max(sum(t.numel() for t in self.tensors), 1)  # (shapes never change)
         self.at: Offset | None = None  # where the weights sit now (set by every transition)
@@ -607,7 +607,9 @@ class ParameterSpace:
         which is checked when the weights are at θ0: the only time user code may do that
         (MeZO-SVRG's anchor swaps storage while the perturbation is set aside: `set_aside`)."""
         kernel = self._kernel
-        if kernel is None or (at_rest and [t.data_ptr() for t in self.tensors] != kernel.ptrs):
+        if kernel is None or kernel.mask is not self.mask:  # (its thresholds are in the table)
+            kernel = self._kernel = _KernelTable(self)
+        elif at_rest and [t.data_ptr() for t in self.tensors] != kernel.ptrs:
             kernel = self._kernel = _KernelTable(self)
         return kernel
 
@@ -748,6 +750,7 @@ class _KernelTable:
 
     def __init__(self, space: ParameterSpace):
         self.ptrs = [t.data_ptr() for t in space.tensors]
+        self.mask = space.mask
         units, mask = space.units, space.mask
         self.table = (_native.Unit * len(units))()
         self.native = []  # per unit: float32 on the CPU
