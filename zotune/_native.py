@@ -190,6 +190,18 @@ int64_t zt_encode(const float *theta, const float *z, float scale, float *out,
 /* theta = param - z*scale, then the elements marked in bits take their kept-aside values.
    Returns the number of aside values used. (param may be theta: each element is read before
    it is written.) */
+#ifdef __AVX2__
+/* The lanes flagged in `byte` take the next kept-aside values in order (reads 8 floats at
+   aside + *count: kept-aside arrays carry 8 floats of padding). */
+static inline __m256 zt_put_back8(__m256 t, uint32_t byte, const float *aside, int64_t *count) {
+    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 fresh = _mm256_permutevar8x32_ps(_mm256_loadu_ps(aside + *count), zt_lanes(ZT_EXPAND[byte]));
+    __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane), lane);
+    *count += __builtin_popcount(byte);
+    return _mm256_blendv_ps(t, fresh, _mm256_castsi256_ps(set));
+}
+#endif
+
 int64_t zt_decode(const float *param, const float *z, float scale, float *theta,
                   const uint8_t *bits, const float *aside, int64_t n) {
     int64_t count = 0, j = 0;
@@ -197,14 +209,9 @@ int64_t zt_decode(const float *param, const float *z, float scale, float *theta,
     /* one pass: the flagged lanes take the next aside values in order (reads up to 8 floats
        past the last one used: kept-aside arrays carry 8 floats of padding) */
     const __m256 sc = _mm256_set1_ps(scale);
-    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     for (; bits && j + 8 <= n; j += 8) {
         __m256 t = _mm256_sub_ps(_mm256_loadu_ps(param + j), _mm256_mul_ps(_mm256_loadu_ps(z + j), sc));
-        uint32_t byte = bits[j >> 3];
-        __m256 fresh = _mm256_permutevar8x32_ps(_mm256_loadu_ps(aside + count), zt_lanes(ZT_EXPAND[byte]));
-        __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane), lane);
-        _mm256_storeu_ps(theta + j, _mm256_blendv_ps(t, fresh, _mm256_castsi256_ps(set)));
-        count += __builtin_popcount(byte);
+        _mm256_storeu_ps(theta + j, zt_put_back8(t, bits[j >> 3], aside, &count));
     }
 #endif
     for (int64_t k = j; k < n; k++) {
@@ -439,17 +446,10 @@ static int64_t zt_decode_update(int mode, float *p, const float *z, float scale,
 #ifdef __AVX2__
     const zt_rule_v k = zt_rule_consts(has_decay, decay, c, lr, h1, h2, h3, h4, h5, h6, h7);
     const __m256 sc = _mm256_set1_ps(scale);
-    const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     for (; j + 8 <= n; j += 8) {
         __m256 zz = _mm256_loadu_ps(z + j);
         __m256 t = _mm256_sub_ps(_mm256_loadu_ps(p + j), _mm256_mul_ps(zz, sc));
-        if (bits) {  /* as zt_decode: the flagged lanes take their kept-aside values */
-            uint32_t byte = bits[j >> 3];
-            __m256 fresh = _mm256_permutevar8x32_ps(_mm256_loadu_ps(aside + count), zt_lanes(ZT_EXPAND[byte]));
-            __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)byte), lane), lane);
-            t = _mm256_blendv_ps(t, fresh, _mm256_castsi256_ps(set));
-            count += __builtin_popcount(byte);
-        }
+        if (bits) t = zt_put_back8(t, bits[j >> 3], aside, &count);
         _mm256_storeu_ps(p + j, zt_rule8(mode, t, zz, mm ? mm + j : 0, vv ? vv + j : 0, &k));
     }
 #endif

@@ -69,6 +69,12 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
+def seed_state(seed: int) -> int:
+    """derive_seed's state after its first part: derive_seed(seed, k) is
+    splitmix64(seed_state(seed) ^ k) >> 1, which the C kernel finishes per tensor key."""
+    return _splitmix64(0x5EED ^ (seed & _M64))
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 on int64 tensors holding 32-bit values (low 32 bits kept after each multiply)."""
     x = x ^ (x >> 16)
@@ -607,9 +613,11 @@ class ParameterSpace:
         which is checked when the weights are at θ0: the only time user code may do that
         (MeZO-SVRG's anchor swaps storage while the perturbation is set aside: `set_aside`)."""
         kernel = self._kernel
-        if kernel is None or kernel.mask is not self.mask:  # (its thresholds are in the table)
-            kernel = self._kernel = _KernelTable(self)
-        elif at_rest and [t.data_ptr() for t in self.tensors] != kernel.ptrs:
+        if (
+            kernel is None
+            or kernel.mask is not self.mask  # (the table holds its thresholds)
+            or (at_rest and [t.data_ptr() for t in self.tensors] != kernel.ptrs)
+        ):
             kernel = self._kernel = _KernelTable(self)
         return kernel
 
@@ -667,20 +675,20 @@ class ParameterSpace:
         seed, lr, wd, mode, c, m, v, consts, seed2, c2 = args
         key = (seed, lr, wd, mode, c, consts, seed2, c2)
         if key not in shared:
-            shared[key] = _native.Terms(
+            terms = _native.Terms(
                 mode=mode,
-                upd_s=_splitmix64(0x5EED ^ (seed & _M64)),
+                upd_s=seed_state(seed),
                 upd_c=c,
                 upd_lr=lr,
                 has_decay=bool(wd),
                 upd_decay=lr * wd,
                 h=(ctypes.c_double * 7)(*consts, *_ZEROS[len(consts) :]),
                 has_upd2=seed2 is not None,
-                upd2_s=_splitmix64(0x5EED ^ (seed2 & _M64)) if seed2 is not None else 0,
+                upd2_s=seed_state(seed2) if seed2 is not None else 0,
                 upd_c2=c2,
             )
             seeds = {seed} | ({seed2} - {None})
-            shared[key] = (shared[key], len(seeds | offsets), len(seeds))
+            shared[key] = (terms, len(seeds | offsets), len(seeds))
         terms, draws, draws_lazy = shared[key]
         return (
             ctypes.addressof(terms),
@@ -702,14 +710,14 @@ class ParameterSpace:
             law=0 if gaussian else 1,
             cells=self.direction.cells.data_ptr() if gaussian else None,
             has_cur=current is not None,
-            cur_s=_splitmix64(0x5EED ^ (current.seed & _M64)) if current else 0,
+            cur_s=seed_state(current.seed) if current else 0,
             cur_scale=current.scale if current else 0.0,
             update=update,
             has_tgt=target is not None,
-            tgt_s=_splitmix64(0x5EED ^ (target.seed & _M64)) if target else 0,
+            tgt_s=seed_state(target.seed) if target else 0,
             tgt_scale=target.scale if target else 0.0,
             mask_kind=0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2,
-            mask_s=_splitmix64(0x5EED ^ (self.mask_seed & _M64)),
+            mask_s=seed_state(self.mask_seed),
             mask_limit=mask.limit if isinstance(mask, RandomMask) else 0,
         )
         kernel, lib = self._kernel, self._lib
