@@ -150,9 +150,11 @@ void zt_fill_sign(float *out, int64_t n, uint64_t key, int64_t start) {
     }
 }
 
-/* out = theta + z*scale; bit k of bits marks elements where (out - z*scale) != theta, whose
-   theta is appended to aside (in element order; aside needs 8 floats of room past the last).
-   n must be a multiple of 8 except for a block's last call. Returns the number of such elements. */
+/* out = theta + z*scale; bit k of bits marks elements where (out - z*scale) != theta or where
+   (theta - z*scale) + z*scale != theta, whose theta is appended to aside (in element order;
+   aside needs 8 floats of room past the last). Checking both signs makes the record serve
+   theta - z*scale too: a move from +z*scale to -z*scale keeps it (zt_flip). n must be a
+   multiple of 8 except for a block's last call. Returns the number of such elements. */
 int64_t zt_encode(const float *theta, const float *z, float scale, float *out,
                   uint8_t *bits, float *aside, int64_t n) {
     int64_t count = 0, j = 0;
@@ -163,7 +165,9 @@ int64_t zt_encode(const float *theta, const float *z, float scale, float *out,
         __m256 st = _mm256_mul_ps(_mm256_loadu_ps(z + j), sc);
         __m256 moved = _mm256_add_ps(t, st);
         __m256 back = _mm256_sub_ps(moved, st);
-        uint32_t byte = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(back, t, _CMP_NEQ_UQ));
+        __m256 back2 = _mm256_add_ps(_mm256_sub_ps(t, st), st);  /* the other sign's */
+        uint32_t byte = (uint32_t)_mm256_movemask_ps(_mm256_or_ps(
+            _mm256_cmp_ps(back, t, _CMP_NEQ_UQ), _mm256_cmp_ps(back2, t, _CMP_NEQ_UQ)));
         _mm256_storeu_ps(out + j, moved);
         bits[j >> 3] = (uint8_t)byte;
         /* left-pack the flagged lanes without a branch: writes 8 floats at aside + count, of
@@ -178,8 +182,11 @@ int64_t zt_encode(const float *theta, const float *z, float scale, float *out,
         for (int64_t k = 0; k < m; k++) {
             float st = z[j + k] * scale;
             float moved = theta[j + k] + st;
-            float back = moved - st;
-            if (back != theta[j + k]) { byte |= 1u << k; aside[count++] = theta[j + k]; }
+            float back = moved - st, other = theta[j + k] - st, back2 = other + st;
+            if (back != theta[j + k] || back2 != theta[j + k]) {
+                byte |= 1u << k;
+                aside[count++] = theta[j + k];
+            }
             out[j + k] = moved;
         }
         bits[j >> 3] = (uint8_t)byte;
@@ -225,6 +232,33 @@ int64_t zt_decode(const float *param, const float *z, float scale, float *theta,
             int k = __builtin_ctz(byte);
             theta[j + k] = aside[count++];
             byte &= byte - 1;
+        }
+    }
+    return count;
+}
+
+/* param = theta + z*scale -> theta - z*scale in one loop, with a record made by zt_encode
+   (which checks both signs, so the record stays valid): theta = param - s, the flagged lanes
+   take their kept-aside values, then minus s again. The same numbers as zt_decode then
+   zt_encode with -scale, without the second check and packing. Returns the aside values read. */
+static int64_t zt_flip(float *p, const float *z, float scale, const uint8_t *bits,
+                       const float *aside, int64_t n) {
+    int64_t count = 0, j = 0;
+#ifdef __AVX2__
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (; j + 8 <= n; j += 8) {
+        __m256 s = _mm256_mul_ps(_mm256_loadu_ps(z + j), sc);
+        __m256 t = _mm256_sub_ps(_mm256_loadu_ps(p + j), s);
+        if (bits) t = zt_put_back8(t, bits[j >> 3], aside, &count);
+        _mm256_storeu_ps(p + j, _mm256_sub_ps(t, s));
+    }
+#endif
+    for (; j < n; j += 8) {
+        uint32_t byte = bits ? bits[j >> 3] : 0;
+        for (int64_t k = 0; k < 8 && j + k < n; k++) {
+            float s = z[j + k] * scale, t = p[j + k] - s;
+            if (byte >> k & 1) t = aside[count++];
+            p[j + k] = t - s;
         }
     }
     return count;
@@ -512,14 +546,29 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     int64_t used = 0, kept = 0;
+    /* +z*scale -> -z*scale with the same z and mask: the record serves both (zt_encode) */
+    int flip = has_cur && has_tgt && !mode && key_tgt == key_cur && tgt_scale == -cur_scale &&
+               (has_mask == 0 || has_mask == 3);
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
-        int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0;
+        int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0, nb = (cm + 7) >> 3;
         /* the chunk is moved in place: decode, update and encode each read an element before
            writing it, so p holds the unperturbed theta between them */
         float *p = flat + j0, *theta = p;
         const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
         zt_use uses[4];
         int nu = 0;
+        if (flip) {  /* the record is copied out as it is (in place when bits_out is bits_in) */
+            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
+            const uint8_t *bi = bits_in ? bits_in + (j0 >> 3) : 0;
+            int64_t u0 = used;
+            used += zt_flip(p, z, cur_scale, bi, aside_in ? aside_in + used : 0, cm);
+            if (!bi) memset(bits_out + (j0 >> 3), 0, (size_t)nb);
+            else if (bits_out + (j0 >> 3) != bi) memcpy(bits_out + (j0 >> 3), bi, (size_t)nb);
+            if (used > u0) memcpy(aside_out + kept, aside_in + u0, (size_t)(used - u0) * sizeof(float));
+            kept += used - u0;
+            if (has_mask == 3) memcpy(mask_out + (j0 >> 3), mask_in + (j0 >> 3), (size_t)nb);
+            continue;
+        }
         int fused = 0;  /* the undo and a stateful update in one loop, with this z */
         if (has_cur) {
             const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
