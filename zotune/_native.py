@@ -524,6 +524,15 @@ static void zt_draw_update(int mode, float *theta, int64_t n, int law, const flo
     }
 }
 
+/* Whether a move is from +z*scale to -z*scale with the same z and mask and no update: the
+   record zt_encode made serves both points (it checks both signs), so the move is zt_flip and
+   the record stays as it is. */
+static inline int zt_flips(int has_cur, int has_tgt, int mode, uint64_t key_cur,
+                           uint64_t key_tgt, float cur_scale, float tgt_scale, int has_mask) {
+    return has_cur && has_tgt && !mode && key_tgt == key_cur && tgt_scale == -cur_scale &&
+           (has_mask == 0 || has_mask == 3);
+}
+
 /* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
    undo the current offset (decode), apply an update rule to g = z_upd*c (rules.py's SGD, sign,
    momentum or Adam, operation for operation as their torch code), then perturb to the target
@@ -546,9 +555,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     int64_t used = 0, kept = 0;
-    /* +z*scale -> -z*scale with the same z and mask: the record serves both (zt_encode) */
-    int flip = has_cur && has_tgt && !mode && key_tgt == key_cur && tgt_scale == -cur_scale &&
-               (has_mask == 0 || has_mask == 3);
+    int flip = zt_flips(has_cur, has_tgt, mode, key_cur, key_tgt, cur_scale, tgt_scale, has_mask);
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0, nb = (cm + 7) >> 3;
         /* the chunk is moved in place: decode, update and encode each read an element before
@@ -557,16 +564,18 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
         zt_use uses[4];
         int nu = 0;
-        if (flip) {  /* the record is copied out as it is (in place when bits_out is bits_in) */
+        if (flip) {  /* the record is the target's too: copied out, unless it is kept in place */
             const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
             const uint8_t *bi = bits_in ? bits_in + (j0 >> 3) : 0;
+            uint8_t *bo = bits_out ? bits_out + (j0 >> 3) : 0;
             int64_t u0 = used;
             used += zt_flip(p, z, cur_scale, bi, aside_in ? aside_in + used : 0, cm);
-            if (!bi) memset(bits_out + (j0 >> 3), 0, (size_t)nb);
-            else if (bits_out + (j0 >> 3) != bi) memcpy(bits_out + (j0 >> 3), bi, (size_t)nb);
-            if (used > u0) memcpy(aside_out + kept, aside_in + u0, (size_t)(used - u0) * sizeof(float));
+            if (bo && bo != bi) bi ? memcpy(bo, bi, (size_t)nb) : memset(bo, 0, (size_t)nb);
+            if (used > u0 && aside_out + kept != aside_in + u0)
+                memcpy(aside_out + kept, aside_in + u0, (size_t)(used - u0) * sizeof(float));
             kept += used - u0;
-            if (has_mask == 3) memcpy(mask_out + (j0 >> 3), mask_in + (j0 >> 3), (size_t)nb);
+            if (has_mask == 3 && mask_out != mask_in)
+                memcpy(mask_out + (j0 >> 3), mask_in + (j0 >> 3), (size_t)nb);
             continue;
         }
         int fused = 0;  /* the undo and a stateful update in one loop, with this z */
@@ -686,7 +695,16 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
         }
         uint8_t *bits_in = cur ? r->bits : 0, *mask_in = cur ? r->mask : 0, *bits = 0, *mask = 0;
         int64_t nb = (u->n + 7) >> 3;
-        if (tgt) {
+        static const zt_terms none = {0};
+        const zt_terms *t = p->update ? u->terms : &none;
+        uint64_t key_cur = cur ? zt_splitmix(p->cur_s ^ u->key) >> 1 : 0;
+        uint64_t key_tgt = tgt ? zt_splitmix(p->tgt_s ^ u->key) >> 1 : 0;
+        float *aside_out = 0;
+        int keep = zt_flips(cur, tgt, (int)t->mode, key_cur, key_tgt, (float)p->cur_scale,
+                            (float)p->tgt_scale, kind);
+        if (keep) {  /* the record is the target's too: it stays, read and written in place */
+            bits = bits_in, mask = mask_in, aside_out = r->aside;
+        } else if (tgt) {
             /* the old flags are read chunk by chunk before the new ones are written: reuse them */
             bits = bits_in ? bits_in : malloc((size_t)nb);
             mask = kind ? malloc((size_t)nb) : 0;  /* (new: z's reuse within a chunk compares masks) */
@@ -702,20 +720,20 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
                 __atomic_fetch_add(failed, 1, __ATOMIC_RELAXED);
                 continue;
             }
+            aside_out = scratch;
         }
-        static const zt_terms none = {0};
-        const zt_terms *t = p->update ? u->terms : &none;
         int64_t kept = zt_move(
             u->flat, u->n, u->start, (int)p->law, p->cells,
-            cur, cur ? zt_splitmix(p->cur_s ^ u->key) >> 1 : 0, (float)p->cur_scale,
+            cur, key_cur, (float)p->cur_scale,
             bits_in, cur ? r->aside : 0,
             (int)t->mode, zt_splitmix(t->upd_s ^ u->key) >> 1, (float)t->upd_c,
             (float)t->upd_lr, (int)t->has_decay, (float)t->upd_decay, u->m, u->v,
             (float)t->h[0], (float)t->h[1], (float)t->h[2], (float)t->h[3], (float)t->h[4],
             (float)t->h[5], (float)t->h[6],
             (int)t->has_upd2, zt_splitmix(t->upd2_s ^ u->key) >> 1, (float)t->upd_c2,
-            tgt, tgt ? zt_splitmix(p->tgt_s ^ u->key) >> 1 : 0, (float)p->tgt_scale, bits, scratch,
+            tgt, key_tgt, (float)p->tgt_scale, bits, aside_out,
             kind, (float)u->mask_h, mask_in, mask, mask_key, p->mask_limit);
+        if (keep) continue;
         if (cur) {  /* what the move read is spent */
             free(r->aside);
             free(r->mask);
