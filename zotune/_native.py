@@ -526,11 +526,13 @@ static void zt_draw_update(int mode, float *theta, int64_t n, int law, const flo
 
 /* Whether a move is from +z*scale to -z*scale with the same z and mask and no update: the
    record zt_encode made serves both points (it checks both signs), so the move is zt_flip and
-   the record stays as it is. */
+   the record stays as it is. The mask is the same when it is kept (kind 3, or a magnitude
+   mask's bits: its thresholds are fixed and theta0 is the same). */
 static inline int zt_flips(int has_cur, int has_tgt, int mode, uint64_t key_cur,
-                           uint64_t key_tgt, float cur_scale, float tgt_scale, int has_mask) {
+                           uint64_t key_tgt, float cur_scale, float tgt_scale, int has_mask,
+                           const uint8_t *mask_in) {
     return has_cur && has_tgt && !mode && key_tgt == key_cur && tgt_scale == -cur_scale &&
-           (has_mask == 0 || has_mask == 3);
+           (has_mask == 0 || has_mask == 3 || (has_mask == 1 && mask_in));
 }
 
 /* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
@@ -555,7 +557,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
     float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     int64_t used = 0, kept = 0;
-    int flip = zt_flips(has_cur, has_tgt, mode, key_cur, key_tgt, cur_scale, tgt_scale, has_mask);
+    int flip = zt_flips(has_cur, has_tgt, mode, key_cur, key_tgt, cur_scale, tgt_scale, has_mask,
+                        mask_in);
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0, nb = (cm + 7) >> 3;
         /* the chunk is moved in place: decode, update and encode each read an element before
@@ -574,7 +577,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             if (used > u0 && aside_out + kept != aside_in + u0)
                 memcpy(aside_out + kept, aside_in + u0, (size_t)(used - u0) * sizeof(float));
             kept += used - u0;
-            if (has_mask == 3 && mask_out != mask_in)
+            if (has_mask && mask_out != mask_in)
                 memcpy(mask_out + (j0 >> 3), mask_in + (j0 >> 3), (size_t)nb);
             continue;
         }
@@ -701,7 +704,7 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
         uint64_t key_tgt = tgt ? zt_splitmix(p->tgt_s ^ u->key) >> 1 : 0;
         float *aside_out = 0;
         int keep = zt_flips(cur, tgt, (int)t->mode, key_cur, key_tgt, (float)p->cur_scale,
-                            (float)p->tgt_scale, kind);
+                            (float)p->tgt_scale, kind, mask_in);
         if (keep) {  /* the record is the target's too: it stays, read and written in place */
             bits = bits_in, mask = mask_in, aside_out = r->aside;
         } else if (tgt) {
