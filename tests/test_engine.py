@@ -261,6 +261,24 @@ def test_a_space_given_another_mask_perturbs_by_the_new_one():
         assert torch.equal(w, before)
 
 
+def test_a_space_mask_is_replaced_only_at_theta0():
+    """A perturbation is undone (and flipped to -εz) by the mask it was made with: a new mask
+    while perturbed is refused, and the weights still come back exactly."""
+    torch.manual_seed(0)
+    w = torch.randn(5000)
+    before = w.clone()
+    space = ParameterSpace([w], mask=MagnitudeMask([w], [0], 0.8))
+    space.transition(None, Offset(1, 1e-3))
+    for mask in (MagnitudeMask([w], [0], 0.3), None):
+        with pytest.raises(RuntimeError, match="at θ0"):
+            space.mask = mask
+    space.transition(Offset(1, 1e-3), Offset(1, -1e-3))
+    assert abs((w != before).float().mean().item() - 0.2) < 0.02
+    space.transition(Offset(1, -1e-3), None)
+    assert torch.equal(w, before)
+    space.mask = None  # at θ0: fine
+
+
 @pytest.mark.parametrize("method", ["zo-sgd-sign", "mezo", "zo-sgd-mmt"])
 def test_a_flat_loss_leaves_the_weights_exactly_where_they_were(method):
     """Equal losses give ĝ = 0 everywhere: sign(0) = 0, so no rule moves a weight, and the

@@ -527,7 +527,8 @@ static void zt_draw_update(int mode, float *theta, int64_t n, int law, const flo
 /* Whether a move is from +z*scale to -z*scale with the same z and mask and no update: the
    record zt_encode made serves both points (it checks both signs), so the move is zt_flip and
    the record stays as it is. The mask is the same when it is kept (kind 3, or a magnitude
-   mask's bits: its thresholds are fixed and theta0 is the same). */
+   mask's bits: its thresholds are fixed, theta0 is the same, and a space's mask can only be
+   replaced at theta0). zt_move is told the answer by its caller. */
 static inline int zt_flips(int has_cur, int has_tgt, int mode, uint64_t key_cur,
                            uint64_t key_tgt, float cur_scale, float tgt_scale, int has_mask,
                            const uint8_t *mask_in) {
@@ -550,15 +551,15 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
                 int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
-                uint64_t mask_key, int64_t mask_limit) {
-    /* has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO): hash under mask_key
+                uint64_t mask_key, int64_t mask_limit, int flip) {
+    /* flip: the caller's zt_flips for these arguments (zt_run then keeps the record in place,
+       so the decision is made once, by the caller).
+       has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO): hash under mask_key
        below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
        depend on theta is the same for the whole step: no hash per element) */
     float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     int64_t used = 0, kept = 0;
-    int flip = zt_flips(has_cur, has_tgt, mode, key_cur, key_tgt, cur_scale, tgt_scale, has_mask,
-                        mask_in);
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0, nb = (cm + 7) >> 3;
         /* the chunk is moved in place: decode, update and encode each read an element before
@@ -735,7 +736,7 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
             (float)t->h[5], (float)t->h[6],
             (int)t->has_upd2, zt_splitmix(t->upd2_s ^ u->key) >> 1, (float)t->upd_c2,
             tgt, key_tgt, (float)p->tgt_scale, bits, aside_out,
-            kind, (float)u->mask_h, mask_in, mask, mask_key, p->mask_limit);
+            kind, (float)u->mask_h, mask_in, mask, mask_key, p->mask_limit, keep);
         if (keep) continue;
         if (cur) {  /* what the move read is spent */
             free(r->aside);
@@ -809,7 +810,9 @@ int64_t zt_move_rows(float *flat, int64_t width, const int64_t *rows, int64_t nr
                         tgt_scale,
                         bits_out ? bits_out + r * wb : 0, aside_out ? aside_out + kept : 0,
                         has_mask, mask_h, mask_in ? mask_in + r * wb : 0,
-                        mask_out ? mask_out + r * wb : 0, mask_key, mask_limit);
+                        mask_out ? mask_out + r * wb : 0, mask_key, mask_limit,
+                        zt_flips(has_cur, has_tgt, ZT_NONE, key_cur, key_tgt, cur_scale,
+                                 tgt_scale, has_mask, mask_in ? mask_in + r * wb : 0));
         if (bi)
             for (int64_t k = 0; k < wb; k++) used += __builtin_popcount(bi[k]);
     }

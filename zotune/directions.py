@@ -261,7 +261,7 @@ class ParameterSpace:
             if not t.is_contiguous():
                 raise ValueError("zotune perturbs tensors in place: they must be contiguous")
         self.direction = make_direction(direction)
-        self.mask = mask
+        self._mask = mask
         self.mask_seed = 0  # set by the optimizer each step (random masks change per step)
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._local = threading.local()
@@ -281,6 +281,20 @@ class ParameterSpace:
         # (the torch path's units keep theirs in _aside)
         self._records = _native.Records(len(self.units)) if self._lib else None
         self._kernel: _KernelTable | None = None  # the units as the kernel sees them
+
+    @property
+    def mask(self) -> Mask | None:
+        """Which elements z perturbs (None: all). Set only at θ0: a perturbation is undone by
+        the mask it was made with, which its record keeps."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: Mask | None) -> None:
+        if not self.at_rest():
+            raise RuntimeError(
+                "set a space's mask at θ0: the weights are perturbed by the current one"
+            )
+        self._mask = mask
 
     @functools.cached_property
     def units(self) -> list[tuple[int, int, int]]:
