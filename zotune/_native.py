@@ -743,6 +743,11 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
             free(r->mask);
             if (!tgt) free(bits_in);
             memset(r, 0, sizeof *r);
+        } else if (tgt) {  /* from theta0 a record is stale (a pass that ran out of memory) */
+            free(r->bits);
+            free(r->aside);
+            free(r->mask);
+            memset(r, 0, sizeof *r);
         }
         if (!tgt) continue;
         r->mask = mask;
