@@ -17,6 +17,7 @@ import zotune
 from zotune import _native
 from zotune.directions import (
     BLOCK,
+    PAD,
     Gaussian,
     MagnitudeMask,
     Offset,
@@ -259,6 +260,22 @@ def test_a_space_given_another_mask_perturbs_by_the_new_one():
         assert abs(moved - (1 - sparsity)) < 0.02
         space.transition(Offset(1, 1e-3), None)
         assert torch.equal(w, before)
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="kernel records")
+def test_a_pass_from_theta0_drops_a_stale_kernel_record():
+    """A record left by a pass that ran out of memory must not survive a pass from θ0 that keeps
+    nothing aside (scale 0): its flags would put stale values back on the way home."""
+    torch.manual_seed(0)
+    w = torch.randn(4096)
+    before = w.clone()
+    space = ParameterSpace([w])
+    n = w.numel()
+    stale = torch.full((n // 8,), 0xFF, dtype=torch.uint8)  # every element flagged
+    space._records.store(0, n, (stale, torch.zeros(n + PAD), None), 0)
+    space.transition(None, Offset(1, 0.0))
+    space.transition(Offset(1, 0.0), None)
+    assert torch.equal(w, before)
 
 
 def test_a_space_mask_is_replaced_only_at_theta0():

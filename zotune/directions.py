@@ -21,8 +21,8 @@ Moves are exactly invertible in any precision (fp32, fp16, bf16): undoing θ0 + 
 elements much smaller than c·z). Those elements' θ0 (in the C kernel also those whose move by
 -c·z would not invert, so that one record serves a step's θ0 + c·z and θ0 - c·z) are kept
 aside while the weights are perturbed (one bit per element marks them, 1/32 of fp32 weights,
-plus their values: a few percent of elements at ε = 1e-3), and put back on the way home. A mask, when there is one, is
-kept as bits for the same span. Everything kept is freed when the weights return to θ0. All
+plus their values: a few percent of elements at ε = 1e-3), and put back on the way home. A
+mask, when there is one, is kept as bits for the same span. Everything kept is freed when the weights return to θ0. All
 arithmetic is plain IEEE mul/add in float32 (no fused multiply-add), so results do not depend on
 vector widths, thread counts or whether the C kernel (`_native.py`) or torch computes them.
 """
