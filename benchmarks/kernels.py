@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from zotune import _native
-from zotune.directions import BLOCK, Gaussian, Rademacher
+from zotune.engine import native as _native
+from zotune.engine.directions import BLOCK, Gaussian, Rademacher
 
 
 def per_element_ns(fn, n: int, reps: int = 300) -> float:

@@ -31,7 +31,7 @@ import torch
 
 # isort: on
 
-from zotune.memory import make_optimizer, measure_in_process, random_batch_loss
+from zotune.bench.memory import make_optimizer, measure_in_process, random_batch_loss
 from zotune.models import load_model
 
 BATCH, SEQ = 16, 64

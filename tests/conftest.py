@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zotune.bench import make_tiny_model
+from zotune.testing import make_tiny_model
 
 
 @pytest.fixture(scope="session")

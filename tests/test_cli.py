@@ -263,7 +263,7 @@ def test_linear_probe_baseline(tiny_model_dir, tmp_path):
 
 
 def test_memory_suite_measures_each_cell_in_its_own_process(tiny_model_dir, tmp_path):
-    from zotune.memory import memory_suite
+    from zotune.bench.memory import memory_suite
 
     methods = ("forward", "mezo", "fo-adam")
     rows = memory_suite(tmp_path, model=tiny_model_dir, batches=(2,), seqs=(8,), methods=methods)

@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
-from tiny import bert_config, llama_config
 from torch import nn
 from transformers import BertForSequenceClassification, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import zotune
-from zotune import _native
-from zotune.directions import (
+from zotune.engine import native as _native
+from zotune.engine.directions import (
     BLOCK,
     PAD,
     Gaussian,
@@ -26,8 +25,9 @@ from zotune.directions import (
     derive_seed,
     hash32,
 )
-from zotune.estimators import one_sided, two_sided
+from zotune.engine.estimators import one_sided, two_sided
 from zotune.optim import build, param_groups
+from zotune.testing import bert_config, llama_config
 
 
 def draw_z(shape, seed: int, key: int, direction: str = "gaussian") -> torch.Tensor:

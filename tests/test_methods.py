@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import zotune
-from zotune.directions import Gaussian, derive_seed, hash32
+from zotune.engine.directions import Gaussian, derive_seed, hash32
 from zotune.optim import build, layer_groups, split_top
 
 ZO = ["mezo", "zo-sgd", "zo-sgd-mmt", "zo-sgd-sign", "zo-sgd-cons", "zo-adam", "forward-grad",

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from tiny import bert_config, llama_config
 from transformers import (
     AutoTokenizer,
     BertForMaskedLM,
@@ -26,6 +25,7 @@ from zotune.models import (
     load_model,
     trainable_parameters,
 )
+from zotune.testing import bert_config, llama_config
 
 
 def minilm_dir() -> str:

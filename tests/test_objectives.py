@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import bert_config, llama_config
 from transformers import (
     AutoTokenizer,
     BertForMaskedLM,
@@ -20,6 +19,7 @@ from transformers import (
 from zotune.models import LoadedModel, ModelError, apply_peft, trainable_parameters
 from zotune.objectives import exact_match, make_objective, normalize_answer, squad_f1
 from zotune.tasks.base import Example
+from zotune.testing import bert_config, llama_config
 
 CORPUS = [
     "the movie was great. It was great",

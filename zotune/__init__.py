@@ -10,7 +10,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import optim
-from .trajectory import replay
+from .optim import replay
 
 __version__ = "0.1.0"
 

@@ -105,8 +105,8 @@ def _load_run(run: str | os.PathLike) -> tuple[TrainConfig, Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .optim import replay
     from .train import icl_objective, load_for
-    from .trajectory import replay
 
     if args.run:
         cfg, traj = _load_run(args.run)
@@ -140,8 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    from .optim import replay
     from .train import load_for, write_atomically
-    from .trajectory import replay
 
     cfg, traj = _load_run(args.run)
     out = Path(args.out)

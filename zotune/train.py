@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from . import optim
+from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .tasks import Task, load_task
 
 
@@ -150,15 +151,6 @@ DEMO: dict[str, Any] = dict(
     num_dev=100,
     num_test=200,
 )
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory since the model was loaded (CPU), or the CUDA allocator's peak."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    from .memory import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 def batches(n: int, batch_size: int, seed: int):
@@ -317,7 +309,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
     start = time.time()
     task, loaded, objective = load_for(cfg)
     model = loaded.model
-    from .memory import reset_peak, rss_mb
 
     if cfg.method == "linear-probe":
         return write_atomically(out, lambda work: _probe(cfg, task, loaded, objective, work, start))

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from .base import ZOOptimizer
@@ -15,43 +13,11 @@ from .fo import FOSGD, FOAdam
 from .forward_grad import ForwardGrad
 from .hybrid import HybridZOFO
 from .mezo import MeZO
+from .registry import OPTIMIZERS, available, build
+from .replay import replay
 from .sparse import RMeZO, SparseMeZO
 from .svrg import MeZOSVRG
 from .zo_bench import ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "mezo": MeZO,
-    "zo-sgd": MeZO,
-    "zo-sgd-mmt": ZOSGDMomentum,
-    "zo-sgd-sign": ZOSGDSign,
-    "zo-sgd-cons": ZOSGDConservative,
-    "zo-adam": ZOAdam,
-    "forward-grad": ForwardGrad,
-    "mezo-svrg": MeZOSVRG,
-    "sparse-mezo": SparseMeZO,
-    "r-mezo": RMeZO,
-    "zo-blockwise": BlockwiseZO,
-    "hybrid-zo-fo": HybridZOFO,
-    "fo-sgd": FOSGD,
-    "fo-adam": FOAdam,
-}
-
-
-def available() -> list[str]:
-    """Names accepted by `build`."""
-    return sorted(OPTIMIZERS)
-
-
-def build(name: str, params: Iterable[Any], **hparams: Any) -> torch.optim.Optimizer:
-    """Create the optimizer registered as `name` over `params` (tensors or param groups)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown method '{name}': choose one of {', '.join(available())}")
-    opt = OPTIMIZERS[name](params, **hparams)
-    opt.name = name
-    if isinstance(opt, ZOOptimizer):
-        opt.trajectory.method = name
-    return opt
-
 
 # Norm layers by type (HF's RMSNorm classes are their own, not nn.RMSNorm, hence the name test).
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
@@ -124,11 +90,25 @@ def split_top(model: nn.Module, layers: int) -> tuple[list[nn.Parameter], list[n
 
 
 __all__ = [
+    "OPTIMIZERS",
+    "BlockwiseZO",
+    "FOAdam",
+    "FOSGD",
+    "ForwardGrad",
+    "HybridZOFO",
+    "MeZO",
+    "MeZOSVRG",
+    "RMeZO",
+    "SparseMeZO",
+    "ZOAdam",
     "ZOOptimizer",
+    "ZOSGDConservative",
+    "ZOSGDMomentum",
+    "ZOSGDSign",
     "available",
     "build",
     "layer_groups",
     "param_groups",
+    "replay",
     "split_top",
-    *[c.__name__ for c in set(OPTIMIZERS.values())],
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..directions import (
+from ..engine.directions import (
     DIRECTIONS,
     Block,
     MagnitudeMask,
@@ -25,9 +25,9 @@ from ..directions import (
     Update,
     derive_seed,
 )
-from ..estimators import ESTIMATORS, Closure, Estimate
-from ..rules import Rule, new_state
-from ..trajectory import Trajectory
+from ..engine.estimators import ESTIMATORS, Closure, Estimate
+from ..engine.rules import Rule, new_state
+from ..engine.trajectory import Trajectory
 
 
 def _check(name: str, value: float, *, positive: bool = False) -> None:

@@ -9,9 +9,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..directions import derive_seed
-from ..estimators import Closure, Estimate
-from ..rules import SGD
+from ..engine.directions import derive_seed
+from ..engine.estimators import Closure, Estimate
+from ..engine.rules import SGD
 from .base import ZOOptimizer
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..estimators import Closure
-from ..rules import SGD
+from ..engine.estimators import Closure
+from ..engine.rules import SGD
 from .base import ZOOptimizer
 
 

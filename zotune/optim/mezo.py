@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..rules import SGD
+from ..engine.rules import SGD
 from .base import ZOOptimizer
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ..directions import derive_seed
-from ..estimators import Closure, two_sided
-from ..rules import SGD
+from ..engine.directions import derive_seed
+from ..engine.estimators import Closure, two_sided
+from ..engine.rules import SGD
 from .base import ZOOptimizer
 
 

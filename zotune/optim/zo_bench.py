@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..directions import Offset, derive_seed
-from ..estimators import Closure, evaluate
-from ..rules import SGD, Adam, Momentum, Sign
+from ..engine.directions import Offset, derive_seed
+from ..engine.estimators import Closure, evaluate
+from ..engine.rules import SGD, Adam, Momentum, Sign
 from .base import ZOOptimizer
 
 

@@ -21,45 +21,8 @@ from typing import Any
 
 import yaml
 
-from .train import ConfigError, TrainConfig
-
-
-def make_tiny_model(path: str | os.PathLike) -> str:
-    """A 2-layer random Llama with a byte-level tokenizer trained on the shipped SST-2 sample:
-    seconds to build, for smoke runs and tests."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = Path(path)
-    if (path / "config.json").exists():
-        return str(path)
-    sample = Path(__file__).parent / "data" / "sst2" / "train.tsv"
-    lines = sample.read_text(encoding="utf-8").splitlines()[1:]
-    corpus = [ln.split("\t")[0] + " It was great terrible good bad Yes No Maybe\n" for ln in lines]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=600, min_frequency=1, special_tokens=["<eos>"])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>"
-    )
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    tmp = path.with_name(path.name + ".tmp")
-    LlamaForCausalLM(cfg).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path)
-    return str(path)
-
+from ..testing import make_tiny_model
+from ..train import ConfigError, TrainConfig
 
 # Forward passes a step costs, to give every method the same budget of forward passes.
 FORWARDS = {

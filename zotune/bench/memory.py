@@ -1,6 +1,6 @@
 """Peak memory of inference vs ZO vs FO training steps, each measured in its own process.
 
-    python -m zotune.memory MODEL METHOD BATCH SEQ STEPS    # one measurement, prints JSON
+    python -m zotune.bench.memory MODEL METHOD BATCH SEQ STEPS    # one measurement, prints JSON
 
 CPU: peak resident memory of the process while it runs the steps (the peak is reset after the
 model is loaded), with the resident size right after loading noted as the baseline. CUDA: `max_memory_allocated`, reset before the first step.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..memory_usage import peak_rss_mb, reset_peak, rss_mb
 
 # The memory suite's methods: one per kind of extra state (momentum's is ZO-Adam's first half;
 # zo-sgd-cons, zo-blockwise and r-mezo keep what MeZO or Sparse MeZO keep, at 5-60x the time).
@@ -32,39 +33,6 @@ METHODS = [
     "fo-sgd",
     "fo-adam",
 ]
-
-
-def reset_peak() -> None:
-    """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM), so loading a model,
-    whose transient copies can exceed any later step, does not mask the steps' own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory since the last `reset_peak` (ru_maxrss where /proc is missing)."""
-    peak = _proc_status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rss_mb() -> float:
-    """Resident memory now."""
-    now = _proc_status_mb("VmRSS")
-    return now if now is not None else peak_rss_mb()
 
 
 def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
@@ -84,7 +52,7 @@ def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
 
 def make_optimizer(method: str, loaded, params, loss_fn, threads: int | None = None):
     """`method` over all of a model's parameters with tiny steps, for measuring cost."""
-    from . import optim
+    from .. import optim
 
     if method.startswith("fo-"):
         return optim.build(method, params, lr=1e-7)
@@ -107,7 +75,7 @@ def make_optimizer(method: str, loaded, params, loss_fn, threads: int | None = N
 
 def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
     """Load, then run `steps` training steps (or 2·steps forward passes for "forward")."""
-    from .models import load_model
+    from ..models import load_model
 
     loaded = load_model(
         model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu"
@@ -154,7 +122,16 @@ def measure_in_process(
     model: str, method: str, batch: int, seq: int, steps: int = 2
 ) -> dict[str, Any]:
     """`measure` in a fresh interpreter, so one measurement's peak never leaks into another."""
-    cmd = [sys.executable, "-m", "zotune.memory", model, method, str(batch), str(seq), str(steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zotune.bench.memory",
+        model,
+        method,
+        str(batch),
+        str(seq),
+        str(steps),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         err = (done.stderr.strip().splitlines() or ["failed"])[-1]

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _native
+from . import native as _native
 
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps

@@ -3,7 +3,8 @@
 A run's updates are fully determined by its per-step seeds and projected gradients (plus the
 learning rates in force), so a run is saved as the optimizer's config and one small record per
 step, gzip-compressed JSON: tens of bytes a step. `replay` applies the records to the initial
-weights and rebuilds the fine-tuned weights bit for bit, with no forward pass.
+weights and rebuilds the fine-tuned weights bit for bit, with no forward pass
+(`zotune.optim.replay`: rebuilding needs the optimizer, which sits above this module).
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .directions import GENERATOR
 
 FORMAT = "zotune-trajectory/1"
 
 
 class Trajectory:
     def __init__(self, method: str, config: dict[str, Any], tensors: Sequence[torch.Tensor]):
-        from .directions import GENERATOR
-
         self.method, self.config = method, dict(config)
         self.tensors = [
             {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in tensors
@@ -86,53 +87,3 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a {FORMAT} file")
     data["records"] = _rows(data["records"])
     return data
-
-
-@torch.no_grad()
-def replay(
-    model_or_params: torch.nn.Module | Iterable[torch.Tensor],
-    path: str | os.PathLike,
-    steps: int | None = None,
-) -> int:
-    """Apply a saved trajectory (its first `steps` steps, default all) to the initial weights,
-    in place; returns the number of steps applied.
-
-    Pass the model (tensors are found by the names saved with the run) or the same flat list of
-    tensors, in the same order, that the optimizer was given.
-    """
-    from .optim import build
-
-    data = load(path)
-    meta = data["tensors"]
-    if isinstance(model_or_params, torch.nn.Module):
-        named = dict(model_or_params.named_parameters())
-        missing = [m["name"] for m in meta if m["name"] not in named]
-        if missing:
-            raise ValueError(
-                f"the model has no parameter {missing[0]!r} that the trajectory updates"
-            )
-        tensors = [named[m["name"]] for m in meta]
-    else:
-        tensors = list(model_or_params)
-    if len(tensors) != len(meta):
-        raise ValueError(f"the trajectory updates {len(meta)} tensors, {len(tensors)} were given")
-    for t, m in zip(tensors, meta):
-        if list(t.shape) != m["shape"]:
-            raise ValueError(
-                f"tensor shape {list(t.shape)} does not match the trajectory's {m['shape']}"
-            )
-    from .directions import GENERATOR
-
-    if data.get("generator") != GENERATOR:
-        raise ValueError(
-            f"trajectory made with directions {data.get('generator')}, this zotune draws {GENERATOR}"
-        )
-    ngroups = max((m["group"] for m in meta), default=-1) + 1
-    groups = [
-        {"params": [t for t, m in zip(tensors, meta) if m["group"] == g]} for g in range(ngroups)
-    ]
-    opt = build(data["method"], [g for g in groups if g["params"]], **data["config"])
-    records = data["records"][:steps] if steps is not None else data["records"]
-    for record in records:
-        opt.apply(record)
-    return len(records)
