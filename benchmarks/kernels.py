@@ -13,7 +13,8 @@ import time
 import torch
 
 from zotune.engine import native as _native
-from zotune.engine.directions import BLOCK, Gaussian, Rademacher
+from zotune.engine.directions import Gaussian, Rademacher
+from zotune.engine.torch_path import BLOCK
 
 
 def per_element_ns(fn, n: int, reps: int = 300) -> float:

@@ -14,18 +14,12 @@ from transformers import BertForSequenceClassification, LlamaForCausalLM, OPTCon
 
 import zotune
 from zotune.engine import native as _native
-from zotune.engine.directions import (
-    BLOCK,
-    PAD,
-    Gaussian,
-    MagnitudeMask,
-    Offset,
-    ParameterSpace,
-    RandomMask,
-    derive_seed,
-    hash32,
-)
+from zotune.engine.directions import Gaussian, MagnitudeMask, RandomMask, derive_seed, hash32
 from zotune.engine.estimators import one_sided, two_sided
+from zotune.engine.native import PAD, UpdateMode
+from zotune.engine.rules import KernelTerms, KernelUpdate
+from zotune.engine.space import Offset, ParameterSpace
+from zotune.engine.torch_path import BLOCK
 from zotune.optim import build, param_groups
 from zotune.testing import bert_config, llama_config
 
@@ -106,17 +100,17 @@ def test_directions_have_unit_variance():
     assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
 
 
-class _Counter:
+class TorchOnly:
+    """An engine update with no kernel form: the torch path applies it."""
+
     def __init__(self, fn):
-        self.fn, self.count = fn, 0
+        self.fn = fn
 
-    def __get__(self, obj, cls):
-        def call(*args, **kwargs):
-            out = self.fn(obj, *args, **kwargs)
-            self.count += len(out[0]) if isinstance(out, tuple) else 1  # (_native_jobs: jobs)
-            return out
+    def apply(self, block):
+        self.fn(block)
 
-        return call
+    def kernel(self, key):
+        return None
 
 
 @pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
@@ -145,10 +139,6 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
     torch.manual_seed(0)
     weights = [torch.randn(2 * BLOCK + 77) * 0.02, torch.randn(33, 9)]
     runs = []
-    fused = _Counter(ParameterSpace._native_jobs)  # counts units the kernel moves
-    monkeypatch.setattr(ParameterSpace, "_native_jobs", fused)
-    torch_path = _Counter(ParameterSpace._move_torch)
-    monkeypatch.setattr(ParameterSpace, "_move_torch", torch_path)
     for native in ("1", "0"):
         monkeypatch.setenv("ZOTUNE_NATIVE", native)
         ts = [w.clone() for w in weights]
@@ -165,10 +155,13 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
         space.transition(None, Offset(5, 1e-3))
         snapshots += [p.detach().clone() for p in model.parameters()]
         runs.append(snapshots)
+        moved = {k: opt.space.units_moved[k] + space.units_moved[k] for k in ("kernel", "torch")}
         if native == "1" and not extra.get("queries") and method != "mezo-svrg":  # 3 a step
-            assert fused.count == 3 * 3 * 2 + 2
+            assert moved == {"kernel": 3 * 3 * 2 + 2, "torch": 0}
         if native == "1":  # every move of one or two terms runs in the kernel; three do not
-            assert (torch_path.count > 0) == (extra.get("queries") == 3)
+            assert (moved["torch"] > 0) == (extra.get("queries") == 3)
+        else:
+            assert moved["kernel"] == 0
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -203,15 +196,16 @@ def test_a_move_that_fails_before_the_kernel_runs_leaves_the_weights_restorable(
     space = ParameterSpace(tensors)
     space.transition(None, Offset(1, 1e-3))
 
-    def update(block):
-        raise AssertionError("the kernel path should not call the torch update")
+    class Failing:
+        def apply(self, block):
+            raise AssertionError("the kernel path should not call the torch update")
 
-    def fused(key):  # the second tensor's arguments fail, after the first's were taken
-        if key == 1:
-            raise RuntimeError("bad rule arguments")
-        return (2, 1e-3, 0.0, 1, 1.0, None, None, (), None, 0.0)
+        def kernel(self, key):  # the second tensor's terms fail, after the first's were taken
+            if key == 1:
+                raise RuntimeError("bad rule arguments")
+            return KernelUpdate(2, 1e-3, 0.0, KernelTerms(UpdateMode.SGD, 1.0))
 
-    update.fused = fused
+    update = Failing()
     with pytest.raises(RuntimeError, match="bad rule"):
         space.transition(Offset(1, 1e-3), None, update)
     assert space.at == Offset(1, 1e-3)
@@ -235,11 +229,9 @@ def test_what_the_torch_path_keeps_aside_the_kernel_restores(mask):
     space = ParameterSpace(tensors, mask=masks[mask])
     space.mask_seed = 7
 
-    def halve(block):  # no `fused`: the torch path moves every unit
-        block.theta.mul_(0.5)
-
+    halve = TorchOnly(lambda block: block.theta.mul_(0.5))  # the torch path moves every unit
     space.transition(None, Offset(3, 1e-2), halve)
-    assert not space.at_rest() and space._aside == {}  # kept in the kernel's records
+    assert not space.at_rest() and space.torch_path.empty()  # kept in the kernel's records
     assert not torch.equal(tensors[0], expected[0])
     space.transition(Offset(3, 1e-2), Offset(3, -1e-2))  # the kernel, reading those records
     space.transition(Offset(3, -1e-2), None)
@@ -272,7 +264,7 @@ def test_a_pass_from_theta0_drops_a_stale_kernel_record():
     space = ParameterSpace([w])
     n = w.numel()
     stale = torch.full((n // 8,), 0xFF, dtype=torch.uint8)  # every element flagged
-    space._records.store(0, n, (stale, torch.zeros(n + PAD), None), 0)
+    space.kernel.records.store(0, n, (stale, torch.zeros(n + PAD), None), 0)
     space.transition(None, Offset(1, 0.0))
     space.transition(Offset(1, 0.0), None)
     assert torch.equal(w, before)

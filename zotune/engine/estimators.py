@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .directions import Offset, ParameterSpace
+from .space import Offset, ParameterSpace
 
 Closure = Callable[[], "float | torch.Tensor"]
 

@@ -15,9 +15,21 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from enum import IntEnum
 from pathlib import Path
 
 import torch
+
+
+class UpdateMode(IntEnum):
+    """The fused kernel's update modes (zt_terms.mode)."""
+
+    NONE = 0
+    SGD = 1
+    SIGN = 2
+    MOMENTUM = 3
+    ADAM = 4
+
 
 SOURCE = r"""
 #include <stdint.h>

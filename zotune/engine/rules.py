@@ -1,7 +1,9 @@
 """Update rules: what a step does with the gradient estimate ĝ = Σ_k c_k·z_k.
 
-A rule works one block at a time (see `directions.Block`): it reads θ0 and regenerates the z_k it
-needs, and rewrites θ0 in place. Rules with state keep dense float32 buffers per parameter in
+A rule works one block at a time (see `torch_path.Block`): it reads θ0 and regenerates the z_k it
+needs, and rewrites θ0 in place. Where it can, it also states the same arithmetic in the C
+kernel's terms (`Rule.kernel` -> `KernelTerms`). An optimizer hands the engine an `Update`: the
+rule, ĝ's coefficients and the per-tensor learning rates, decays and state, for one pass. Rules with state keep dense float32 buffers per parameter in
 the optimizer's `state` (torch.optim convention), so their memory is stated per rule.
 
 | rule     | update                                                    | extra memory |
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .directions import Block
+from .native import UpdateMode
+from .torch_path import Block
 
 Coeffs = Sequence[tuple[int, float]]  # (seed_k, c_k): ĝ = Σ c_k z(seed_k)
 
@@ -39,9 +42,30 @@ def _decay(block: Block, lr: float, weight_decay: float) -> None:
         theta.sub_(torch.mul(theta, lr * weight_decay, out=block.buffer("tmp")))
 
 
-# Update modes of the fused C kernel (`_native.zt_move`), which repeats a rule's torch
-# arithmetic operation for operation when ĝ = c·z has one term (tests check they agree bit for bit).
-KERNEL_SGD, KERNEL_SIGN, KERNEL_MOMENTUM, KERNEL_ADAM = 1, 2, 3, 4
+@dataclass(frozen=True)
+class KernelTerms:
+    """A rule's step for ĝ = c·z in the C kernel's terms: the kernel repeats the rule's torch
+    arithmetic operation for operation in `mode` (tests check they agree bit for bit), reading
+    the state buffers m, v and the mode's constants."""
+
+    mode: UpdateMode
+    c: float
+    m: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    constants: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class KernelUpdate:
+    """One tensor's update in the kernel's terms: ĝ = c·z(seed) [+ c2·z(seed2)], the rule's
+    terms for the first coefficient (the second maps through the rule alike)."""
+
+    seed: int
+    lr: float
+    weight_decay: float
+    terms: KernelTerms
+    seed2: int | None = None
+    c2: float = 0.0
 
 
 class Rule:
@@ -50,10 +74,9 @@ class Rule:
 
     def kernel(
         self, c: float, lr: float, state: dict[str, torch.Tensor], step: int
-    ) -> tuple | None:
-        """(mode, c, buffer m, buffer v, constants) for the fused kernel when ĝ = c·z (for
-        ĝ = c1·z1 + c2·z2 it is asked once per coefficient), or None when this rule runs as
-        torch ops only."""
+    ) -> KernelTerms | None:
+        """This rule's step for ĝ = c·z in the fused kernel's terms (for ĝ = c1·z1 + c2·z2 it
+        is asked once per coefficient), or None when the rule runs as torch ops only."""
         return None
 
     def apply(
@@ -76,7 +99,7 @@ class SGD(Rule):
     name = "sgd"
 
     def kernel(self, c, lr, state, step):
-        return KERNEL_SGD, c, None, None, ()
+        return KernelTerms(UpdateMode.SGD, c)
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
@@ -93,7 +116,7 @@ class Momentum(Rule):
     buffers = ("momentum",)
 
     def kernel(self, c, lr, state, step):
-        return KERNEL_MOMENTUM, c, state["momentum"], None, (self.beta,)
+        return KernelTerms(UpdateMode.MOMENTUM, c, state["momentum"], None, (self.beta,))
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
@@ -112,8 +135,8 @@ class Sign(Rule):
 
     def kernel(self, c, lr, state, step):
         if self.official:
-            return KERNEL_SGD, 1.0 if c > 0 else -1.0 if c < 0 else 0.0, None, None, ()
-        return KERNEL_SIGN, c, None, None, ()
+            return KernelTerms(UpdateMode.SGD, 1.0 if c > 0 else -1.0 if c < 0 else 0.0)
+        return KernelTerms(UpdateMode.SIGN, c)
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         if self.official:
@@ -138,7 +161,7 @@ class Adam(Rule):
         t = step + 1
         b1, b2 = self.beta1, self.beta2
         consts = (b1, 1 - b1, b2, 1 - b2, 1 / (1 - b2**t), self.delta, lr / (1 - b1**t))
-        return KERNEL_ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts
+        return KernelTerms(UpdateMode.ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts)
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
@@ -159,3 +182,43 @@ def new_state(rule: Rule, param: torch.Tensor) -> dict[str, torch.Tensor]:
         name: torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         for name in rule.buffers
     }
+
+
+_NO_STATE: dict[str, torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class Update:
+    """One pass's change of θ0: θ0 ← rule(θ0, ĝ) with ĝ = Σ_k c_k·z(seed_k), for each tensor
+    of a space by its key, with its param group's learning rate and weight decay and its rule
+    state. The torch path calls `apply` per block; the kernel path asks `kernel(key)`."""
+
+    rule: Rule
+    coeffs: tuple[tuple[int, float], ...]  # (seed_k, c_k)
+    step: int  # t, from 0 (Adam's bias correction)
+    lr: tuple[float, ...]  # per param group
+    weight_decay: tuple[float, ...]  # per param group
+    group_of: Sequence[int]  # tensor key -> its param group
+    states: Sequence[dict[str, torch.Tensor]] = ()  # tensor key -> rule state (rules with buffers)
+
+    def _state(self, key: int) -> dict[str, torch.Tensor]:
+        return self.states[key] if self.rule.buffers else _NO_STATE
+
+    def apply(self, block: Block) -> None:
+        g = self.group_of[block.key]
+        self.rule.apply(
+            block, self.coeffs, self.lr[g], self.weight_decay[g], self._state(block.key), self.step
+        )
+
+    def kernel(self, key: int) -> KernelUpdate | None:
+        if len(self.coeffs) > 2:  # the kernel takes ĝ = c·z or c1·z1 + c2·z2
+            return None
+        g, state = self.group_of[key], self._state(key)
+        (seed, c), *second = self.coeffs
+        terms = self.rule.kernel(c, self.lr[g], state, self.step)
+        if terms is None:
+            return None
+        seed2, c2 = None, 0.0
+        if second:  # the rule maps each coefficient alike (official sign: c -> sign c)
+            seed2, c2 = second[0][0], self.rule.kernel(second[0][1], self.lr[g], state, self.step).c
+        return KernelUpdate(seed, self.lr[g], self.weight_decay[g], terms, seed2, c2)

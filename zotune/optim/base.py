@@ -15,18 +15,10 @@ from typing import Any
 
 import torch
 
-from ..engine.directions import (
-    DIRECTIONS,
-    Block,
-    MagnitudeMask,
-    Offset,
-    ParameterSpace,
-    RandomMask,
-    Update,
-    derive_seed,
-)
+from ..engine.directions import DIRECTIONS, MagnitudeMask, RandomMask, derive_seed
 from ..engine.estimators import ESTIMATORS, Closure, Estimate
-from ..engine.rules import Rule, new_state
+from ..engine.rules import Rule, Update, new_state
+from ..engine.space import Offset, ParameterSpace
 from ..engine.trajectory import Trajectory
 
 
@@ -172,7 +164,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             i = tensors.get(id(m.weight))
             if i is None or owners[id(m.weight)] != 1:
                 continue
-            if i not in self.space._lazy:  # (attaching twice hooks once)
+            if i not in self.space.rows.lazy:  # (attaching twice hooks once)
                 if not self.space.lazy_rows(i):
                     continue
                 hook = m.register_forward_pre_hook(_row_reader(self.space, i), with_kwargs=True)
@@ -222,41 +214,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.steps += 1
 
     def update_for(self, coeffs: list[tuple[int, float]], record: dict[str, Any]) -> Update | None:
-        """The block update of this optimizer's rule for ĝ = Σ c_k z_k (None if no coefficient)."""
+        """The engine update of this optimizer's rule for ĝ = Σ c_k z_k (None if no coefficient)."""
         if not coeffs:
             return None
+        states: list[dict[str, torch.Tensor]] = []
         if self.rule.buffers:  # create state up front: blocks run on threads
             for p in self.space.tensors:
                 if p not in self.state:
                     self.state[p] = new_state(self.rule, p)
-        t = self.steps
-
-        def update(block: Block) -> None:
-            gi = self._group_of[block.key]
-            p = self.space.tensors[block.key]
-            state = self.state[p] if self.rule.buffers else {}
-            self.rule.apply(block, coeffs, record["lr"][gi], record["wd"][gi], state, t)
-
-        if len(coeffs) <= 2:
-            # ĝ = c·z or c1·z1 + c2·z2: the engine may run restore + update + perturb as one
-            # fused kernel call per unit (the rule's arithmetic, op for op); it asks for the
-            # arguments per tensor: (seed, lr, wd, mode, c, m, v, constants, seed2, c2)
-            (seed, c), *second, group = *coeffs, self._group_of
-
-            def fused(key: int) -> tuple | None:
-                gi = group[key]
-                state = self.state[self.space.tensors[key]] if self.rule.buffers else {}
-                args = self.rule.kernel(c, record["lr"][gi], state, t)
-                if args is None:
-                    return None
-                extra: tuple = (None, 0.0)
-                if second:  # the rule maps each coefficient alike (official sign: c -> sign c)
-                    (seed2, c2) = second[0]
-                    extra = (seed2, self.rule.kernel(c2, record["lr"][gi], state, t)[1])
-                return (seed, record["lr"][gi], record["wd"][gi], *args, *extra)
-
-            update.fused = fused  # type: ignore[attr-defined]
-        return update
+            states = [self.state[p] for p in self.space.tensors]
+        return Update(
+            rule=self.rule,
+            coeffs=tuple(coeffs),
+            step=self.steps,
+            lr=tuple(record["lr"]),
+            weight_decay=tuple(record["wd"]),
+            group_of=self._group_of,
+            states=states,
+        )
 
     @property
     def regenerations(self) -> float:

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
-from ..engine.directions import ParameterSpace, derive_seed
+from ..engine.directions import derive_seed
 from ..engine.estimators import Closure, two_sided
 from ..engine.rules import SGD
+from ..engine.space import ParameterSpace
 from .base import ZOOptimizer
 
 

@@ -84,15 +84,13 @@ class MeZOSVRG(ZOOptimizer):
         est = two_sided(self.space, closure, seeds, self.eps)
         # θ stays at θ − εz while the anchor is evaluated in the anchor's storage; the update
         # then restores θ in its own pass (one pass over the weights fewer)
-        kept = self.space.set_aside()
         try:
-            at_anchor = self._at_anchor(lambda: two_sided(self.space, closure, seeds, self.eps))
+            with self.space.holding(self.anchor):
+                at_anchor = two_sided(self.space, closure, seeds, self.eps)
+                self.space.transition(at_anchor.pending, None)
         except BaseException:
-            self.space.set_aside()  # whatever the failed anchor pass left: θ comes first
-            self.space.take_back(kept)
             self.space.transition(est.pending, None)
             raise
-        self.space.take_back(kept)
         record = {
             "kind": "mini",
             "grads": [est.grads[0], at_anchor.grads[0]],
@@ -104,16 +102,3 @@ class MeZOSVRG(ZOOptimizer):
         self.apply(record, est.pending)
         self.forward_passes += est.forward_passes + at_anchor.forward_passes
         return est.loss
-
-    def _at_anchor(self, fn):
-        """Run fn with the anchor's values in the parameters (a pointer swap, no copy)."""
-        tensors = self.space.tensors
-        for p, a in zip(tensors, self.anchor):
-            p.data, a.data = a.data, p.data
-        try:
-            est = fn()
-            self.space.transition(est.pending, None)
-            return est
-        finally:
-            for p, a in zip(tensors, self.anchor):
-                p.data, a.data = a.data, p.data

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ..engine.directions import Offset, derive_seed
+from ..engine.directions import derive_seed
 from ..engine.estimators import Closure, evaluate
 from ..engine.rules import SGD, Adam, Momentum, Sign
+from ..engine.space import Offset
 from .base import ZOOptimizer
 
 

@@ -1,0 +1,226 @@
+"""The kernel path: move a space's float32 CPU units through the C kernel (`native`).
+
+A pass hands the kernel what all units share (a `native.Pass`: seeds and scales) and a table of
+the units built once per space (`KernelTable`); threads take units from one counter, largest
+first, and the kernel reads, replaces and frees each unit's record as it goes, with no Python
+per unit. A pass that updates also writes each unit's update terms: an `Update`'s
+`kernel(key)` gives them by name (`rules.KernelUpdate`), and units whose tensors agree share one
+`native.Terms`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import wait
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import native
+from .directions import Gaussian, MagnitudeMask, RandomMask, seed_state
+
+if TYPE_CHECKING:
+    from .rules import KernelUpdate
+    from .space import Offset, ParameterSpace, Update
+
+_M64 = (1 << 64) - 1
+_ZEROS = (0.0,) * 7  # unused rule constants of a zt_terms
+
+
+class KernelPath:
+    """The C kernel's side of a space: its records (what keeps each perturbed unit
+    invertible, in kernel memory) and its table of units."""
+
+    def __init__(self, space: ParameterSpace, lib: ctypes.CDLL):
+        self.space, self.lib = space, lib
+        self.records = native.Records(len(space.units))
+        self._table: KernelTable | None = None
+
+    def moves(self) -> bool:
+        """Whether the kernel moves the space's float32 CPU units: the mask, if any, is one it
+        computes."""
+        mask = self.space.mask
+        return mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
+
+    def empty(self) -> bool:
+        return self.records.empty()
+
+    def invalidate(self) -> None:
+        """Rebuild the table before the next pass (a tensor became row-lazy)."""
+        self._table = None
+
+    def set_aside(self) -> tuple:
+        # (the table too: the tensors may be given other storage meanwhile)
+        kept = (self.records, self._table)
+        self.records, self._table = native.Records(len(self.space.units)), None
+        return kept
+
+    def take_back(self, kept: tuple) -> None:
+        self.records, self._table = kept
+
+    def table(self, at_rest: bool = False) -> KernelTable:
+        """The kernel's table, built again if a tensor was given new storage (`p.data = ...`),
+        which is checked when the weights are at θ0: the only time user code may do that
+        (MeZO-SVRG's anchor swaps storage while the perturbation is set aside)."""
+        space, table = self.space, self._table
+        if (
+            table is None
+            or table.mask is not space.mask  # (the table holds its thresholds)
+            or (at_rest and [t.data_ptr() for t in space.tensors] != table.ptrs)
+        ):
+            table = self._table = KernelTable(space)
+        return table
+
+    def jobs(
+        self, current: Offset | None, target: Offset | None, update: Update | None
+    ) -> tuple[list[int], float, list[tuple]]:
+        """Split a pass's units into those the kernel moves (returned as unit numbers, largest
+        first, with the elements of z they draw) and the rest, work items for the torch path:
+        units not float32 on the CPU, or whose update has no kernel form. A pass without an
+        update costs no Python per unit; one with an update writes each unit's terms into the
+        table."""
+        space = self.space
+        table = self.table(at_rest=current is None)
+        offsets = {o.seed for o in (current, target) if o is not None}
+        work = space.torch_path.work
+        if update is None:
+            return (
+                table.moving,
+                len(offsets) * table.moving_n,
+                work(table.other, current, target, update),
+            )
+        order, drawn, skipped = [], 0.0, []
+        per_tensor: dict[int, tuple | None] = {}  # (terms, m, v, z draws with / without offsets)
+        shared: dict[tuple, tuple] = {}  # per distinct set of arguments: its zt_terms, draws
+        for k in table.every:
+            index, lo, _ = space.units[k]
+            if index not in per_tensor:
+                found = update.kernel(space.keys[index])
+                per_tensor[index] = found and _terms(found, shared, offsets)
+            found = per_tensor[index]
+            if found is None:
+                skipped.append(k)
+                continue
+            terms, m, v, draws, draws_lazy = found
+            unit = table.table[k]
+            unit.terms, unit.m, unit.v = terms, m and m + 4 * lo, v and v + 4 * lo
+            drawn += (draws if unit.offsets else draws_lazy) * unit.n
+            order.append(k)
+        table.terms = [terms for terms, _, _ in shared.values()]  # alive until the next update
+        return order, drawn, work(sorted(table.other + skipped), current, target, update)
+
+    def run(
+        self, order: list[int], current: Offset | None, target: Offset | None, update: bool
+    ) -> None:
+        """Run the kernel over units `order` on the space's threads (this one included), each
+        taking the next unit as it finishes one, largest first. The kernel reads each unit's
+        record, replaces it and frees the old one as it goes: a pass holds the old and new
+        records of one unit per thread at a time."""
+        space = self.space
+        gaussian, mask = isinstance(space.direction, Gaussian), space.mask
+        shared = native.Pass(
+            law=0 if gaussian else 1,
+            cells=space.direction.cells.data_ptr() if gaussian else None,
+            has_cur=current is not None,
+            cur_s=seed_state(current.seed) if current else 0,
+            cur_scale=current.scale if current else 0.0,
+            update=update,
+            has_tgt=target is not None,
+            tgt_s=seed_state(target.seed) if target else 0,
+            tgt_scale=target.scale if target else 0.0,
+            mask_kind=0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2,
+            mask_s=seed_state(space.mask_seed),
+            mask_limit=mask.limit if isinstance(mask, RandomMask) else 0,
+        )
+        table, lib = self._table, self.lib
+        # the ctypes objects travel with each call: alive while any thread may use them
+        counter, failed = ctypes.c_int64(0), ctypes.c_int64(0)
+        args = (
+            ctypes.byref(shared), table.table, self.records.table, table.array(order),
+            len(order), ctypes.byref(counter), ctypes.byref(failed),
+        )  # fmt: skip
+        helpers = min(space.threads, len(order)) - 1
+        futures = [space.pool().submit(lib.zt_run, *args) for _ in range(helpers)]
+        try:
+            lib.zt_run(*args)
+        finally:
+            wait(futures)  # no caller moves the weights again while a thread still does
+        for f in futures:
+            f.result()
+        if failed.value:
+            raise MemoryError("out of memory while moving the weights: they are left perturbed")
+
+
+def _terms(found: KernelUpdate, shared: dict, offsets: set) -> tuple:
+    """A tensor's kernel update as the address of a zt_terms (shared by the tensors whose
+    arguments agree), its state buffers' addresses, and the passes of z its units draw: one per
+    distinct seed among the offsets and update terms (without the offsets for a row-lazy
+    table)."""
+    terms, seed, seed2 = found.terms, found.seed, found.seed2
+    key = (
+        seed,
+        found.lr,
+        found.weight_decay,
+        terms.mode,
+        terms.c,
+        terms.constants,
+        seed2,
+        found.c2,
+    )
+    if key not in shared:
+        consts = terms.constants
+        c_terms = native.Terms(
+            mode=terms.mode,
+            upd_s=seed_state(seed),
+            upd_c=terms.c,
+            upd_lr=found.lr,
+            has_decay=bool(found.weight_decay),
+            upd_decay=found.lr * found.weight_decay,
+            h=(ctypes.c_double * 7)(*consts, *_ZEROS[len(consts) :]),
+            has_upd2=seed2 is not None,
+            upd2_s=seed_state(seed2) if seed2 is not None else 0,
+            upd_c2=found.c2,
+        )
+        seeds = {seed} | ({seed2} - {None})
+        shared[key] = (c_terms, len(seeds | offsets), len(seeds))
+    c_terms, draws, draws_lazy = shared[key]
+    m, v = terms.m, terms.v
+    return (
+        ctypes.addressof(c_terms),
+        None if m is None else m.data_ptr(),
+        None if v is None else v.data_ptr(),
+        draws,
+        draws_lazy,
+    )
+
+
+class KernelTable:
+    """A space's units as the C kernel sees them (`native.Unit`), built once, with the orders
+    a pass runs them in (largest first: the threads end close together)."""
+
+    def __init__(self, space: ParameterSpace):
+        self.ptrs = [t.data_ptr() for t in space.tensors]
+        self.mask = space.mask
+        units, mask = space.units, space.mask
+        self.table = (native.Unit * len(units))()
+        self.native = []  # per unit: float32 on the CPU
+        for k, (index, lo, hi) in enumerate(units):
+            t, key, unit = space.tensors[index], space.keys[index], self.table[k]
+            unit.flat, unit.n, unit.start, unit.key = t.data_ptr() + 4 * lo, hi - lo, lo, key & _M64
+            unit.offsets = index not in space.rows.lazy
+            unit.mask_h = mask.thresholds[key] if isinstance(mask, MagnitudeMask) else 0.0
+            self.native.append(t.dtype == torch.float32 and t.is_cpu)
+        by_size = sorted(range(len(units)), key=lambda k: units[k][1] - units[k][2])
+        self.every = [k for k in by_size if self.native[k]]  # a pass that updates
+        self.moving = [k for k in self.every if self.table[k].offsets]  # one that does not
+        self.moving_n = sum(self.table[k].n for k in self.moving)
+        self.other = [k for k in range(len(units)) if not self.native[k]]  # the torch path's
+        self._arrays: dict[tuple[int, ...], ctypes.Array] = {}
+        self.terms: list[native.Terms] = []  # what the units' terms point to
+
+    def array(self, order: list[int]) -> ctypes.Array:
+        """`order` as a C array (a space's passes use a few orders: each is made once)."""
+        key = tuple(order)
+        if key not in self._arrays:
+            self._arrays[key] = (ctypes.c_int64 * len(order))(*order)
+        return self._arrays[key]

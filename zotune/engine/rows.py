@@ -1,0 +1,171 @@
+"""Embedding rows: perturb only the rows of a table that a forward pass reads.
+
+An attached embedding table (`ZOOptimizer.attach`) stays at θ0 through a step's passes except for
+the update; a forward pre-hook on the embedding calls `read` with the batch's token ids, which
+moves just those rows to the current offset. Rows never read are never seen perturbed, so no
+loss and no weight changes, bit for bit, and a step draws z over the whole table once (the
+update) instead of three times. Rows move through the C kernel (`zt_move_rows`), in segments
+split over the space's threads.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import wait
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import native
+from .directions import MASK_SALT, Gaussian, MagnitudeMask, RandomMask, derive_seed
+
+if TYPE_CHECKING:
+    from .space import Offset, ParameterSpace
+
+
+class EmbeddingRows:
+    """The row-lazy tensors of a space and the rows of each that are off θ0."""
+
+    def __init__(self, space: ParameterSpace):
+        self.space = space
+        self.lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width
+        self.segments: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0
+        # per row-lazy tensor: the ids (and their version) whose rows are all at the offset, so
+        # that a step's second forward, reading the same batch, costs no lookup of its rows
+        self.covers: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def enable(self, index: int) -> bool:
+        """Make tensor `index`, a [rows × width] table that the model reads only by row
+        lookups, row-lazy. Returns False where this does not apply (no C kernel, not 2-D
+        float32 on the CPU, a width that is not a multiple of 8, a custom mask, perturbed)."""
+        space = self.space
+        t = space.tensors[index]
+        ok = (
+            space.kernel is not None
+            and t.dim() == 2
+            and t.dtype == torch.float32
+            and t.is_cpu
+            and t.shape[1] % 8 == 0
+            and (space.mask is None or isinstance(space.mask, (MagnitudeMask, RandomMask)))
+            and space.at is None
+        )
+        if ok:
+            self.lazy[index] = t.shape[1]
+            space.kernel.invalidate()  # its units now stay at θ0 through the passes
+        return ok
+
+    def empty(self) -> bool:
+        return not self.segments
+
+    def set_aside(self) -> dict:
+        kept, self.segments, self.covers = self.segments, {}, {}
+        return kept
+
+    def take_back(self, kept: dict) -> None:
+        self.segments, self.covers = kept, {}
+
+    def before_pass(self, current: Offset | None, target: Offset | None, update: bool) -> None:
+        """Rows a forward pass read go to the target, or back to θ0 (straight to the next offset
+        when nothing updates θ0 meanwhile: the next forward reads the same batch; the update
+        pass assumes every row at θ0)."""
+        for index in self.lazy:
+            segments = self.segments.pop(index, [])
+            to = target if not update else None
+            moved = self._move_segments(index, segments, current, to)
+            if to is not None:
+                self.segments[index] = moved
+            else:
+                self.covers.pop(index, None)
+
+    def read(self, index: int, ids: torch.Tensor) -> None:
+        """Bring rows `ids` of row-lazy tensor `index` to the current offset, before a lookup."""
+        space = self.space
+        if space.at is None or index not in self.lazy:
+            return
+        covered = self.covers.get(index)
+        if covered is not None and covered[0] is ids and covered[1] == ids._version:
+            return  # (the estimator's second forward: the same batch, its rows already moved)
+        rows = torch.unique(ids.detach().reshape(-1).cpu()).to(torch.int64)
+        if rows.numel() == 0 or rows[0] < 0 or rows[-1] >= space.tensors[index].shape[0]:
+            return  # the lookup itself will reject out-of-range ids
+        segments = self.segments.setdefault(index, [])
+        for done, _ in segments:
+            rows = rows[~torch.isin(rows, done)]
+        if rows.numel():
+            parts = rows.tensor_split(min(space.threads, max(1, rows.numel() // 64)))
+            segments += self._move_segments(index, [(r, None) for r in parts], None, space.at)
+        self.covers[index] = (ids, ids._version)
+
+    def _move_segments(
+        self, index: int, segments: list[tuple], current: Offset | None, target: Offset | None
+    ) -> list[tuple]:
+        """Move row segments (rows, kept), one per thread at a time; returns the segments at
+        the target (rows, what is kept aside for them)."""
+
+        def move(segment: tuple) -> tuple:
+            rows, kept = segment
+            return rows, self._move_rows(index, rows, current, target, kept)
+
+        space = self.space
+        # one z per row: the current offset's and the target's share a seed or one is None
+        space.count_draws(sum(rows.numel() for rows, _ in segments) * self.lazy[index])
+        if space.threads == 1 or len(segments) < 2:
+            return [move(sg) for sg in segments]
+        futures = [space.pool().submit(move, sg) for sg in segments[1:]]
+        try:
+            first = move(segments[0])
+        finally:
+            wait(futures)
+        return [first, *(f.result() for f in futures)]
+
+    def _move_rows(
+        self,
+        index: int,
+        rows: torch.Tensor,
+        current: Offset | None,
+        target: Offset | None,
+        kept: tuple | None = None,
+    ) -> tuple | None:
+        """Move some rows (no update): one C call. Returns what is kept aside for them at the
+        target (None without a target)."""
+        space = self.space
+        lib, t, width, key = (
+            space.kernel.lib,
+            space.tensors[index],
+            self.lazy[index],
+            space.keys[index],
+        )
+        mask = space.mask
+        n = rows.numel() * width
+        bits = scratch = mask_out = None
+        if target is not None:
+            bits = torch.empty(n // 8, dtype=torch.uint8)
+            scratch = torch.empty(n + native.PAD, dtype=torch.float32)
+            mask_out = torch.empty(n // 8, dtype=torch.uint8) if mask is not None else None
+        bits_in, aside_in, mask_in = kept or (None, None, None)
+        # a row's mask: from |θ0| (magnitude), its hash (random) or, on the way back, kept bits
+        kind = (
+            0 if mask is None
+            else 3 if mask_in is not None
+            else 1 if isinstance(mask, MagnitudeMask)
+            else 2
+        )  # fmt: skip
+        mask_key = derive_seed(space.mask_seed, key, MASK_SALT) if kind == 2 else 0
+        gaussian = isinstance(space.direction, Gaussian)
+        count = lib.zt_move_rows(
+            t.data_ptr(), width, rows.data_ptr(), rows.numel(), 0 if gaussian else 1,
+            native.ptr(space.direction.cells) if gaussian else None,
+            current is not None, derive_seed(current.seed, key) if current else 0,
+            current.scale if current else 0.0, native.bptr(bits_in), native.bptr(aside_in),
+            target is not None, derive_seed(target.seed, key) if target else 0,
+            target.scale if target else 0.0, native.bptr(bits), native.bptr(scratch),
+            kind, mask.thresholds[key] if kind == 1 else 0.0,
+            native.bptr(mask_in), native.bptr(mask_out), mask_key,
+            mask.limit if kind == 2 else 0,
+        )  # fmt: skip
+        if target is None:
+            return None
+        return (
+            bits if count else None,
+            native.take(scratch, count + native.PAD) if count else None,
+            mask_out,
+        )

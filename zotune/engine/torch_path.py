@@ -1,0 +1,320 @@
+"""The torch path: move units of a space with torch ops, block by block.
+
+It covers what the C kernel does not: tensors that are not float32 on the CPU (bf16, fp16, a
+GPU), custom masks, and updates without a kernel form (three or more terms, a custom rule). The
+arithmetic is the kernel's, op for op, so the two agree bit for bit (tests check this). Each
+unit is moved BLOCK elements at a time through per-thread float32 buffers: only one block of
+z exists per thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from concurrent.futures import wait
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import native
+from .directions import MASK_SALT, RandomMask, derive_seed
+
+if TYPE_CHECKING:
+    from .space import Offset, ParameterSpace, Update
+
+BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
+UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
+_CPU = torch.device("cpu")
+
+
+class Block:
+    """One block of one tensor during a transition: θ0 as float32, and z for any seed on demand."""
+
+    __slots__ = ("index", "key", "start", "theta", "draws", "_space", "_raw", "_z", "_mask")
+
+    def __init__(self, space: ParameterSpace, index: int, start: int, theta: torch.Tensor):
+        self.index, self.key, self.start, self.theta = index, space.keys[index], start, theta
+        self._space, self._raw, self._z, self._mask, self.draws = space, {}, {}, None, 0
+
+    def raw_z(self, seed: int) -> torch.Tensor:
+        """z for this block at `seed`, before any mask; cached within the block."""
+        if seed not in self._raw:
+            buf = self.buffer(f"z{len(self._raw)}")
+            self._space.direction.fill_(buf, derive_seed(seed, self.key), self.start)
+            self.draws += 1
+            self._raw[seed] = buf
+        return self._raw[seed]
+
+    def z(self, seed: int) -> torch.Tensor:
+        """z at `seed`, masked by the space's mask evaluated at the current θ0."""
+        m = self.mask()
+        if m is None:
+            return self.raw_z(seed)
+        if seed not in self._z:
+            masked = self.buffer(f"m{len(self._z)}").copy_(self.raw_z(seed))
+            self._z[seed] = masked.masked_fill_(m.logical_not(), 0.0)  # no float temporary
+        return self._z[seed]
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """A float32 scratch buffer of this block's size, reused by the thread's next blocks
+        (allocating fresh ones per block made glibc hold on to hundreds of MB)."""
+        return self._space.torch_path.buffer(name, self.theta.numel(), self.theta.device)
+
+    def mask(self) -> torch.Tensor | None:
+        if self._space.mask is None:
+            return None
+        if self._mask is None:
+            self._mask = self._space.mask(self.key, self.start, self.theta, self._space.mask_seed)
+        return self._mask
+
+    def theta_changed(self) -> None:
+        """θ0 was updated: masks (and so masked z) follow it."""
+        self._mask = None
+        self._z.clear()
+
+
+class TorchPath:
+    """Moves a space's units with torch ops; keeps the records of the units it perturbed
+    unless the kernel will move them next (then they go to the kernel's records)."""
+
+    def __init__(self, space: ParameterSpace):
+        self.space = space
+        # per unit moved here, while perturbed: what keeps it invertible (space module doc)
+        self.records: dict[tuple[int, int], tuple] = {}
+        self._local = threading.local()
+
+    def empty(self) -> bool:
+        return not self.records
+
+    def set_aside(self) -> dict:
+        kept, self.records = self.records, {}
+        return kept
+
+    def take_back(self, kept: dict) -> None:
+        self.records = kept
+
+    def work(
+        self, units: Iterable[int], current: Offset | None, target: Offset | None, update: object
+    ) -> list[tuple]:
+        """Units as work items (index, lo, hi, current, target); a row-lazy table's units are
+        at θ0 through every pass, so they appear only for an update, with no offsets."""
+        lazy, all_units = self.space.rows.lazy, self.space.units
+        return [
+            (i, lo, hi, current, target) if i not in lazy else (i, lo, hi, None, None)
+            for i, lo, hi in (all_units[k] for k in units)
+            if i not in lazy or update is not None
+        ]
+
+    def run(self, work: list[tuple], update: Update | None) -> float:
+        """Move units, one task per thread, each a list of units of about equal total size (a
+        task per unit cost more in pool overhead than a small tensor's move). Returns the
+        elements of z drawn."""
+
+        def run(lane: list[tuple]) -> float:
+            return sum(self.move_unit(*w, update) * (w[2] - w[1]) for w in lane)
+
+        threads = self.space.threads
+        if threads == 1 or len(work) == 1:
+            return run(work)
+        lanes: list[list[tuple]] = [[] for _ in range(threads)]
+        load = [0] * threads
+        for w in sorted(work, key=lambda w: w[1] - w[2]):  # largest first
+            k = load.index(min(load))
+            lanes[k].append(w)
+            load[k] += w[2] - w[1]
+        futures = [self.space.pool().submit(run, lane) for lane in lanes]
+        try:
+            return sum(f.result() for f in futures)
+        except BaseException:
+            wait(futures)  # no caller moves the weights again while a lane still does
+            raise
+
+    @torch.no_grad()
+    def move_unit(
+        self,
+        index: int,
+        lo: int,
+        hi: int,
+        current: Offset | None,
+        target: Offset | None,
+        update: Update | None,
+    ) -> float:
+        """Move one unit block by block in torch ops (any dtype, device, mask or rule: what the
+        C kernel does not cover). Returns the passes of z drawn, as a fraction of its elements."""
+        tensor = self.space.tensors[index]
+        kernel = self.space.kernel
+        lib = (
+            kernel.lib
+            if kernel is not None and tensor.dtype == torch.float32 and tensor.is_cpu
+            else None
+        )
+        kept = self._take_record(index, lo, hi) if current is not None else (None, None, None)
+        flat = tensor.detach().view(-1)[lo:hi]
+        inexact, aside, mask = kept
+        used, out, draws = 0, [], 0.0
+        for start in range(lo, hi, BLOCK):
+            n = min(BLOCK, hi - start)
+            a, b = (start - lo) // 8, (start - lo + n + 7) // 8
+            sub = (inexact[a:b] if inexact is not None else None, None, None)
+            if sub[0] is not None:
+                k = int(_unpack(sub[0], n).sum())
+                sub = (sub[0] if k else None, aside[used : used + k] if k else None, None)
+                used += k
+            if mask is not None:
+                sub = (*sub[:2], mask[a:b])
+            d, moved = self._move_block(
+                flat[start - lo : start - lo + n], index, start, sub, current, target, update, lib
+            )
+            draws += d * n
+            out.append((moved, n))
+        if target is not None:
+            self._keep_record(index, lo, hi, _pad(_join(out)))
+        return draws / max(hi - lo, 1)
+
+    def _take_record(self, index: int, lo: int, hi: int) -> tuple:
+        """A perturbed unit's record as tensors (inexact bits, kept-aside values, mask bits),
+        from wherever it is kept; it is kept there no longer."""
+        kernel, k = self.space.kernel, self.space.unit_at[(index, lo)]
+        if kernel is not None and not kernel.records.empty_at(k):
+            return kernel.records.take(k, hi - lo)
+        return self.records.pop((index, lo), (None, None, None))
+
+    def _keep_record(self, index: int, lo: int, hi: int, kept: tuple) -> None:
+        """Keep a record where the next pass will look for it: in kernel memory when the
+        kernel will move the unit."""
+        space = self.space
+        kernel, k = space.kernel, space.unit_at[(index, lo)]
+        if kernel is not None and kernel.moves() and kernel.table().native[k]:
+            random = isinstance(space.mask, RandomMask) and kept[2] is not None
+            mask_key = derive_seed(space.mask_seed, space.keys[index], MASK_SALT) if random else 0
+            kernel.records.store(k, hi - lo, kept, mask_key)
+        else:
+            self.records[(index, lo)] = kept
+
+    def _move_block(
+        self,
+        flat: torch.Tensor,
+        index: int,
+        lo: int,
+        kept: tuple,
+        current: Offset | None,
+        target: Offset | None,
+        update: Update | None,
+        lib: object,
+    ) -> tuple[int, tuple | None]:
+        """One block through the torch path (any dtype, device, mask or rule); returns the z
+        passes drawn and what is kept aside for the block (None without a target)."""
+        n = flat.numel()
+        theta = self.buffer("theta", n, flat.device)
+        block = Block(self.space, index, lo, theta)
+        if current is None:
+            theta.copy_(flat)
+        else:
+            inexact, aside, mask = kept
+            z = block.raw_z(current.seed)
+            if mask is not None:
+                z = (
+                    block.buffer("unmasked")
+                    .copy_(z)
+                    .masked_fill_(_unpack(mask, n).logical_not(), 0.0)
+                )
+            if lib is not None:
+                lib.zt_decode(
+                    native.ptr(flat), native.ptr(z), current.scale, native.ptr(block.theta),
+                    native.bptr(inexact), None if aside is None else native.ptr(aside), n,
+                )  # fmt: skip
+            else:
+                _round_(torch.sub(flat.float(), z * current.scale, out=block.theta), flat.dtype)
+                if aside is not None:
+                    block.theta[_unpack(inexact, n)] = aside
+            theta = block.theta
+        if update is not None:
+            update.apply(block)
+            _round_(theta, flat.dtype)
+            block.theta_changed()
+        if target is None:
+            flat.copy_(theta)
+            return block.draws, None
+        z = block.z(target.seed)
+        mask = block.mask()
+        if lib is not None:
+            scratch = self.scratch()
+            bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+            count = lib.zt_encode(
+                native.ptr(theta), native.ptr(z), target.scale, native.ptr(flat),
+                native.bptr(bits), native.ptr(scratch), n,
+            )  # fmt: skip
+            aside = native.take(scratch, count) if count else None
+            inexact = bits if count else None
+        else:
+            step = z * target.scale
+            moved = _round_(theta + step, flat.dtype)
+            flags = _round_(moved - step, flat.dtype) != theta
+            aside = theta[flags] if bool(flags.any()) else None
+            inexact = _pack(flags) if aside is not None else None
+            flat.copy_(moved)
+        return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
+
+    def scratch(self) -> torch.Tensor:
+        return self.buffer("scratch", BLOCK, _CPU, BLOCK + native.PAD)
+
+    def buffer(self, name: str, n: int, device: torch.device, size: int = BLOCK) -> torch.Tensor:
+        """Per-thread float32 buffers (of BLOCK elements by default), reused block after block
+        (allocating fresh ones per block made glibc hold on to hundreds of MB)."""
+        bufs = self._local.__dict__.setdefault("buffers", {})
+        key = (name, device)
+        if key not in bufs:
+            bufs[key] = torch.empty(size, dtype=torch.float32, device=device)
+        return bufs[key][:n]
+
+
+def _pad(kept: tuple) -> tuple:
+    """The C kernel reads kept-aside values 8 at a time: give the array 8 floats of slack."""
+    inexact, aside, mask = kept
+    if aside is not None:
+        aside = torch.cat([aside, aside.new_zeros(native.PAD)])
+    return inexact, aside, mask
+
+
+def _join(parts: list[tuple[tuple, int]]) -> tuple:
+    """One unit's (inexact bits, aside values, mask bits) from its blocks' (in order)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    joined = []
+    for j in range(3):
+        if all(kept[j] is None for kept, _ in parts):
+            joined.append(None)
+            continue
+        fill = torch.zeros if j != 1 else torch.empty
+        pieces = []
+        for kept, n in parts:
+            if kept[j] is not None:
+                pieces.append(kept[j])
+            elif j != 1:
+                pieces.append(fill((n + 7) // 8, dtype=torch.uint8))
+        joined.append(torch.cat(pieces))
+    return tuple(joined)
+
+
+def _round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a float32 tensor to `dtype` and back, in place (identity for float32)."""
+    if dtype != torch.float32:
+        x.copy_(x.to(dtype))
+    return x
+
+
+_BITS = [1 << i for i in range(8)]
+
+
+def _pack(flags: torch.Tensor) -> torch.Tensor:
+    """Bool vector -> uint8 vector of 1/8 the length."""
+    pad = (-flags.numel()) % 8
+    if pad:
+        flags = torch.cat([flags, flags.new_zeros(pad)])
+    bits = torch.tensor(_BITS, dtype=torch.uint8, device=flags.device)
+    return (flags.view(-1, 8).to(torch.uint8) * bits).sum(1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
+    return (packed.unsqueeze(1) & bits).ne(0).view(-1)[:n]
