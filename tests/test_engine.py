@@ -16,8 +16,8 @@ import zotune
 from zotune.engine import native as _native
 from zotune.engine.directions import Gaussian, MagnitudeMask, RandomMask, derive_seed, hash32
 from zotune.engine.estimators import one_sided, two_sided
+from zotune.engine.moves import KernelTerms, KernelUpdate
 from zotune.engine.native import PAD, UpdateMode
-from zotune.engine.rules import KernelTerms, KernelUpdate
 from zotune.engine.space import Offset, ParameterSpace
 from zotune.engine.torch_path import BLOCK
 from zotune.optim import build, param_groups

@@ -4,7 +4,7 @@ A pass hands the kernel what all units share (a `native.Pass`: seeds and scales)
 the units built once per space (`KernelTable`); threads take units from one counter, largest
 first, and the kernel reads, replaces and frees each unit's record as it goes, with no Python
 per unit. A pass that updates also writes each unit's update terms: an `Update`'s
-`kernel(key)` gives them by name (`rules.KernelUpdate`), and units whose tensors agree share one
+`kernel(key)` gives them by name (`moves.KernelUpdate`), and units whose tensors agree share one
 `native.Terms`.
 """
 
@@ -20,8 +20,7 @@ from . import native
 from .directions import Gaussian, MagnitudeMask, RandomMask, seed_state
 
 if TYPE_CHECKING:
-    from .rules import KernelUpdate
-    from .space import Offset, ParameterSpace, Update
+    from .moves import KernelUpdate, Offset, Space, Update
 
 _M64 = (1 << 64) - 1
 _ZEROS = (0.0,) * 7  # unused rule constants of a zt_terms
@@ -31,7 +30,7 @@ class KernelPath:
     """The C kernel's side of a space: its records (what keeps each perturbed unit
     invertible, in kernel memory) and its table of units."""
 
-    def __init__(self, space: ParameterSpace, lib: ctypes.CDLL):
+    def __init__(self, space: Space, lib: ctypes.CDLL):
         self.space, self.lib = space, lib
         self.records = native.Records(len(space.units))
         self._table: KernelTable | None = None
@@ -198,7 +197,7 @@ class KernelTable:
     """A space's units as the C kernel sees them (`native.Unit`), built once, with the orders
     a pass runs them in (largest first: the threads end close together)."""
 
-    def __init__(self, space: ParameterSpace):
+    def __init__(self, space: Space):
         self.ptrs = [t.data_ptr() for t in space.tensors]
         self.mask = space.mask
         units, mask = space.units, space.mask

@@ -19,13 +19,13 @@ from . import native
 from .directions import MASK_SALT, Gaussian, MagnitudeMask, RandomMask, derive_seed
 
 if TYPE_CHECKING:
-    from .space import Offset, ParameterSpace
+    from .moves import Offset, Space
 
 
 class EmbeddingRows:
     """The row-lazy tensors of a space and the rows of each that are off θ0."""
 
-    def __init__(self, space: ParameterSpace):
+    def __init__(self, space: Space):
         self.space = space
         self.lazy: dict[int, int] = {}  # row-lazy tensors: index -> row width
         self.segments: dict[int, list[tuple[torch.Tensor, tuple]]] = {}  # their rows off θ0

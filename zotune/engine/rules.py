@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .moves import Block, KernelTerms, KernelUpdate
 from .native import UpdateMode
-from .torch_path import Block
 
 Coeffs = Sequence[tuple[int, float]]  # (seed_k, c_k): ĝ = Σ c_k z(seed_k)
 
@@ -40,32 +40,6 @@ def _decay(block: Block, lr: float, weight_decay: float) -> None:
     if weight_decay:
         theta = block.theta
         theta.sub_(torch.mul(theta, lr * weight_decay, out=block.buffer("tmp")))
-
-
-@dataclass(frozen=True)
-class KernelTerms:
-    """A rule's step for ĝ = c·z in the C kernel's terms: the kernel repeats the rule's torch
-    arithmetic operation for operation in `mode` (tests check they agree bit for bit), reading
-    the state buffers m, v and the mode's constants."""
-
-    mode: UpdateMode
-    c: float
-    m: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    constants: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class KernelUpdate:
-    """One tensor's update in the kernel's terms: ĝ = c·z(seed) [+ c2·z(seed2)], the rule's
-    terms for the first coefficient (the second maps through the rule alike)."""
-
-    seed: int
-    lr: float
-    weight_decay: float
-    terms: KernelTerms
-    seed2: int | None = None
-    c2: float = 0.0
 
 
 class Rule:

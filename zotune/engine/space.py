@@ -29,38 +29,15 @@ import functools
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from . import native
 from .directions import Direction, Mask, make_direction
 from .kernel_path import KernelPath
+from .moves import Offset, Update
 from .rows import EmbeddingRows
 from .torch_path import UNIT, TorchPath
-
-if TYPE_CHECKING:
-    from .rules import KernelUpdate
-    from .torch_path import Block
-
-
-@dataclass(frozen=True)
-class Offset:
-    """The weights sit at θ0 + scale·z(seed)."""
-
-    seed: int
-    scale: float
-
-
-class Update(Protocol):
-    """What a transition does to θ0 on its way (`rules.Update` is the optimizers' one)."""
-
-    def apply(self, block: Block) -> None:
-        """Rewrite block.theta (θ0, float32) in place; may read z for any seed (block.z)."""
-
-    def kernel(self, key: int) -> KernelUpdate | None:
-        """The same update of tensor `key` in the C kernel's terms, or None (torch ops only)."""
 
 
 class ParameterSpace:

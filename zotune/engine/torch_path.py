@@ -18,66 +18,21 @@ import torch
 
 from . import native
 from .directions import MASK_SALT, RandomMask, derive_seed
+from .moves import Block
 
 if TYPE_CHECKING:
-    from .space import Offset, ParameterSpace, Update
+    from .moves import Offset, Space, Update
 
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 _CPU = torch.device("cpu")
 
 
-class Block:
-    """One block of one tensor during a transition: θ0 as float32, and z for any seed on demand."""
-
-    __slots__ = ("index", "key", "start", "theta", "draws", "_space", "_raw", "_z", "_mask")
-
-    def __init__(self, space: ParameterSpace, index: int, start: int, theta: torch.Tensor):
-        self.index, self.key, self.start, self.theta = index, space.keys[index], start, theta
-        self._space, self._raw, self._z, self._mask, self.draws = space, {}, {}, None, 0
-
-    def raw_z(self, seed: int) -> torch.Tensor:
-        """z for this block at `seed`, before any mask; cached within the block."""
-        if seed not in self._raw:
-            buf = self.buffer(f"z{len(self._raw)}")
-            self._space.direction.fill_(buf, derive_seed(seed, self.key), self.start)
-            self.draws += 1
-            self._raw[seed] = buf
-        return self._raw[seed]
-
-    def z(self, seed: int) -> torch.Tensor:
-        """z at `seed`, masked by the space's mask evaluated at the current θ0."""
-        m = self.mask()
-        if m is None:
-            return self.raw_z(seed)
-        if seed not in self._z:
-            masked = self.buffer(f"m{len(self._z)}").copy_(self.raw_z(seed))
-            self._z[seed] = masked.masked_fill_(m.logical_not(), 0.0)  # no float temporary
-        return self._z[seed]
-
-    def buffer(self, name: str) -> torch.Tensor:
-        """A float32 scratch buffer of this block's size, reused by the thread's next blocks
-        (allocating fresh ones per block made glibc hold on to hundreds of MB)."""
-        return self._space.torch_path.buffer(name, self.theta.numel(), self.theta.device)
-
-    def mask(self) -> torch.Tensor | None:
-        if self._space.mask is None:
-            return None
-        if self._mask is None:
-            self._mask = self._space.mask(self.key, self.start, self.theta, self._space.mask_seed)
-        return self._mask
-
-    def theta_changed(self) -> None:
-        """θ0 was updated: masks (and so masked z) follow it."""
-        self._mask = None
-        self._z.clear()
-
-
 class TorchPath:
     """Moves a space's units with torch ops; keeps the records of the units it perturbed
     unless the kernel will move them next (then they go to the kernel's records)."""
 
-    def __init__(self, space: ParameterSpace):
+    def __init__(self, space: Space):
         self.space = space
         # per unit moved here, while perturbed: what keeps it invertible (space module doc)
         self.records: dict[tuple[int, int], tuple] = {}
