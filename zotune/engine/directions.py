@@ -88,7 +88,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def hash32(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 32-bit hash of elements start .. start+n-1 under `key`, as int64 values in [0, 2^32):
     lowbias32(k1·i + k0 mod 2^32), k1 = the key's low half made odd, k0 its high half (torch
-    code; `_native.SOURCE` computes the same in C)."""
+    code; the C kernel, `csrc/zotune.c`, computes the same)."""
     i = torch.arange(start, start + n, dtype=torch.int64, device=device)
     k1, k0 = (key & 0xFFFFFFFF) | 1, (key >> 32) & 0xFFFFFFFF
     # k1·i mod 2^32 from k1's two 16-bit halves: no product reaches 2^63
@@ -468,21 +468,42 @@ class ParameterSpace:
             mask_out = torch.empty(n // 8, dtype=torch.uint8) if masked else None
         bits_in, aside_in, mask_in = kept or (None, None, None)
         # a row's mask: from |θ0| (magnitude), its hash (random) or, on the way back, kept bits
-        magnitude = isinstance(self.mask, MagnitudeMask)
-        kind = 0 if not masked else 3 if mask_in is not None else 1 if magnitude else 2
-        mask_key = derive_seed(self.mask_seed, key, MASK_SALT) if kind == 2 else 0
+        magnitude, kinds = isinstance(self.mask, MagnitudeMask), _native.MaskKind
+        kind = (
+            kinds.NONE
+            if not masked
+            else kinds.KEPT
+            if mask_in is not None
+            else kinds.MAGNITUDE
+            if magnitude
+            else kinds.RANDOM
+        )
         gaussian = isinstance(self.direction, Gaussian)
-        count = lib.zt_move_rows(
-            t.data_ptr(), width, rows.data_ptr(), rows.numel(), 0 if gaussian else 1,
-            _native.ptr(self.direction.cells) if gaussian else None,
-            current is not None, derive_seed(current.seed, key) if current else 0,
-            current.scale if current else 0.0, _native.bptr(bits_in), _native.bptr(aside_in),
-            target is not None, derive_seed(target.seed, key) if target else 0,
-            target.scale if target else 0.0, _native.bptr(bits), _native.bptr(scratch),
-            kind, self.mask.thresholds[key] if kind == 1 else 0.0,
-            _native.bptr(mask_in), _native.bptr(mask_out), mask_key,
-            self.mask.limit if kind == 2 else 0,
-        )  # fmt: skip
+        move = _native.RowMove(
+            flat=t.data_ptr(),
+            width=width,
+            rows=rows.data_ptr(),
+            nrows=rows.numel(),
+            law=_native.Law.GAUSSIAN if gaussian else _native.Law.RADEMACHER,
+            cells=_native.ptr(self.direction.cells) if gaussian else None,
+            has_cur=current is not None,
+            key_cur=derive_seed(current.seed, key) if current else 0,
+            cur_scale=current.scale if current else 0.0,
+            bits_in=_native.bptr(bits_in),
+            aside_in=_native.bptr(aside_in),
+            has_tgt=target is not None,
+            key_tgt=derive_seed(target.seed, key) if target else 0,
+            tgt_scale=target.scale if target else 0.0,
+            bits_out=_native.bptr(bits),
+            aside_out=_native.bptr(scratch),
+            mask_kind=kind,
+            mask_h=self.mask.thresholds[key] if kind == kinds.MAGNITUDE else 0.0,
+            mask_in=_native.bptr(mask_in),
+            mask_out=_native.bptr(mask_out),
+            mask_key=derive_seed(self.mask_seed, key, MASK_SALT) if kind == kinds.RANDOM else 0,
+            mask_limit=self.mask.limit if kind == kinds.RANDOM else 0,
+        )
+        count = lib.zt_move_rows(ctypes.byref(move))
         if target is None:
             return None
         return (
@@ -722,7 +743,7 @@ class ParameterSpace:
         holds the old and new records of one unit per thread at a time."""
         gaussian, mask = isinstance(self.direction, Gaussian), self.mask
         shared = _native.Pass(
-            law=0 if gaussian else 1,
+            law=_native.Law.GAUSSIAN if gaussian else _native.Law.RADEMACHER,
             cells=self.direction.cells.data_ptr() if gaussian else None,
             has_cur=current is not None,
             cur_s=seed_state(current.seed) if current else 0,
@@ -731,7 +752,11 @@ class ParameterSpace:
             has_tgt=target is not None,
             tgt_s=seed_state(target.seed) if target else 0,
             tgt_scale=target.scale if target else 0.0,
-            mask_kind=0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2,
+            mask_kind=_native.MaskKind.NONE
+            if mask is None
+            else _native.MaskKind.MAGNITUDE
+            if isinstance(mask, MagnitudeMask)
+            else _native.MaskKind.RANDOM,
             mask_s=seed_state(self.mask_seed),
             mask_limit=mask.limit if isinstance(mask, RandomMask) else 0,
         )

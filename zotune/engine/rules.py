@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .directions import Block
+from .native import UpdateMode
 
 Coeffs = Sequence[tuple[int, float]]  # (seed_k, c_k): ĝ = Σ c_k z(seed_k)
 
@@ -39,11 +40,6 @@ def _decay(block: Block, lr: float, weight_decay: float) -> None:
         theta.sub_(torch.mul(theta, lr * weight_decay, out=block.buffer("tmp")))
 
 
-# Update modes of the fused C kernel (`_native.zt_move`), which repeats a rule's torch
-# arithmetic operation for operation when ĝ = c·z has one term (tests check they agree bit for bit).
-KERNEL_SGD, KERNEL_SIGN, KERNEL_MOMENTUM, KERNEL_ADAM = 1, 2, 3, 4
-
-
 class Rule:
     name = "rule"
     buffers: tuple[str, ...] = ()  # names of dense per-parameter state buffers
@@ -53,7 +49,8 @@ class Rule:
     ) -> tuple | None:
         """(mode, c, buffer m, buffer v, constants) for the fused kernel when ĝ = c·z (for
         ĝ = c1·z1 + c2·z2 it is asked once per coefficient), or None when this rule runs as
-        torch ops only."""
+        torch ops only. The mode is a `native.UpdateMode`: the C kernel repeats the rule's torch
+        arithmetic operation for operation (tests check they agree bit for bit)."""
         return None
 
     def apply(
@@ -76,7 +73,7 @@ class SGD(Rule):
     name = "sgd"
 
     def kernel(self, c, lr, state, step):
-        return KERNEL_SGD, c, None, None, ()
+        return UpdateMode.SGD, c, None, None, ()
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
@@ -93,7 +90,7 @@ class Momentum(Rule):
     buffers = ("momentum",)
 
     def kernel(self, c, lr, state, step):
-        return KERNEL_MOMENTUM, c, state["momentum"], None, (self.beta,)
+        return UpdateMode.MOMENTUM, c, state["momentum"], None, (self.beta,)
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
@@ -112,8 +109,8 @@ class Sign(Rule):
 
     def kernel(self, c, lr, state, step):
         if self.official:
-            return KERNEL_SGD, 1.0 if c > 0 else -1.0 if c < 0 else 0.0, None, None, ()
-        return KERNEL_SIGN, c, None, None, ()
+            return UpdateMode.SGD, 1.0 if c > 0 else -1.0 if c < 0 else 0.0, None, None, ()
+        return UpdateMode.SIGN, c, None, None, ()
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         if self.official:
@@ -138,7 +135,7 @@ class Adam(Rule):
         t = step + 1
         b1, b2 = self.beta1, self.beta2
         consts = (b1, 1 - b1, b2, 1 - b2, 1 / (1 - b2**t), self.delta, lr / (1 - b1**t))
-        return KERNEL_ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts
+        return UpdateMode.ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         g = estimate(block, coeffs)
