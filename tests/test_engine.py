@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
 import platform
-import shutil
 
 import pytest
 import torch
@@ -739,8 +737,7 @@ def test_the_kernel_built_without_avx2_agrees_with_the_torch_path(tmp_path, monk
 
 
 @pytest.mark.skipif(
-    (shutil.which("cc") is None and shutil.which("gcc") is None)
-    or os.environ.get("ZOTUNE_NATIVE") == "0",
+    _native.compiler() is None or _native.mode() == "off",
     reason="no C compiler, or the kernel turned off",
 )
 def test_the_c_kernel_compiles_where_a_compiler_exists():

@@ -68,7 +68,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def hash32(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 32-bit hash of elements start .. start+n-1 under `key`, as int64 values in [0, 2^32):
     lowbias32(k1·i + k0 mod 2^32), k1 = the key's low half made odd, k0 its high half (torch
-    code; `_native.SOURCE` computes the same in C)."""
+    code; the C kernel, `csrc/zotune.c`, computes the same)."""
     i = torch.arange(start, start + n, dtype=torch.int64, device=device)
     k1, k0 = (key & 0xFFFFFFFF) | 1, (key >> 32) & 0xFFFFFFFF
     # k1·i mod 2^32 from k1's two 16-bit halves: no product reaches 2^63

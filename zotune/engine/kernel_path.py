@@ -118,7 +118,7 @@ class KernelPath:
         space = self.space
         gaussian, mask = isinstance(space.direction, Gaussian), space.mask
         shared = native.Pass(
-            law=0 if gaussian else 1,
+            law=native.Law.GAUSSIAN if gaussian else native.Law.RADEMACHER,
             cells=space.direction.cells.data_ptr() if gaussian else None,
             has_cur=current is not None,
             cur_s=seed_state(current.seed) if current else 0,
@@ -127,7 +127,7 @@ class KernelPath:
             has_tgt=target is not None,
             tgt_s=seed_state(target.seed) if target else 0,
             tgt_scale=target.scale if target else 0.0,
-            mask_kind=0 if mask is None else 1 if isinstance(mask, MagnitudeMask) else 2,
+            mask_kind=_mask_kind(mask),
             mask_s=seed_state(space.mask_seed),
             mask_limit=mask.limit if isinstance(mask, RandomMask) else 0,
         )
@@ -148,6 +148,12 @@ class KernelPath:
             f.result()
         if failed.value:
             raise MemoryError("out of memory while moving the weights: they are left perturbed")
+
+
+def _mask_kind(mask: object) -> native.MaskKind:
+    if mask is None:
+        return native.MaskKind.NONE
+    return native.MaskKind.MAGNITUDE if isinstance(mask, MagnitudeMask) else native.MaskKind.RANDOM
 
 
 def _terms(found: KernelUpdate, shared: dict, offsets: set) -> tuple:

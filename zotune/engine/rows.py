@@ -10,6 +10,7 @@ split over the space's threads.
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import wait
 from typing import TYPE_CHECKING
 
@@ -143,25 +144,39 @@ class EmbeddingRows:
             mask_out = torch.empty(n // 8, dtype=torch.uint8) if mask is not None else None
         bits_in, aside_in, mask_in = kept or (None, None, None)
         # a row's mask: from |θ0| (magnitude), its hash (random) or, on the way back, kept bits
-        kind = (
-            0 if mask is None
-            else 3 if mask_in is not None
-            else 1 if isinstance(mask, MagnitudeMask)
-            else 2
-        )  # fmt: skip
-        mask_key = derive_seed(space.mask_seed, key, MASK_SALT) if kind == 2 else 0
+        kinds = native.MaskKind
+        if mask is None:
+            kind = kinds.NONE
+        elif mask_in is not None:
+            kind = kinds.KEPT
+        else:
+            kind = kinds.MAGNITUDE if isinstance(mask, MagnitudeMask) else kinds.RANDOM
         gaussian = isinstance(space.direction, Gaussian)
-        count = lib.zt_move_rows(
-            t.data_ptr(), width, rows.data_ptr(), rows.numel(), 0 if gaussian else 1,
-            native.ptr(space.direction.cells) if gaussian else None,
-            current is not None, derive_seed(current.seed, key) if current else 0,
-            current.scale if current else 0.0, native.bptr(bits_in), native.bptr(aside_in),
-            target is not None, derive_seed(target.seed, key) if target else 0,
-            target.scale if target else 0.0, native.bptr(bits), native.bptr(scratch),
-            kind, mask.thresholds[key] if kind == 1 else 0.0,
-            native.bptr(mask_in), native.bptr(mask_out), mask_key,
-            mask.limit if kind == 2 else 0,
-        )  # fmt: skip
+        move = native.RowMove(
+            flat=t.data_ptr(),
+            width=width,
+            rows=rows.data_ptr(),
+            nrows=rows.numel(),
+            law=native.Law.GAUSSIAN if gaussian else native.Law.RADEMACHER,
+            cells=native.ptr(space.direction.cells) if gaussian else None,
+            has_cur=current is not None,
+            key_cur=derive_seed(current.seed, key) if current else 0,
+            cur_scale=current.scale if current else 0.0,
+            bits_in=native.bptr(bits_in),
+            aside_in=native.bptr(aside_in),
+            has_tgt=target is not None,
+            key_tgt=derive_seed(target.seed, key) if target else 0,
+            tgt_scale=target.scale if target else 0.0,
+            bits_out=native.bptr(bits),
+            aside_out=native.bptr(scratch),
+            mask_kind=kind,
+            mask_h=mask.thresholds[key] if kind == kinds.MAGNITUDE else 0.0,
+            mask_in=native.bptr(mask_in),
+            mask_out=native.bptr(mask_out),
+            mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if kind == kinds.RANDOM else 0,
+            mask_limit=mask.limit if kind == kinds.RANDOM else 0,
+        )
+        count = lib.zt_move_rows(ctypes.byref(move))
         if target is None:
             return None
         return (

@@ -1,0 +1,175 @@
+/* Generated from zotune/engine/native.py (its enums and ctypes mirrors): do not edit.
+   Regenerate with `python -m zotune.engine.native --write-header`. */
+#ifndef ZOTUNE_TYPES_H
+#define ZOTUNE_TYPES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { ZT_LAW_GAUSSIAN = 0, ZT_LAW_RADEMACHER = 1 };  /* Law */
+enum { ZT_MASK_NONE = 0, ZT_MASK_MAGNITUDE = 1, ZT_MASK_RANDOM = 2, ZT_MASK_KEPT = 3 };  /* MaskKind */
+enum { ZT_UPD_NONE = 0, ZT_UPD_SGD = 1, ZT_UPD_SIGN = 2, ZT_UPD_MOMENTUM = 3, ZT_UPD_ADAM = 4 };  /* UpdateMode */
+
+/* What keeps a perturbed unit invertible, owned by the kernel from the move that perturbs the
+   unit to the move that restores it (Python only swaps whole tables: MeZO-SVRG's anchor). */
+typedef struct {
+    uint8_t *bits;              /* one bit per element: its theta is kept aside; NULL when none is */
+    float *aside;               /* those thetas in element order, + 8 floats of slack */
+    uint8_t *mask;              /* the perturbation's mask as bits, or NULL */
+    uint64_t mask_key;          /* the random mask's key, when mask is one (ZT_MASK_RANDOM) */
+    int64_t count;              /* floats in aside */
+} zt_rec;
+
+/* An update's terms, shared by the units whose rule arguments agree (typically a param
+   group's): the rule (mode, constants), g = c·z(seed) [+ c2·z(seed2)], its seeds entered as
+   derive_seed's state after them (see zt_pass). */
+typedef struct {
+    int64_t mode;               /* an UpdateMode (ZT_UPD_*) */
+    uint64_t upd_s;
+    double upd_c;
+    double upd_lr;
+    int64_t has_decay;
+    double upd_decay;
+    double h[7];                /* the rule's constants */
+    int64_t has_upd2;
+    uint64_t upd2_s;
+    double upd_c2;
+} zt_terms;
+
+/* One unit (elements start .. start + n of a tensor), built once per space; its terms and state
+   buffers are set before each pass that updates. */
+typedef struct {
+    float *flat;
+    int64_t n;
+    int64_t start;
+    uint64_t key;
+    int64_t offsets;            /* 0: a row-lazy table's unit, at theta0 through every pass */
+    double mask_h;              /* the magnitude mask's threshold */
+    const zt_terms *terms;
+    float *m;
+    float *v;
+} zt_unit;
+
+/* What a pass shares: the offsets' and the mask's seeds enter as the state of derive_seed after
+   their first part, s = splitmix64(0x5EED ^ seed), and each unit's key is mixed in by the
+   kernel. */
+typedef struct {
+    int64_t law;                /* a Law (ZT_LAW_*) */
+    const float *cells;         /* the gaussian law's table */
+    int64_t has_cur;
+    uint64_t cur_s;
+    double cur_scale;
+    int64_t update;
+    int64_t has_tgt;
+    uint64_t tgt_s;
+    double tgt_scale;
+    int64_t mask_kind;          /* a MaskKind (ZT_MASK_*): NONE, MAGNITUDE or RANDOM */
+    uint64_t mask_s;
+    int64_t mask_limit;
+} zt_pass;
+
+/* zt_move_rows's arguments: rows `rows` (nrows of them) of the [rows x width] tensor flat,
+   moved from the current offset to the target without an update; keys are the units' own
+   (derive_seed's, not states), flags, masks and kept-aside values are the rows' one after
+   another. */
+typedef struct {
+    float *flat;
+    int64_t width;              /* a multiple of 8 */
+    const int64_t *rows;
+    int64_t nrows;
+    int64_t law;                /* a Law (ZT_LAW_*) */
+    const float *cells;
+    int64_t has_cur;
+    uint64_t key_cur;
+    float cur_scale;
+    const uint8_t *bits_in;
+    const float *aside_in;
+    int64_t has_tgt;
+    uint64_t key_tgt;
+    float tgt_scale;
+    uint8_t *bits_out;
+    float *aside_out;           /* 8 floats of slack */
+    int64_t mask_kind;          /* a MaskKind (ZT_MASK_*) */
+    float mask_h;
+    const uint8_t *mask_in;
+    uint8_t *mask_out;
+    uint64_t mask_key;
+    int64_t mask_limit;
+} zt_rows;
+
+#define ZT_FIELD(s, f) (int64_t)offsetof(s, f), (int64_t)sizeof(((s *)0)->f)
+#define ZT_LAYOUT { \
+    (int64_t)sizeof(zt_rec), 5, \
+    ZT_FIELD(zt_rec, bits), \
+    ZT_FIELD(zt_rec, aside), \
+    ZT_FIELD(zt_rec, mask), \
+    ZT_FIELD(zt_rec, mask_key), \
+    ZT_FIELD(zt_rec, count), \
+    (int64_t)sizeof(zt_terms), 10, \
+    ZT_FIELD(zt_terms, mode), \
+    ZT_FIELD(zt_terms, upd_s), \
+    ZT_FIELD(zt_terms, upd_c), \
+    ZT_FIELD(zt_terms, upd_lr), \
+    ZT_FIELD(zt_terms, has_decay), \
+    ZT_FIELD(zt_terms, upd_decay), \
+    ZT_FIELD(zt_terms, h), \
+    ZT_FIELD(zt_terms, has_upd2), \
+    ZT_FIELD(zt_terms, upd2_s), \
+    ZT_FIELD(zt_terms, upd_c2), \
+    (int64_t)sizeof(zt_unit), 9, \
+    ZT_FIELD(zt_unit, flat), \
+    ZT_FIELD(zt_unit, n), \
+    ZT_FIELD(zt_unit, start), \
+    ZT_FIELD(zt_unit, key), \
+    ZT_FIELD(zt_unit, offsets), \
+    ZT_FIELD(zt_unit, mask_h), \
+    ZT_FIELD(zt_unit, terms), \
+    ZT_FIELD(zt_unit, m), \
+    ZT_FIELD(zt_unit, v), \
+    (int64_t)sizeof(zt_pass), 12, \
+    ZT_FIELD(zt_pass, law), \
+    ZT_FIELD(zt_pass, cells), \
+    ZT_FIELD(zt_pass, has_cur), \
+    ZT_FIELD(zt_pass, cur_s), \
+    ZT_FIELD(zt_pass, cur_scale), \
+    ZT_FIELD(zt_pass, update), \
+    ZT_FIELD(zt_pass, has_tgt), \
+    ZT_FIELD(zt_pass, tgt_s), \
+    ZT_FIELD(zt_pass, tgt_scale), \
+    ZT_FIELD(zt_pass, mask_kind), \
+    ZT_FIELD(zt_pass, mask_s), \
+    ZT_FIELD(zt_pass, mask_limit), \
+    (int64_t)sizeof(zt_rows), 22, \
+    ZT_FIELD(zt_rows, flat), \
+    ZT_FIELD(zt_rows, width), \
+    ZT_FIELD(zt_rows, rows), \
+    ZT_FIELD(zt_rows, nrows), \
+    ZT_FIELD(zt_rows, law), \
+    ZT_FIELD(zt_rows, cells), \
+    ZT_FIELD(zt_rows, has_cur), \
+    ZT_FIELD(zt_rows, key_cur), \
+    ZT_FIELD(zt_rows, cur_scale), \
+    ZT_FIELD(zt_rows, bits_in), \
+    ZT_FIELD(zt_rows, aside_in), \
+    ZT_FIELD(zt_rows, has_tgt), \
+    ZT_FIELD(zt_rows, key_tgt), \
+    ZT_FIELD(zt_rows, tgt_scale), \
+    ZT_FIELD(zt_rows, bits_out), \
+    ZT_FIELD(zt_rows, aside_out), \
+    ZT_FIELD(zt_rows, mask_kind), \
+    ZT_FIELD(zt_rows, mask_h), \
+    ZT_FIELD(zt_rows, mask_in), \
+    ZT_FIELD(zt_rows, mask_out), \
+    ZT_FIELD(zt_rows, mask_key), \
+    ZT_FIELD(zt_rows, mask_limit), \
+}
+/* the names of ZT_LAYOUT's pairs, one word each */
+#define ZT_LAYOUT_NAMES \
+    "zt_rec zt_rec.bits zt_rec.aside zt_rec.mask zt_rec.mask_key zt_rec.count " \
+    "zt_terms zt_terms.mode zt_terms.upd_s zt_terms.upd_c zt_terms.upd_lr zt_terms.has_decay zt_terms.upd_decay zt_terms.h zt_terms.has_upd2 zt_terms.upd2_s zt_terms.upd_c2 " \
+    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.terms zt_unit.m zt_unit.v " \
+    "zt_pass zt_pass.law zt_pass.cells zt_pass.has_cur zt_pass.cur_s zt_pass.cur_scale zt_pass.update zt_pass.has_tgt zt_pass.tgt_s zt_pass.tgt_scale zt_pass.mask_kind zt_pass.mask_s zt_pass.mask_limit " \
+    "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit " \
+    ""
+
+#endif
