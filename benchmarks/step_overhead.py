@@ -76,7 +76,7 @@ def time_model(name: str, methods: list[str], reps: int, threads: int | None) ->
     forwards: dict[str, int] = {"official": 2}
     opts = {}
     for m in methods:
-        opts[m] = make_optimizer(m, loaded, params, loss_fn, threads)
+        opts[m] = make_optimizer(m, model, loss_fn, threads)
         opts[m].step(loss_fn)  # warm up (and MeZO-SVRG's full-batch step)
     with torch.no_grad():
         loss_fn()  # warm up
@@ -132,16 +132,6 @@ def passes_alone(loaded, opts: dict, loss_fn, reps: int) -> dict[str, float]:
             opt.step(closure)
             times[m].append(time.perf_counter() - t)
     return {m: statistics.median(ts) for m, ts in times.items()}
-
-
-def fo_closure(opt, loss_fn):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def memory(name: str, methods: list[str], steps: int) -> list[dict]:

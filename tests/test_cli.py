@@ -153,6 +153,10 @@ def test_config_file_and_custom_yaml_task(tiny_model_dir, tmp_path):
         (["--batch-size", "1000"], "batch-size"),
         (["--data-dir", "EMPTY"], "missing data file"),
         (["--steps", "0"], "steps"),
+        (["--set", "momentum=0.9"], "--set: unknown hyperparameter 'momentum' for mezo: valid"),
+        (["--set", "lr=1"], "set lr with --lr, not --set"),
+        (["--method", "mezo-svrg", "--set", "lr_full=fast"], "lr_full must be a number"),
+        (["--method", "zo-sgd-mmt", "--set", "momentun=0.5"], "valid ones are momentum, mask"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(
@@ -167,6 +171,23 @@ def test_bad_input_exits_2_with_one_line_and_no_output(
     assert len(err.splitlines()) == 1 and err.startswith("zotune: error:") and message in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_set_values_are_checked_and_converted_like_the_python_api():
+    from zotune.cli import _parse_value
+    from zotune.train import ConfigError, TrainConfig
+
+    extra = {"lr_full": _parse_value("1e-5"), "refresh": _parse_value("3")}  # YAML: "1e-5" is text
+    cfg = TrainConfig(method="mezo-svrg", extra=extra)
+    cfg.validate()
+    assert cfg.extra == {"lr_full": 1e-5, "refresh": 3}
+    cfg = TrainConfig(method="icl", extra={"demos": "4"})
+    cfg.validate()
+    assert cfg.extra == {"demos": 4}
+    cfg = TrainConfig(method="fo-adam", extra={"eps": 1e-6})  # Adam's own eps, not --eps
+    cfg.validate()
+    with pytest.raises(ConfigError, match="'demos' for linear-probe: valid ones are none"):
+        TrainConfig(method="linear-probe", extra={"demos": 4}).validate()
 
 
 def test_malformed_row_exits_2(tiny_model_dir, tmp_path, capsys):

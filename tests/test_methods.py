@@ -1,8 +1,10 @@
-"""Every method: it learns, one step matches a hand computation, and its state is as documented."""
+"""Every method: it learns, one step matches a hand computation, its state is as documented,
+its hyperparameters are checked, and it resumes from its state dict bit for bit."""
 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from torch import nn
 
 import zotune
 from zotune.engine.directions import Gaussian, derive_seed, hash32
-from zotune.optim import build, layer_groups, split_top
+from zotune.optim import available, build, build_for, split_top
+from zotune.testing import bert_config, llama_config
 
 ZO = ["mezo", "zo-sgd", "zo-sgd-mmt", "zo-sgd-sign", "zo-sgd-cons", "zo-adam", "forward-grad",
       "mezo-svrg", "sparse-mezo", "r-mezo", "zo-blockwise", "hybrid-zo-fo"]  # fmt: skip
@@ -49,37 +52,28 @@ def problem(seed: int = 0):
 
 def make(method: str, model: nn.Module, x, y, **hp):
     hp.setdefault("lr", LR.get(method, 5e-3))
-    if method.startswith("fo-"):
-        return build(method, model.parameters(), **hp)
-    hp.setdefault("eps", 1e-3)
-    if method == "forward-grad":
-        hp["model"] = model
+    if not method.startswith("fo-"):
+        hp.setdefault("eps", 1e-3)
     if method == "hybrid-zo-fo":
-        lower, top = split_top(model, 1)
-        return build(method, lower, fo_params=top, fo_lr=5e-2, **hp)
-    if method == "zo-blockwise":
-        return build(method, layer_groups(model, 0.0), **hp)
-    opt = build(method, model.parameters(), **hp)
+        hp.setdefault("fo_lr", 5e-2)
     if method == "mezo-svrg":
-        opt.full_closure = lambda: nn.functional.mse_loss(model(x), y)
-        opt.lr_full = hp["lr"] * 2
-    return opt
+        hp.setdefault("lr_full", hp["lr"] * 2)
+    return build_for(model, method, full_loss=lambda: nn.functional.mse_loss(model(x), y), **hp)
 
 
 def closure_for(method, opt, model, x, y):
+    """The same closure for every method: it returns the loss (FO methods backpropagate it)."""
+
     def loss():
         return nn.functional.mse_loss(model(x), y)
 
-    if method.startswith("fo-"):
-
-        def fo():
-            opt.zero_grad()
-            value = loss()
-            value.backward()
-            return value
-
-        return fo
     return loss
+
+
+def keys_of(opt, model) -> list[int]:
+    """The optimizer's key (position in its tensor list) of each of `model.parameters()`."""
+    index = {id(t): k for k, t in enumerate(opt.space.tensors)}
+    return [index[id(p)] for p in model.parameters()]
 
 
 @pytest.mark.parametrize("method", [*ZO, "fo-sgd", "fo-adam"])
@@ -102,7 +96,6 @@ def test_trajectories_replay_bit_for_bit(method, tmp_path):
     model, x, y = problem(1)
     initial = copy.deepcopy(model)
     opt = make(method, model, x, y)
-    opt.trajectory.name_tensors(model, opt.space.tensors)
     closure = closure_for(method, opt, model, x, y)
     for _ in range(7):
         opt.step(closure)
@@ -112,9 +105,9 @@ def test_trajectories_replay_bit_for_bit(method, tmp_path):
         assert torch.equal(p, q), method
 
 
-def one_spsa(model, x, y, seed, eps, params):
+def one_spsa(model, x, y, seed, eps, params, keys):
     """A hand-computed two-sided SPSA scalar at the model's current weights."""
-    zs = [z_of(p.shape, seed, k) for k, p in enumerate(params)]
+    zs = [z_of(p.shape, seed, k) for k, p in zip(keys, params)]
     with torch.no_grad():
         for p, z in zip(params, zs):
             p.add_(eps * z)
@@ -139,7 +132,7 @@ def test_one_step_matches_hand_computation(method):
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     for t in range(2):
-        g, zs = one_spsa(ref, x, y, derive_seed(0, t, 0), eps, params)
+        g, zs = one_spsa(ref, x, y, derive_seed(0, t, 0), eps, params, keys_of(opt, model))
         with torch.no_grad():
             for i, (p, z) in enumerate(zip(params, zs)):
                 est = g * z
@@ -201,9 +194,8 @@ def test_forward_grad_equals_autograd_directional_derivative():
     params = list(model.parameters())
     loss = nn.functional.mse_loss(model(x), y)
     grads = torch.autograd.grad(loss, params)
-    expected = sum(
-        (g * z_of(p.shape, seed, k)).sum() for k, (g, p) in enumerate(zip(grads, params))
-    )
+    keys = keys_of(opt, model)
+    expected = sum((g * z_of(p.shape, seed, k)).sum() for k, g, p in zip(keys, grads, params))
     opt.step(closure_for("forward-grad", opt, model, x, y))
     assert opt.trajectory.records[0]["grads"][0] == pytest.approx(expected.item(), rel=1e-4)
     assert opt.forward_passes == 1
@@ -217,14 +209,14 @@ def test_svrg_anchor_is_a_real_copy_and_one_seed_serves_both_points():
     opt.full_closure = lambda: real()
 
     def closure():
-        calls.append([p.detach().clone() for p in model.parameters()])
+        calls.append([p.detach().clone() for p in opt.space.tensors])
         return nn.functional.mse_loss(model(x), y)
 
     opt.step(closure)  # full-batch step: anchor taken
     anchor = [a.clone() for a in opt.anchor]
     opt.step(closure)  # minibatch step: 4 forwards
     assert all(torch.equal(a, b) for a, b in zip(opt.anchor, anchor))  # θ moved, θ̄ did not
-    assert any(not torch.equal(p, a) for p, a in zip(model.parameters(), opt.anchor))
+    assert any(not torch.equal(p, a) for p, a in zip(opt.space.tensors, opt.anchor))
     assert len(calls) == 4
     # Forwards 1, 2 at θ ± εz and 3, 4 at θ̄ ± εz: the same z, so the offsets are equal.
     for k in range(len(anchor)):
@@ -322,3 +314,131 @@ def test_bad_method_hyperparameters():
         build("mezo-svrg", p).step(lambda: p[0].sum())
     with pytest.raises(ValueError, match="model"):
         build("forward-grad", p).step(lambda: p[0].sum())
+
+
+def test_unknown_hyperparameters_are_errors_that_list_the_valid_ones():
+    p = [nn.Parameter(torch.zeros(4))]
+    with pytest.raises(ValueError) as e:
+        build("mezo", p, momentum=0.9)  # a momentum MeZO does not have: not silently ignored
+    assert str(e.value) == (
+        "unknown hyperparameter 'momentum' for mezo: valid ones are lr, eps, weight_decay, "
+        "queries, estimator, direction, seed, threads, mask, sparsity"
+    )
+    with pytest.raises(ValueError, match="'betas' for fo-sgd: valid ones are lr, momentum"):
+        build("fo-sgd", p, betas=(0.9, 0.99))
+    model, x, y = problem()
+    with pytest.raises(ValueError, match="'fo_layer' for hybrid-zo-fo: valid ones are .*fo_layers"):
+        build_for(model, "hybrid-zo-fo", fo_layer=1)
+    with pytest.raises(ValueError, match="unknown hyperparameter 'model' for forward-grad"):
+        build_for(model, "forward-grad", model=model)  # build_for passes the model itself
+    with pytest.raises(TypeError):
+        zotune.optim.MeZO(p, momentum=0.9)  # the classes themselves take no stray keyword
+
+
+def test_hyperparameters_given_as_text_are_converted_or_rejected():
+    p = [nn.Parameter(torch.zeros(4))]
+    opt = build("zo-adam", p, lr="1e-3", betas="0.8, 0.99", queries="2", seed="7", threads="none")
+    assert (opt.param_groups[0]["lr"], opt.queries, opt.seed) == (1e-3, 2, 7)
+    assert opt.config["betas"] == [0.8, 0.99] and opt.config["lr"] == 1e-3
+    assert build("mezo-svrg", p, lr_full="1e-5", refresh=3.0).refresh == 3
+    assert build("zo-sgd-sign", p, official="true").config["official"] is True
+    for bad, message in [
+        (dict(lr="fast"), "mezo: lr must be a number, got 'fast'"),
+        (dict(queries="2.5"), "mezo: queries must be an integer, got '2.5'"),
+        (dict(seed=True), "mezo: seed must be an integer, got True"),
+        (dict(estimator=2), "mezo: estimator must be a string, got 2"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            build("mezo", p, **bad)
+        assert str(e.value) == message
+    with pytest.raises(ValueError, match="betas must be 2 comma-separated values"):
+        build("zo-adam", p, betas="0.9")
+    with pytest.raises(ValueError, match="official must be true or false"):
+        build("zo-sgd-sign", p, official="maybe")
+
+
+def _tiny(kind: str):
+    from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 6))
+    if kind == "llama":
+        model = LlamaForCausalLM(llama_config(64))
+        return model, lambda: model(input_ids=ids, labels=ids).loss
+    model = BertForSequenceClassification(bert_config(64, num_labels=2))
+    labels = torch.tensor([0, 1])
+    return model, lambda: nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_build_for_every_method_on_a_tiny_model(kind):
+    for method in available():
+        model, loss = _tiny(kind)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        hp = {} if method.startswith("fo-") else {"eps": 1e-2}
+        wd = 0.0 if method == "zo-sgd-cons" else 0.01  # (it compares plain steps)
+        opt = build_for(model, method, lr=1e-2, weight_decay=wd, full_loss=loss, **hp)
+        assert torch.isfinite(torch.tensor(opt.step(loss))), method
+        assert opt.forward_passes > 0, method
+        moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert moved, method
+        decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        norms = [p for n, p in model.named_parameters() if "norm" in n.lower() and id(p) in decay]
+        assert norms and all(decay[id(p)] == 0.0 for p in norms), method  # no decay on norms
+        if isinstance(opt, zotune.optim.ZOOptimizer):
+            assert None not in opt.trajectory.names, method  # replay finds tensors by name
+        if method == "mezo":  # the embedding-row fast path is on by default
+            table = "model.embed_tokens" if kind == "llama" else "bert.embeddings.word_embeddings"
+            assert opt.attach(model) == [table]
+
+
+def _resume_run(method, hp, model, x, y, steps, state=None):
+    opt = make(method, model, x, y, **hp)
+    if state is not None:
+        opt.load_state_dict(state)
+    loss = closure_for(method, opt, model, x, y)
+    for _ in range(steps):
+        opt.step(loss)
+    return opt
+
+
+@pytest.mark.parametrize(
+    "method,hp",
+    [
+        ("mezo", {"weight_decay": 0.1}),
+        ("zo-adam", {}),
+        ("zo-sgd-mmt", {}),
+        ("mezo-svrg", {"refresh": 2}),
+        ("sparse-mezo", {"sparsity": 0.5}),
+    ],
+)
+def test_resume_from_a_state_dict_is_bit_identical(method, hp):
+    n, m = 3, 4  # (an odd n: MeZO-SVRG resumes between a full-batch step and its minibatch step)
+    model, x, y = problem(9)
+    start = copy.deepcopy(model)
+    whole = _resume_run(method, hp, model, x, y, n + m)
+
+    first = _resume_run(method, hp, start, x, y, n)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # plain tensors, numbers, lists and dicts
+    resumed_model = copy.deepcopy(start)  # the weights at step n
+    del first
+    resumed = _resume_run(method, hp, resumed_model, x, y, m, state)
+
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q), method
+    assert resumed.trajectory.records == whole.trajectory.records
+    assert (resumed.steps, resumed.forward_passes) == (whole.steps, whole.forward_passes)
+    assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in whole.param_groups]
+
+
+def test_a_state_dict_loads_only_into_the_same_method():
+    model, x, y = problem()
+    state = make("mezo", model, x, y).state_dict()
+    with pytest.raises(ValueError, match="mezo's, this optimizer is zo-adam"):
+        make("zo-adam", model, x, y).load_state_dict(state)
+    state.pop("zotune")
+    with pytest.raises(ValueError, match="not a zotune optimizer state dict"):
+        make("mezo", model, x, y).load_state_dict(state)

@@ -23,6 +23,7 @@ import yaml
 
 from . import optim
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
+from .optim.hparams import check as check_hyperparameters
 from .tasks import Task, load_task
 
 
@@ -117,15 +118,15 @@ class TrainConfig:
         methods = [*optim.available(), *BASELINES]
         if self.method not in methods:
             raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(methods)}")
+        self.extra = self._checked_extra()
         if self.peft not in ("full", "lora", "prefix", "prompt"):
             raise ConfigError(f"unknown --peft '{self.peft}': choose full, lora, prefix or prompt")
         if self.objective not in ("loss", "accuracy", "f1"):
             raise ConfigError(
                 f"unknown --objective '{self.objective}': choose loss, accuracy or f1"
             )
-        if self.objective != "loss" and (
-            self.method.startswith("fo-") or self.method == "hybrid-zo-fo"
-        ):
+        backprop = getattr(optim.OPTIMIZERS.get(self.method), "backprop", False)
+        if self.objective != "loss" and backprop:
             raise ConfigError(
                 f"--objective {self.objective} has no gradient: use a zeroth-order method with it"
             )
@@ -133,6 +134,41 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
             )
+
+    def _checked_extra(self) -> dict[str, Any]:
+        """`extra` (--set) checked against the method's hyperparameters, values converted to
+        their declared types; those the config sets itself (--lr, --eps...) are refused."""
+        if self.method in BASELINES:
+            spec = BASELINE_OPTIONS[self.method]
+        else:
+            given = set(optimizer_settings(self, extra=False)) | {"weight_decay"}
+            clash = sorted(given & set(self.extra))
+            if clash:
+                flag = "--" + clash[0].replace("_", "-")
+                raise ConfigError(f"set {clash[0]} with {flag}, not --set")
+            spec = optim.hyperparameters(self.method, for_model=True)
+            spec = {k: v for k, v in spec.items() if k not in given}
+        try:
+            return check_hyperparameters(self.method, spec, dict(self.extra))
+        except ValueError as e:
+            raise ConfigError(f"--set: {e}") from None
+
+
+# Settings of the baselines that train no weights (`--set demos=32`).
+BASELINE_OPTIONS: dict[str, dict[str, optim.Hyperparameter]] = {
+    "icl": {"demos": optim.Hyperparameter("demos", int, 32)},
+    "linear-probe": {},
+}
+
+
+def optimizer_settings(cfg: TrainConfig, *, extra: bool = True) -> dict[str, Any]:
+    """The hyperparameters a run gives its optimizer: the learning rate, the perturbation
+    settings of a zeroth-order method, then `--set`'s (weight decay goes to its groups)."""
+    hp: dict[str, Any] = {"lr": cfg.lr}
+    if issubclass(optim.OPTIMIZERS[cfg.method], optim.ZOOptimizer):
+        hp.update(eps=cfg.eps, queries=cfg.queries, estimator=cfg.estimator)
+        hp.update(direction=cfg.direction, seed=cfg.seed, threads=cfg.threads)
+    return {**hp, **cfg.extra} if extra else hp
 
 
 # The built-in job (`zotune train` with no arguments, `make demo`): SmolLM2-135M on SST-2 with
@@ -201,39 +237,17 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
 
 def build_optimizer(
     cfg: TrainConfig, model: torch.nn.Module, objective: Any = None, task: Task | None = None
-):
-    """The optimizer a config names, over the model's trainable parameters."""
-    cls = optim.OPTIMIZERS[cfg.method]
-    extra = dict(cfg.extra)
-    if not issubclass(cls, optim.ZOOptimizer):
-        groups = optim.param_groups(model, cfg.weight_decay)
-        if not groups:
-            raise ConfigError("the model has no trainable parameters")
-        return optim.build(cfg.method, groups, lr=cfg.lr, **extra)
-    hp = dict(lr=cfg.lr, eps=cfg.eps, queries=cfg.queries, estimator=cfg.estimator)
-    hp.update(direction=cfg.direction, seed=cfg.seed, threads=cfg.threads)
-    if cls is optim.HybridZOFO:
-        lower, top = optim.split_top(model, int(extra.pop("fo_layers", 1)))
-        if not lower or not top:
-            raise ConfigError(
-                "hybrid-zo-fo needs trainable parameters both below and in the top layers"
-            )
-        groups = [{"params": lower}]
-        hp["fo_params"] = top
-    elif getattr(cls, "by_layer", False):
-        groups = optim.layer_groups(model, cfg.weight_decay)
-    else:
-        groups = optim.param_groups(model, cfg.weight_decay)
-    if not groups:
-        raise ConfigError("the model has no trainable parameters")
-    if cls is optim.ForwardGrad:
-        hp["model"] = model
-    opt = optim.build(cfg.method, groups, **hp, **extra)
-    if cls is optim.MeZOSVRG and task is not None and objective is not None:
-        opt.full_closure = full_batch_loss(objective, task, cfg)
-    opt.trajectory.name_tensors(model, opt.space.tensors)
-    opt.attach(model)  # perturb only the embedding rows a batch reads (same run, bit for bit)
-    return opt
+) -> torch.optim.Optimizer:
+    """The optimizer a config names, over the model's trainable parameters (`build_for`; with
+    the objective and task, MeZO-SVRG gets the full training set's loss)."""
+    full = full_batch_loss(objective, task, cfg) if objective is not None and task else None
+    return optim.build_for(
+        model,
+        cfg.method,
+        weight_decay=cfg.weight_decay,
+        full_loss=full,
+        **optimizer_settings(cfg),
+    )
 
 
 def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
@@ -325,10 +339,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
         opt = build_optimizer(cfg, model, objective, task)
     except (TypeError, ValueError) as e:  # e.g. an unknown --set key or a bad hyperparameter
         raise ConfigError(f"cannot build {cfg.method}: {e}") from None
-    is_zo = isinstance(opt, optim.ZOOptimizer)
 
     def run(work: Path) -> dict[str, Any]:
-        summary = _run(cfg, task, model, objective, opt, is_zo, work, start, quiet)
+        summary = _run(cfg, task, model, objective, opt, work, start, quiet)
         summary["loaded_memory_mb"] = round(loaded_mb, 1)
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -419,7 +432,7 @@ def _icl(
     return _baseline(cfg, task, objective, work, start, measure)
 
 
-def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quiet: bool):
+def _run(cfg, task, model, objective, opt, work: Path, start: float, quiet: bool):
     (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     log = open(work / "metrics.jsonl", "w", encoding="utf-8")
     progress = _Progress(cfg.steps, quiet)
@@ -439,19 +452,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
         batch = [task.train[i] for i in next(batch_iter)]
         t0 = time.perf_counter()
         before, before_s = objective.forward_passes, objective.forward_seconds
-        if is_zo:
-            loss = opt.step(lambda b=batch: loss_fn(b))
-        else:
-
-            def closure(b=batch):
-                opt.zero_grad()
-                value = loss_fn(b)
-                value.backward()
-                return value
-
-            with torch.enable_grad():
-                value = opt.step(closure)
-            loss = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        loss = float(opt.step(lambda b=batch: loss_fn(b)))  # every optimizer: forward only
         step_seconds.append(time.perf_counter() - t0)
         forward_seconds += objective.forward_seconds - before_s
         train_forwards += objective.forward_passes - before
@@ -476,7 +477,7 @@ def _run(cfg, task, model, objective, opt, is_zo, work: Path, start: float, quie
         progress.update(step, loss, train_forwards)
     progress.close()
     log.close()
-    if is_zo and opt.replayable:
+    if getattr(opt, "replayable", False):
         opt.trajectory.save(work / "trajectory.zot")
     if "test" not in best:  # no step beat zero-shot on dev: report the initial model
         best["test"] = zero_shot_test

@@ -50,27 +50,18 @@ def random_batch_loss(loaded, batch: int, seq: int, seed: int = 0):
     return fn
 
 
-def make_optimizer(method: str, loaded, params, loss_fn, threads: int | None = None):
-    """`method` over all of a model's parameters with tiny steps, for measuring cost."""
+def make_optimizer(method: str, model: torch.nn.Module, loss_fn, threads: int | None = None):
+    """`method` over a model's trainable parameters with tiny steps, for measuring cost:
+    built as `zotune train` builds it (`build_for`); MeZO-SVRG's full-batch loss is the
+    minibatch's, and after its first (full-batch) step every step is a minibatch step."""
     from .. import optim
 
-    if method.startswith("fo-"):
-        return optim.build(method, params, lr=1e-7)
-    hp: dict[str, Any] = dict(lr=1e-7, eps=1e-3, threads=threads)
-    if method == "forward-grad":
-        hp["model"] = loaded.model
-    if method == "zo-blockwise":
-        return optim.build(method, optim.layer_groups(loaded.model, 0.0), **hp)
-    if method == "hybrid-zo-fo":
-        lower, top = optim.split_top(loaded.model, 1)
-        return optim.build(method, lower, fo_params=top, **hp)
-    if method == "mezo-svrg":
-        hp["refresh"] = 10**9  # after the first (full-batch) step, every step is a minibatch step
-    opt = optim.build(method, params, **hp)
-    if method == "mezo-svrg":
-        opt.full_closure = loss_fn
-    opt.attach(loaded.model)  # as `zotune train` does
-    return opt
+    hp: dict[str, Any] = {"lr": 1e-7}
+    if issubclass(optim.OPTIMIZERS[method], optim.ZOOptimizer):
+        hp.update(eps=1e-3, threads=threads)
+    if "refresh" in optim.hyperparameters(method):
+        hp["refresh"] = 10**9
+    return optim.build_for(model, method, full_loss=loss_fn, **hp)
 
 
 def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -80,7 +71,6 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[s
     loaded = load_model(
         model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu"
     )
-    params = list(loaded.model.parameters())
     loss_fn = random_batch_loss(loaded, batch, seq)
     cuda = torch.cuda.is_available()
     loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
@@ -94,16 +84,9 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[s
             for _ in range(2 * steps):
                 loss_fn()
     else:
-        opt = make_optimizer(method, loaded, params, loss_fn)
-
-        def fo():
-            opt.zero_grad()
-            value = loss_fn()
-            value.backward()
-            return value
-
+        opt = make_optimizer(method, loaded.model, loss_fn)
         for _ in range(steps):
-            opt.step(fo if method.startswith("fo-") else loss_fn)
+            opt.step(loss_fn)  # every optimizer: a closure that returns the loss
     seconds = (time.perf_counter() - t) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
     return dict(

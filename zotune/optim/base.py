@@ -9,9 +9,10 @@ a direction law (directions.py), an estimator (estimators.py) and an update rule
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,6 +21,8 @@ from ..engine.estimators import ESTIMATORS, Closure, Estimate
 from ..engine.rules import Rule, Update, new_state
 from ..engine.space import Offset, ParameterSpace
 from ..engine.trajectory import Trajectory
+from .groups import param_groups
+from .hparams import Hyperparameter
 
 
 def _check(name: str, value: float, *, positive: bool = False) -> None:
@@ -56,10 +59,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         mask: sparse perturbation: "none", "magnitude" (Sparse MeZO: smallest-|θ| entries, per
             tensor thresholds fixed at the start) or "random" (a fresh random mask each step).
         sparsity: fraction of each tensor's entries a mask leaves out (0 <= sparsity < 1).
+        config: (for subclasses) their own hyperparameters, recorded in the trajectory's config.
+
+    The hyperparameters a method accepts are its constructor's keywords (`zotune.optim.build`
+    rejects any other). `state_dict()` holds everything a resume needs: besides torch's state
+    (the rule's buffers) and param groups, the step count, seed, forward passes, the
+    trajectory's records and what a method keeps between steps (`extra_state`).
     """
 
     name = "zo"
     replayable = True  # a trajectory of this optimizer rebuilds the weights
+    backprop = False  # needs a differentiable loss (a backward pass)
+    # constructor arguments `build_for` fills from the model (e.g. forward-grad's `model`)
+    wired: ClassVar[tuple[str, ...]] = ()
+    # options `build_for` alone takes: they choose the param groups (e.g. hybrid's fo_layers)
+    model_options: ClassVar[dict[str, Hyperparameter]] = {}
 
     def __init__(
         self,
@@ -76,7 +90,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         threads: int | None = None,
         mask: str = "none",
         sparsity: float = 0.0,
-        **config: Any,
+        config: Mapping[str, Any] | None = None,
     ):
         _check("lr", lr)
         _check("eps", eps, positive=True)
@@ -108,7 +122,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             seed=seed,
             mask=mask,
             sparsity=sparsity,
-            **config,
+            **(config or {}),
         )
         tensors, self._group_of = [], []
         for gi, group in enumerate(self.param_groups):
@@ -171,6 +185,80 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._row_hooks.append(hook)
             names.append(name)
         return names
+
+    @classmethod
+    def arguments_for(
+        cls,
+        model: torch.nn.Module,
+        *,
+        weight_decay: float,
+        full_loss: Callable[[], Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """What `build_for` gives the constructor for `model`: the param groups and the
+        arguments named in `wired`. Default: decay / no-decay groups (`param_groups`)."""
+        return param_groups(model, weight_decay), {}
+
+    # -- resume ---------------------------------------------------------------------------
+    def spaces(self) -> list[ParameterSpace]:
+        """Every parameter space this optimizer moves (block-wise ZO has one per block)."""
+        return [self.space]
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a method keeps between steps beyond torch's `state` (for `state_dict`)."""
+        mask = self.space.mask
+        return {"thresholds": dict(mask.thresholds)} if isinstance(mask, MagnitudeMask) else {}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        if "thresholds" in extra:  # Sparse MeZO's thresholds are fixed from the initial weights
+            mask = MagnitudeMask([], [], self.config["sparsity"])
+            mask.thresholds = {int(k): float(h) for k, h in extra["thresholds"].items()}
+            for space in self.spaces():
+                space.mask = mask
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict plus a "zotune" entry: the step count, seed, forward
+        passes, trajectory records and the method's extra state (plain tensors, lists, dicts:
+        `torch.save` / `torch.load(weights_only=True)` carry it). Like torch's, its tensors are
+        the optimizer's own (save or copy it before stepping on)."""
+        out = super().state_dict()
+        out["zotune"] = {
+            "method": self.trajectory.method,
+            "steps": self.steps,
+            "seed": self.seed,
+            "forward_passes": self.forward_passes,
+            "records": copy.deepcopy(self.trajectory.records),
+            "extra": self.extra_state(),
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from `state_dict()` of the same method over the same parameters: the next
+        step is the one the saved optimizer would have taken, bit for bit."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("zotune", None)
+        if ours is None:
+            raise ValueError("not a zotune optimizer state dict (no 'zotune' entry)")
+        if ours["method"] != self.trajectory.method:
+            raise ValueError(
+                f"the state dict is {ours['method']}'s, this optimizer is {self.trajectory.method}"
+            )
+        super().load_state_dict(state_dict)
+        # torch casts state to each parameter's dtype; the rules keep float32 buffers (and the
+        # optimizer keeps its own copy, never the caller's tensors)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, i in zip(params, saved):
+            if i in state_dict["state"]:
+                self.state[p] = {
+                    k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in state_dict["state"][i].items()
+                }
+        self.steps, self.seed = int(ours["steps"]), int(ours["seed"])
+        self.config["seed"] = self.trajectory.config["seed"] = self.seed
+        self.forward_passes = int(ours["forward_passes"])
+        self.trajectory.records = copy.deepcopy(list(ours["records"]))
+        self.load_extra_state(ours["extra"])
 
     # -- hooks for subclasses -------------------------------------------------------------
     def estimate(self, closure: Closure, seeds: list[int]) -> Estimate:

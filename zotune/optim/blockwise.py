@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from ..engine.estimators import Closure, two_sided
 from ..engine.rules import SGD
 from ..engine.space import ParameterSpace
 from .base import ZOOptimizer
+from .groups import layer_groups
 
 
 class BlockwiseZO(ZOOptimizer):
@@ -24,7 +25,6 @@ class BlockwiseZO(ZOOptimizer):
     """
 
     name = "zo-blockwise"
-    by_layer = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, **kw: Any):
         if kw.get("queries", 1) != 1:
@@ -36,7 +36,22 @@ class BlockwiseZO(ZOOptimizer):
             for keys in self._keys_by_group()
         ]
 
-    def attach(self, model: torch.nn.Module) -> list[str]:
+    @classmethod
+    def arguments_for(
+        cls,
+        model: torch.nn.Module,
+        *,
+        weight_decay: float,
+        full_loss: Callable[[], Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One block per numbered layer and per other top-level part (`layer_groups`)."""
+        return layer_groups(model, weight_decay), {}
+
+    def spaces(self) -> list[ParameterSpace]:
+        return [self.space, *self.blocks]
+
+    def attach(self, model: torch.nn.Module, embeddings: Any = None) -> list[str]:
         """Not applied: each block moves through its own parameter space."""
         return []
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -13,6 +13,7 @@ from ..engine.directions import derive_seed
 from ..engine.estimators import Closure, Estimate
 from ..engine.rules import SGD
 from .base import ZOOptimizer
+from .groups import param_groups
 
 
 class ForwardGrad(ZOOptimizer):
@@ -21,10 +22,12 @@ class ForwardGrad(ZOOptimizer):
     v is the direction z drawn from the step seed, so the update regenerates it and the run
     replays like MeZO. Cost per step: 1 forward pass carrying tangents (about 2-3× a plain
     forward), 2 regenerations of z. Memory: v materialized (1 × d) plus the tangents of the
-    activations. Needs the model: `build("forward-grad", params, model=model)`.
+    activations. Needs the model: `build("forward-grad", params, model=model)` (`build_for`
+    passes it).
     """
 
     name = "forward-grad"
+    wired: ClassVar[tuple[str, ...]] = ("model",)
 
     def __init__(
         self,
@@ -39,6 +42,17 @@ class ForwardGrad(ZOOptimizer):
             raise ValueError("forward-grad does not take a mask")
         super().__init__(params, SGD(), lr=lr, **kw)
         self.model = model
+
+    @classmethod
+    def arguments_for(
+        cls,
+        model: torch.nn.Module,
+        *,
+        weight_decay: float,
+        full_loss: Callable[[], Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        return param_groups(model, weight_decay), {"model": model}
 
     def estimate(self, closure: Closure, seeds: list[int]) -> Estimate:
         if self.model is None:

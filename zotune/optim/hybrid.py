@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 
 from ..engine.estimators import Closure
 from ..engine.rules import SGD
 from .base import ZOOptimizer
+from .groups import param_groups, split_top
+from .hparams import Hyperparameter
 
 
 class HybridZOFO(ZOOptimizer):
     """ZO-SGD on `params` (the lower layers) + first-order SGD on `fo_params` (e.g. the last k
-    layers and the head, chosen by the CLI with --set fo_layers=k).
+    layers and the head: `build_for(model, "hybrid-zo-fo", fo_layers=k)`, --set fo_layers=k).
 
     Per step: the two-sided ZO estimate and update of the lower part (2 forward passes, 3
     regenerations), then one forward + backward with only `fo_params` requiring grad, so the
@@ -25,6 +27,11 @@ class HybridZOFO(ZOOptimizer):
 
     name = "hybrid-zo-fo"
     replayable = False
+    backprop = True
+    wired: ClassVar[tuple[str, ...]] = ("fo_params",)
+    model_options: ClassVar[dict[str, Hyperparameter]] = {
+        "fo_layers": Hyperparameter("fo_layers", int, 1)
+    }
 
     def __init__(
         self,
@@ -34,13 +41,38 @@ class HybridZOFO(ZOOptimizer):
         fo_lr: float = 1e-4,
         **kw: Any,
     ):
-        super().__init__(params, SGD(), lr=lr, fo_lr=fo_lr, **kw)
+        super().__init__(params, SGD(), lr=lr, config=dict(fo_lr=fo_lr), **kw)
         self.fo_params = [p for p in fo_params]
         if not self.fo_params:
             raise ValueError("hybrid-zo-fo needs fo_params (the layers trained by backprop)")
         self.fo_lr = fo_lr
         for p in self.space.tensors:  # ZO needs no autograd: keep backward out of the lower part
             p.requires_grad_(False)
+
+    @classmethod
+    def arguments_for(
+        cls,
+        model: torch.nn.Module,
+        *,
+        weight_decay: float,
+        full_loss: Callable[[], Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """ZO groups: the layers below the last `fo_layers` (decay / no decay); FO: the rest."""
+        layers = options.get("fo_layers", 1)
+        if layers < 1:
+            raise ValueError(f"fo_layers must be an integer >= 1, got {layers}")
+        lower, top = split_top(model, layers)
+        if not lower or not top:
+            raise ValueError(
+                "hybrid-zo-fo needs trainable parameters both below and in the top layers"
+            )
+        below = {id(p) for p in lower}
+        groups = [
+            {**g, "params": [p for p in g["params"] if id(p) in below]}
+            for g in param_groups(model, weight_decay)
+        ]
+        return [g for g in groups if g["params"]], {"fo_params": top}
 
     def step(self, closure: Closure) -> float:  # type: ignore[override]
         loss = super().step(closure)

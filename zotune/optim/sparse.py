@@ -20,9 +20,17 @@ class SparseMeZO(MeZO):
 
     name = "sparse-mezo"
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-6, sparsity: float = 0.8, **kw: Any):
-        kw.pop("mask", None)
-        super().__init__(params, lr=lr, mask="magnitude", sparsity=sparsity, **kw)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        sparsity: float = 0.8,
+        mask: str = "magnitude",
+        **kw: Any,
+    ):
+        if mask != "magnitude":
+            raise ValueError(f"sparse-mezo's mask is 'magnitude', got '{mask}'")
+        super().__init__(params, lr=lr, mask=mask, sparsity=sparsity, **kw)
 
 
 class RMeZO(MeZO):
@@ -31,6 +39,14 @@ class RMeZO(MeZO):
 
     name = "r-mezo"
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-6, sparsity: float = 0.8, **kw: Any):
-        kw.pop("mask", None)
-        super().__init__(params, lr=lr, mask="random", sparsity=sparsity, **kw)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        sparsity: float = 0.8,
+        mask: str = "random",
+        **kw: Any,
+    ):
+        if mask != "random":
+            raise ValueError(f"r-mezo's mask is 'random', got '{mask}'")
+        super().__init__(params, lr=lr, mask=mask, sparsity=sparsity, **kw)

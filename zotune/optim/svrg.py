@@ -4,7 +4,7 @@ one shared direction for the two minibatch estimates."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,6 +33,7 @@ class MeZOSVRG(ZOOptimizer):
     """
 
     name = "mezo-svrg"
+    wired: ClassVar[tuple[str, ...]] = ("full_closure",)
 
     def __init__(
         self,
@@ -47,11 +48,47 @@ class MeZOSVRG(ZOOptimizer):
             raise ValueError(f"refresh must be an integer >= 1, got {refresh}")
         if kw.get("queries", 1) != 1 or kw.get("estimator", "two-sided") != "two-sided":
             raise ValueError("mezo-svrg uses one two-sided query per estimate")
-        super().__init__(params, SGD(), lr=lr, lr_full=lr_full, refresh=int(refresh), **kw)
+        config = dict(lr_full=lr_full, refresh=int(refresh))
+        super().__init__(params, SGD(), lr=lr, config=config, **kw)
         self.lr_full, self.refresh = lr_full, int(refresh)
         self.full_closure = full_closure
         self.anchor: list[torch.Tensor] | None = None
         self.full: tuple[int, float] | None = None  # (s_F, g_F) of the last full-batch step
+
+    @classmethod
+    def arguments_for(
+        cls,
+        model: torch.nn.Module,
+        *,
+        weight_decay: float,
+        full_loss: Callable[[], Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        groups, _ = super().arguments_for(
+            model, weight_decay=weight_decay, full_loss=full_loss, options=options
+        )
+        return groups, {"full_closure": full_loss}
+
+    def extra_state(self) -> dict[str, Any]:
+        """The anchor θ̄ (the optimizer's own tensors, as torch's state) and (s_F, g_F)."""
+        return {**super().extra_state(), "anchor": self.anchor, "full": self.full}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        super().load_extra_state(extra)
+        anchor, full = extra.get("anchor"), extra.get("full")
+        if anchor is not None and len(anchor) != len(self.space.tensors):
+            raise ValueError(
+                f"the saved anchor has {len(anchor)} tensors, not {len(self.space.tensors)}"
+            )
+        self.anchor = (
+            None
+            if anchor is None
+            else [
+                a.to(device=p.device, dtype=p.dtype, copy=True)
+                for p, a in zip(self.space.tensors, anchor)
+            ]
+        )
+        self.full = None if full is None else (int(full[0]), float(full[1]))
 
     def coefficients(self, record: dict[str, Any]) -> list[tuple[int, float]]:
         (s,) = self.seeds_of(record)

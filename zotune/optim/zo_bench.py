@@ -36,7 +36,7 @@ class ZOSGDMomentum(ZOOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, momentum: float = 0.9, **kw: Any):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, Momentum(momentum), lr=lr, momentum=momentum, **kw)
+        super().__init__(params, Momentum(momentum), lr=lr, config=dict(momentum=momentum), **kw)
 
 
 class ZOSGDSign(ZOOptimizer):
@@ -48,7 +48,7 @@ class ZOSGDSign(ZOOptimizer):
     name = "zo-sgd-sign"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, official: bool = False, **kw: Any):
-        super().__init__(params, Sign(official), lr=lr, official=official, **kw)
+        super().__init__(params, Sign(official), lr=lr, config=dict(official=official), **kw)
 
 
 class ZOAdam(ZOOptimizer):
@@ -67,7 +67,8 @@ class ZOAdam(ZOOptimizer):
         b1, b2 = betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1) or delta <= 0:
             raise ValueError(f"betas must be in [0, 1) and delta > 0, got {betas}, {delta}")
-        super().__init__(params, Adam(b1, b2, delta), lr=lr, betas=[b1, b2], delta=delta, **kw)
+        config = dict(betas=[b1, b2], delta=delta)
+        super().__init__(params, Adam(b1, b2, delta), lr=lr, config=config, **kw)
 
 
 class ZOSGDConservative(ZOOptimizer):
