@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from transformers import BertConfig, LlamaConfig
+
+from .engine.directions import Gaussian, derive_seed
 
 
 def llama_config(vocab: int, **kw) -> LlamaConfig:
@@ -57,3 +60,29 @@ def make_tiny_model(path: str | os.PathLike) -> str:
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
     return str(path)
+
+
+def reference_z(shape, seed: int, key: int) -> torch.Tensor:
+    """z of the gaussian law for one tensor, by a separate, pure-Python implementation of the
+    documented law (a test oracle for the engine's kernels) (lowbias32 of a keyed Weyl
+    sequence, then the table)."""
+    m32 = 0xFFFFFFFF
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & m32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & m32
+        return x ^ (x >> 16)
+
+    table, delta = Gaussian().table.tolist(), Gaussian().delta
+    k = derive_seed(seed, key)
+    out = []
+    for i in range(torch.Size(shape).numel()):
+        u = mix((i * (k & m32 | 1) + (k >> 32)) & m32)
+        c, f = u >> 20, (u & 0xFFFFF) / 2**20
+        out.append(
+            torch.tensor(table[c], dtype=torch.float32)
+            + torch.tensor(f, dtype=torch.float32) * delta[c]
+        )
+    return torch.stack(out).view(shape)

@@ -252,6 +252,52 @@ def test_the_cache_key_ignores_the_host_name(monkeypatch, tmp_path):
 
 
 def test_the_csrc_files_are_package_data():
-    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert '"engine/csrc/*"' in text
     assert all((native.CSRC / name).is_file() for name in native.SOURCES)
+
+
+@pytest.mark.skipif(
+    native.lib() is None or platform.machine() not in ("x86_64", "AMD64"),
+    reason="needs the kernel, built here for x86-64",
+)
+def test_the_kernel_built_without_avx2_agrees_with_the_torch_path(tmp_path, monkeypatch):
+    """CPUs without AVX2 (ARM, older x86) run the kernel's plain C loops: build it so here and
+    check every fused path against the torch code (updates alone included: their draw buffer
+    must hold a whole chunk when no vector loop went first)."""
+    monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
+    # (not inlined, with stack canaries: a buffer overrun aborts instead of passing unseen)
+    flags = [*native.FLAGS, "-mno-avx2", "-fno-inline", "-fstack-protector-all"]
+    monkeypatch.setattr(native, "FLAGS", flags)
+    monkeypatch.setattr(native, "_lib", False)
+    assert native.lib() is not None
+    torch.manual_seed(0)
+    weights = [torch.randn(3 * 1024 + 21) * 0.02, torch.randn(13, 7)]
+    for method, extra in [
+        ("mezo", {}),
+        ("zo-sgd-mmt", {}),
+        ("zo-sgd-sign", {}),
+        ("zo-adam", {}),
+        ("sparse-mezo", {"sparsity": 0.7}),
+        ("r-mezo", {"sparsity": 0.7}),
+    ]:
+        runs = []
+        for mode in ("1", "0"):
+            monkeypatch.setenv("ZOTUNE_NATIVE", mode)
+            model = nn.ParameterList([nn.Parameter(w.clone()) for w in weights])
+            opt = build(method, model.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, **extra)
+            for _ in range(2):
+                opt.step(lambda m=model: sum((p**2).sum() for p in m.parameters()))
+            record = {"lr": [1e-2], "wd": [0.1]}
+            opt.space.transition(None, None, opt.update_for([(99, 0.5)], record))
+            runs.append([p.detach().clone() for p in model])
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), method
+
+
+@pytest.mark.skipif(
+    native.compiler() is None or native.mode() == "off",
+    reason="no C compiler, or the kernel turned off",
+)
+def test_the_c_kernel_compiles_where_a_compiler_exists():
+    """Every kernel test skips without the library: a source that fails to compile must fail."""
+    assert native.lib() is not None
