@@ -76,8 +76,11 @@ def _pct(metrics: dict[str, float]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    cfg = config_from_args(args, demo=args.demo)
-    summary = train(cfg, quiet=args.quiet)
+    if args.resume:
+        cfg = _resumed_config(args)
+    else:
+        cfg = config_from_args(args, demo=args.demo)
+    summary = train(cfg, quiet=args.quiet, resume=bool(args.resume))
     metric = next(iter(summary["dev"]), None)
     if metric:
         print(
@@ -90,6 +93,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"wrote {cfg.out} ({summary['forward_passes']} forward passes, {summary['wall_seconds']:.0f} s)"
     )
     return 0
+
+
+def _resumed_config(args: argparse.Namespace) -> TrainConfig:
+    """An interrupted run's own config; only --steps (to go further) and --quiet may change."""
+    run = Path(args.resume)
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"{run} is not a zotune run directory (no config.yaml)")
+    given = sorted(
+        f.name
+        for f in fields(TrainConfig)
+        if f.name not in ("steps", "extra") and getattr(args, f.name, None) is not None
+    )
+    if given or args.set or args.config:
+        flag = "--" + given[0].replace("_", "-") if given else "--set/--config"
+        raise ConfigError(f"--resume continues a run as it was configured: drop {flag}")
+    cfg = TrainConfig.from_dict(TrainConfig.from_yaml(run / "config.yaml"))
+    cfg.out = str(run)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    return cfg
 
 
 def _load_run(run: str | os.PathLike) -> tuple[TrainConfig, Path]:
@@ -195,6 +218,11 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model (no arguments: the built-in demo)")
     t.add_argument("--config", help="YAML file of settings (flags override it)")
     t.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
+    t.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its last checkpoint (--steps may extend it)",
+    )
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a base model, or a fine-tuned run with --run")
@@ -246,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .models import ModelError
     from .tasks import TaskError
+    from .train import Interrupted
 
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"zotune: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, TaskError, ModelError, FileNotFoundError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"zotune: error: {msg}", file=sys.stderr)

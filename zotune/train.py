@@ -10,8 +10,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,7 +23,8 @@ import numpy as np
 import torch
 import yaml
 
-from . import optim
+from . import checkpoint, optim
+from .engine.estimators import MicroBatches
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
 from .tasks import Task, load_task
@@ -66,6 +69,11 @@ class TrainConfig:
     max_length: int = 256
     save_weights: bool = False
     threads: int | None = None
+    lr_scheduler: str = "constant"  # constant | linear | cosine (to 0 at the last step)
+    warmup_steps: int = 0  # linear warmup from 0 before the schedule
+    grad_accum: int = 1  # micro-batches of batch_size per step (the step's batch: K·batch_size)
+    save_every: int | None = None  # steps between checkpoints (default: every 5 minutes)
+    keep: str = "best"  # which model --save-weights, eval --run and export use: best | final
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific hyperparameters
 
     @classmethod
@@ -101,6 +109,7 @@ class TrainConfig:
             "eval_every",
             "eval_batch_size",
             "max_length",
+            "grad_accum",
         )
         for name in positive_ints:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -134,6 +143,18 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
             )
+        if self.lr_scheduler not in SCHEDULES:
+            raise ConfigError(
+                f"unknown --lr-scheduler '{self.lr_scheduler}': choose {', '.join(SCHEDULES)}"
+            )
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps}")
+        if self.save_every is not None and (
+            not isinstance(self.save_every, int) or self.save_every < 1
+        ):
+            raise ConfigError(f"--save-every must be a positive integer, got {self.save_every}")
+        if self.keep not in ("best", "final"):
+            raise ConfigError(f"unknown --keep '{self.keep}': choose best or final")
 
     def _checked_extra(self) -> dict[str, Any]:
         """`extra` (--set) checked against the method's hyperparameters, values converted to
@@ -265,12 +286,14 @@ def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
 
 
 class _Progress:
-    def __init__(self, total: int, quiet: bool):
+    def __init__(self, total: int, quiet: bool, done: int = 0):
         self.quiet, self.total, self.bar = quiet, total, None
         if not quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=total, initial=done, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
 
     def update(self, step: int, loss: float, forwards: int) -> None:
         if self.bar is not None:
@@ -310,13 +333,54 @@ def icl_objective(cfg: TrainConfig, task: Task, loaded: Any, demos: int) -> Any:
     )
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Run one fine-tuning job and write it to `cfg.out`; returns the summary."""
+class Interrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after checkpointing: `zotune train --resume` goes on."""
+
+    def __init__(self, run: Path, step: int, signum: int):
+        super().__init__(f"interrupted at step {step}: resume with `zotune train --resume {run}`")
+        self.run, self.step, self.signum = run, step, signum
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+SAVE_SECONDS = 300.0  # checkpoint interval without --save-every
+
+
+def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
+    """A LambdaLR for --lr-scheduler with --warmup-steps (None for constant without warmup):
+    the factor on each group's lr at step t (0-based): t/warmup during warmup, then 1
+    (constant), a linear decay to 0 at the last step, or a half cosine to 0."""
+    if cfg.lr_scheduler == "constant" and not cfg.warmup_steps:
+        return None
+    warm, total = cfg.warmup_steps, cfg.steps
+
+    def factor(t: int) -> float:
+        if t < warm:
+            return t / warm
+        done = (t - warm) / max(total - warm, 1)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - done)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job in `cfg.out`; returns the summary. The run directory is written
+    in place as the run goes (config, metrics, checkpoints, summary with its status); with
+    `resume`, an interrupted run in `cfg.out` goes on from its last checkpoint, bit for bit as
+    if it had never stopped."""
     cfg.validate()
     if cfg.out is None:
         cfg.out = f"runs/{Path(cfg.model).name}-{Path(cfg.task).stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
+    if resume:
+        if cfg.method in BASELINES:
+            raise ConfigError(f"{cfg.method} trains nothing: there is nothing to resume")
+        if not checkpoint.exists(out):
+            raise ConfigError(f"{out} has no checkpoint to resume from: start it again")
+    elif out.exists() and any(out.iterdir()):
         raise ConfigError(
             f"output directory {out} already exists and is not empty: choose another --out"
         )
@@ -339,14 +403,43 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
         opt = build_optimizer(cfg, model, objective, task)
     except (TypeError, ValueError) as e:  # e.g. an unknown --set key or a bad hyperparameter
         raise ConfigError(f"cannot build {cfg.method}: {e}") from None
+    scheduler = lr_schedule(cfg, opt)
+    out.mkdir(parents=True, exist_ok=True)
+    state = checkpoint.load(out, model, opt, scheduler) if resume else None
+    with _stop_signals() as stop:
+        summary = _run(cfg, task, loaded, objective, opt, scheduler, out, state, stop, start, quiet)
+    summary["loaded_memory_mb"] = round(loaded_mb, 1)
+    _write_json(out / "summary.json", summary)
+    return summary
 
-    def run(work: Path) -> dict[str, Any]:
-        summary = _run(cfg, task, model, objective, opt, work, start, quiet)
-        summary["loaded_memory_mb"] = round(loaded_mb, 1)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
 
-    return write_atomically(out, run)
+class _stop_signals:
+    """SIGINT and SIGTERM (a scheduler's preemption) ask the loop to stop after the current
+    step, checkpoint and exit; a second SIGINT stops at once (the last checkpoint stands)."""
+
+    def __enter__(self) -> dict[str, int]:
+        self.stop: dict[str, int] = {}
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self.stop
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if "signal" in self.stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop["signal"] = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file atomically (a temp file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def write_atomically(out: Path, fill) -> dict[str, Any]:
@@ -432,82 +525,192 @@ def _icl(
     return _baseline(cfg, task, objective, work, start, measure)
 
 
-def _run(cfg, task, model, objective, opt, work: Path, start: float, quiet: bool):
-    (work / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    log = open(work / "metrics.jsonl", "w", encoding="utf-8")
-    progress = _Progress(cfg.steps, quiet)
+def _run(
+    cfg: TrainConfig,
+    task: Task,
+    loaded: Any,
+    objective: Any,
+    opt: torch.optim.Optimizer,
+    scheduler: Any,
+    out: Path,
+    state: checkpoint.LoopState | None,
+    stop: dict[str, int],
+    start: float,
+    quiet: bool,
+) -> dict[str, Any]:
+    model = loaded.model
     evaluate = lambda examples: objective.evaluate(examples, batch_size=cfg.eval_batch_size)  # noqa: E731
-    with torch.no_grad():
-        zero_shot = evaluate(task.dev)
-        zero_shot_test = evaluate(task.test) if task.test else {}
-    progress.write(f"zero-shot dev: {_fmt(zero_shot)}; test: {_fmt(zero_shot_test)}")
+    metrics = out / "metrics.jsonl"
+    if state is None:
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        _write_json(out / "summary.json", {"status": "running", "step": 0})
+        with torch.no_grad():
+            zero_shot = evaluate(task.dev)
+            zero_shot_test = evaluate(task.test) if task.test else {}
+        state = checkpoint.LoopState(
+            zero_shot=zero_shot, zero_shot_test=zero_shot_test, best={"step": 0, "dev": zero_shot}
+        )
+        metrics.write_text("")
+        if cfg.keep == "best" and not getattr(opt, "replayable", False):
+            _save_weights(model, opt, out / "best.safetensors")  # until a step beats it
+    else:  # rows past the checkpoint are computed again, the same
+        rows = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in rows if json.loads(ln)["step"] <= state.step]
+        metrics.write_text("".join(ln + "\n" for ln in kept))
+    progress = _Progress(cfg.steps, quiet, done=state.step)
+    progress.write(
+        f"zero-shot dev: {_fmt(state.zero_shot)}; test: {_fmt(state.zero_shot_test)}"
+        if state.step == 0
+        else f"resumed at step {state.step} of {cfg.steps}"
+    )
     metric = task.metric
-    best: dict[str, Any] = {"step": 0, "dev": zero_shot}
     loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
-    forward_seconds = 0.0  # time inside the training steps' model calls (MeZO-SVRG's anchors too)
-    train_forwards = 0  # forward passes made by training steps only (not by evaluation)
-    batch_iter = batches(len(task.train), cfg.batch_size, cfg.seed)
-    step_seconds = []
-    for step in range(1, cfg.steps + 1):
-        batch = [task.train[i] for i in next(batch_iter)]
-        t0 = time.perf_counter()
-        before, before_s = objective.forward_passes, objective.forward_seconds
-        loss = float(opt.step(lambda b=batch: loss_fn(b)))  # every optimizer: forward only
-        step_seconds.append(time.perf_counter() - t0)
-        forward_seconds += objective.forward_seconds - before_s
-        train_forwards += objective.forward_passes - before
-        row = {
-            "step": step,
-            "loss": loss,
-            "forward_passes": train_forwards,
-            "elapsed": time.time() - start,
-        }
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                dev = evaluate(task.dev)
-            row["dev"] = dev
-            if dev[metric] > best["dev"][metric]:
-                # Test is measured at each new best-on-dev step, and never used to choose one.
+    k = cfg.grad_accum
+    batch_iter = batches(len(task.train), cfg.batch_size * k, cfg.seed)
+    for _ in range(state.step):  # the same data order as an uninterrupted run
+        next(batch_iter)
+    log = open(metrics, "a", encoding="utf-8")
+    saved_at, saved_step = time.time(), state.step
+    earlier = state.wall_seconds  # the sessions before this one
+
+    def save() -> None:
+        nonlocal saved_at, saved_step
+        state.wall_seconds = earlier + time.time() - start
+        checkpoint.save(out, model, opt, scheduler, state)
+        if getattr(opt, "replayable", False):
+            opt.trajectory.save(out / "trajectory.zot")
+        saved_at, saved_step = time.time(), state.step
+
+    def interrupted(signum: int) -> Interrupted:
+        log.close()
+        progress.close()
+        status = {"status": "interrupted", "step": state.step, "steps": cfg.steps}
+        _write_json(out / "summary.json", status)
+        return Interrupted(out, state.step, signum)
+
+    try:
+        for step in range(state.step + 1, cfg.steps + 1):
+            batch = [task.train[i] for i in next(batch_iter)]
+            micro = [batch[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(k)]
+            closure = (
+                (lambda b=batch: loss_fn(b))
+                if k == 1
+                else MicroBatches([lambda b=b: loss_fn(b) for b in micro])
+            )
+            t0 = time.perf_counter()
+            before, before_s = objective.forward_passes, objective.forward_seconds
+            lr = opt.param_groups[0]["lr"]
+            loss = float(opt.step(closure))  # every optimizer: forward only
+            if scheduler is not None:
+                scheduler.step()
+            seconds = time.perf_counter() - t0
+            state.step_seconds += seconds
+            state.forward_seconds += objective.forward_seconds - before_s
+            state.train_forwards += objective.forward_passes - before
+            state.step = step
+            row: dict[str, Any] = {
+                "step": step,
+                "loss": loss,
+                "forward_passes": state.train_forwards,
+                "lr": lr,
+                "seconds": seconds,
+                "elapsed": earlier + time.time() - start,
+            }
+            grads = getattr(opt, "trajectory", None)
+            if grads is not None and grads.records and grads.records[-1].get("grads"):
+                row["grad_norm"] = sum(abs(g) for g in grads.records[-1]["grads"]) / len(
+                    grads.records[-1]["grads"]
+                )
+            if step % cfg.eval_every == 0 or step == cfg.steps:
                 with torch.no_grad():
-                    test = evaluate(task.test) if task.test else {}
-                best = {"step": step, "dev": dev, "test": test}
-            progress.write(f"step {step}: dev {_fmt(dev)}")
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        progress.update(step, loss, train_forwards)
+                    dev = evaluate(task.dev)
+                row["dev"] = state.last_dev = dev
+                if dev[metric] > state.best["dev"][metric]:
+                    # Test is measured at each new best-on-dev step, never used to choose one.
+                    with torch.no_grad():
+                        test = evaluate(task.test) if task.test else {}
+                    state.best = {"step": step, "dev": dev, "test": test}
+                    if cfg.keep == "best" and not getattr(opt, "replayable", False):
+                        _save_weights(model, opt, out / "best.safetensors")
+                progress.write(f"step {step}: dev {_fmt(dev)}")
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            progress.update(step, loss, state.train_forwards)
+            due = (
+                step - saved_step >= cfg.save_every
+                if cfg.save_every
+                else time.time() - saved_at >= SAVE_SECONDS
+            )
+            if "signal" in stop or (due and step < cfg.steps):
+                save()
+            if "signal" in stop:
+                raise interrupted(stop["signal"])
+    except KeyboardInterrupt:
+        raise interrupted(signal.SIGINT) from None
     progress.close()
     log.close()
+    state.wall_seconds = earlier + time.time() - start
     if getattr(opt, "replayable", False):
-        opt.trajectory.save(work / "trajectory.zot")
+        opt.trajectory.save(out / "trajectory.zot")
+    best = dict(state.best)
     if "test" not in best:  # no step beat zero-shot on dev: report the initial model
-        best["test"] = zero_shot_test
+        best["test"] = state.zero_shot_test
+    kept = best["step"] if cfg.keep == "best" else cfg.steps
     if cfg.save_weights:
-        from safetensors.torch import save_file
-
-        tensors = {
-            n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad
-        }
-        save_file(tensors, str(work / "weights.safetensors"))
-    summary = {
+        _keep_weights(cfg, model, opt, out, kept)
+    shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # the run is complete
+    (out / "best.safetensors").unlink(missing_ok=True)
+    return {
+        "status": "completed",
         "model": cfg.model,
         "task": cfg.task,
         "method": cfg.method,
         "peft": cfg.peft,
         "steps": cfg.steps,
-        "forward_passes": train_forwards,
-        "zero_shot": zero_shot,
-        "zero_shot_test": zero_shot_test,
+        "forward_passes": state.train_forwards,
+        "zero_shot": state.zero_shot,
+        "zero_shot_test": state.zero_shot_test,
         "dev": best["dev"],
         "test": best["test"],
         "best_step": best["step"],
-        "final_dev": row.get("dev"),
+        "kept_step": kept,
+        "final_dev": state.last_dev,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "wall_seconds": round(time.time() - start, 2),
-        "seconds_per_step": round(float(np.mean(step_seconds)), 4),
+        "wall_seconds": round(state.wall_seconds, 2),
+        "seconds_per_step": round(state.step_seconds / max(cfg.steps, 1), 4),
         # step time over the time its forward passes took inside it (FO: forward only, so the
         # backward pass counts as overhead)
-        "step_to_forward_ratio": round(sum(step_seconds) / max(forward_seconds, 1e-9), 3),
+        "step_to_forward_ratio": round(state.step_seconds / max(state.forward_seconds, 1e-9), 3),
         "notes": task.notes,
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+
+def _save_weights(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = checkpoint.trained_tensors(model, opt)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: p.detach().contiguous() for n, p in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _keep_weights(cfg: TrainConfig, model: Any, opt: Any, out: Path, kept: int) -> None:
+    """weights.safetensors of the kept model: the current weights when it is the last step;
+    else, for a replayable run, the trajectory's first `kept` steps replayed onto a freshly
+    loaded model (no second copy of the weights during training); else the snapshot taken at
+    the best step."""
+    target = out / "weights.safetensors"
+    if kept == cfg.steps:
+        _save_weights(model, opt, target)
+    elif getattr(opt, "replayable", False):
+        from safetensors.torch import save_file
+
+        _, fresh, _ = load_for(cfg)
+        optim.replay(fresh.model, out / "trajectory.zot", steps=kept)
+        params = dict(fresh.model.named_parameters())
+        names = checkpoint.trained_tensors(model, opt)
+        tmp = target.with_name(target.name + ".tmp")
+        save_file({n: params[n].detach().contiguous() for n in names}, str(tmp))
+        os.replace(tmp, target)
+    else:
+        os.replace(out / "best.safetensors", target)

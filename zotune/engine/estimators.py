@@ -38,6 +38,28 @@ class Estimate:
     losses: list[float] = field(default_factory=list)
 
 
+class MicroBatches:
+    """A closure over K micro-batches (gradient accumulation): calling it returns the mean of
+    the K losses, each micro-batch a forward pass of its own. For a zeroth-order step every
+    evaluation of the loss is then the mean over the K·b examples under the same direction
+    (2K forward passes a MeZO step): the projected gradient is the average of the K micro-batch
+    projected gradients, the same as one K-times-larger batch up to float rounding (the losses
+    are summed in float64, in micro-batch order). A first-order optimizer backpropagates each
+    micro-batch's loss / K in turn (`optim.fo`), holding one micro-batch's graph at a time."""
+
+    def __init__(self, losses: Sequence[Callable[[], float | torch.Tensor]]):
+        if not losses:
+            raise ValueError("MicroBatches needs at least one closure")
+        self.losses = list(losses)
+
+    def __call__(self) -> float:
+        total = 0.0
+        for loss in self.losses:
+            value = loss()
+            total += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        return total / len(self.losses)
+
+
 def evaluate(closure: Closure) -> float:
     """Call the closure (a forward pass with no backward) and return its loss as a finite float."""
     value = closure()

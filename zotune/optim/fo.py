@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..engine.estimators import MicroBatches
 from .groups import param_groups
 from .hparams import Hyperparameter
 
@@ -42,13 +43,17 @@ class Backprop:
         backward), backpropagate and update; returns the loss."""
         if closure is None:
             raise ValueError("zotune optimizers need a closure that returns the loss")
+        parts = closure.losses if isinstance(closure, MicroBatches) else [closure]
+        total = 0.0
         with torch.enable_grad():
             self.zero_grad()  # type: ignore[attr-defined]
-            loss = closure()
-            loss.backward()
+            for part in parts:  # one micro-batch's graph at a time
+                loss = part()
+                (loss / len(parts) if len(parts) > 1 else loss).backward()
+                total += float(loss.detach())
         super().step()  # type: ignore[misc]
-        self.forward_passes += 1
-        return float(loss.detach())
+        self.forward_passes += len(parts)
+        return total / len(parts)
 
 
 class FOSGD(Backprop, torch.optim.SGD):

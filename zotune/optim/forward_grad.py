@@ -10,7 +10,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..engine.directions import derive_seed
-from ..engine.estimators import Closure, Estimate
+from ..engine.estimators import Closure, Estimate, MicroBatches
 from ..engine.rules import SGD
 from .base import ZOOptimizer
 from .groups import param_groups
@@ -75,8 +75,9 @@ class ForwardGrad(ZOOptimizer):
                         module._parameters[attr] = dual  # a plain swap, as torch.func does
                         swapped.append((module, attr, p))
                 # The fused attention kernels have no forward-mode AD; the math one does.
+                parts = closure.losses if isinstance(closure, MicroBatches) else [closure]
                 with sdpa_kernel([SDPBackend.MATH]):
-                    loss = closure()
+                    loss = sum(part() for part in parts) / len(parts)  # (duals add up)
                 primal, tangent = fwAD.unpack_dual(loss)
             finally:
                 for module, attr, p in swapped:
@@ -84,4 +85,6 @@ class ForwardGrad(ZOOptimizer):
         if tangent is None:
             raise ValueError("the loss does not depend on the trainable parameters")
         self.space.regenerations += 1
-        return Estimate(list(seeds), [float(tangent)], float(primal), 1, None, [float(primal)])
+        return Estimate(
+            list(seeds), [float(tangent)], float(primal), len(parts), None, [float(primal)]
+        )

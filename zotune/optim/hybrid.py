@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine.estimators import Closure
+from ..engine.estimators import Closure, MicroBatches
 from ..engine.rules import SGD
 from .base import ZOOptimizer
 from .groups import param_groups, split_top
@@ -78,13 +78,15 @@ class HybridZOFO(ZOOptimizer):
         loss = super().step(closure)
         for p in self.fo_params:
             p.grad = None
+        parts = closure.losses if isinstance(closure, MicroBatches) else [closure]
         with torch.enable_grad():
-            value = closure()
-            value.backward()
+            for part in parts:  # one micro-batch's graph at a time
+                value = part()
+                (value / len(parts) if len(parts) > 1 else value).backward()
         with torch.no_grad():
             for p in self.fo_params:
                 if p.grad is not None:
                     p.sub_(p.grad, alpha=self.fo_lr)
                     p.grad = None
-        self.forward_passes += 1
+        self.forward_passes += len(parts)
         return loss

@@ -1,0 +1,86 @@
+"""The training loop's schedules and gradient accumulation, from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from zotune.cli import main
+from zotune.engine.estimators import MicroBatches
+from zotune.optim import build
+from zotune.optim.replay import replay  # noqa: F401  (the trajectory records the lr in force)
+
+
+def run(model: str, out: Path, *extra: str) -> list[dict]:
+    args = [
+        "train", "--model", model, "--task", "sst2", "--steps", "10", "--eval-every", "10",
+        "--lr", "1e-3", "--eps", "1e-2", "--num-train", "32", "--num-dev", "16",
+        "--num-test", "16", "--eval-batch-size", "16", "--out", str(out), "--quiet", *extra,
+    ]  # fmt: skip
+    assert main(args) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedules_with_warmup(tiny_model_dir, tmp_path, schedule):
+    rows = run(
+        tiny_model_dir, tmp_path / "run", "--batch-size", "4",
+        "--lr-scheduler", schedule, "--warmup-steps", "2",
+    )  # fmt: skip
+    lrs = [r["lr"] for r in rows]
+    expected = []
+    for t in range(10):
+        done = (t - 2) / 8
+        factor = (
+            t / 2 if t < 2
+            else 1.0 if schedule == "constant"
+            else 1 - done if schedule == "linear"
+            else 0.5 * (1 + math.cos(math.pi * done))
+        )  # fmt: skip
+        expected.append(1e-3 * factor)
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_grad_accumulation_is_one_k_times_larger_batch(tiny_model_dir, tmp_path):
+    """K micro-batches of b under one direction: 2K forward passes a MeZO step, and the same
+    projected gradient as one batch of K·b up to float rounding (padding differs per batch)."""
+    accum = run(tiny_model_dir, tmp_path / "a", "--batch-size", "4", "--grad-accum", "2")
+    whole = run(tiny_model_dir, tmp_path / "b", "--batch-size", "8")
+    assert [r["forward_passes"] for r in accum] == [4 * (i + 1) for i in range(10)]
+    assert [r["forward_passes"] for r in whole] == [2 * (i + 1) for i in range(10)]
+    assert accum[0]["loss"] == pytest.approx(whole[0]["loss"], rel=1e-5)
+    assert accum[0]["grad_norm"] == pytest.approx(whole[0]["grad_norm"], rel=1e-3)
+
+
+def test_first_order_accumulation_backpropagates_each_micro_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randn(8, 1)
+    results = []
+    for parts in (1, 2):
+        model = torch.nn.Linear(5, 1)
+        torch.nn.init.constant_(model.weight, 0.1)
+        torch.nn.init.constant_(model.bias, 0.0)
+        opt = build("fo-sgd", model.parameters(), lr=0.1)
+        losses = [
+            lambda i=i, m=model, k=parts: torch.nn.functional.mse_loss(
+                m(x[i * 8 // k : (i + 1) * 8 // k]),
+                y[i * 8 // k : (i + 1) * 8 // k],
+            )
+            for i in range(parts)
+        ]
+        loss = opt.step(MicroBatches(losses) if parts > 1 else losses[0])
+        results.append((loss, model.weight.detach().clone(), opt.forward_passes))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-7)
+    assert (results[0][2], results[1][2]) == (1, 2)
+
+
+def test_bad_loop_settings_exit_2(tiny_model_dir, tmp_path, capsys):
+    for bad in (["--lr-scheduler", "step"], ["--grad-accum", "0"], ["--keep", "last"]):
+        out = tmp_path / bad[0].strip("-")
+        assert main(["train", "--model", tiny_model_dir, "--out", str(out), *bad]) == 2
+        assert not out.exists()
