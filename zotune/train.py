@@ -24,6 +24,7 @@ import yaml
 from . import optim
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
+from .reporting import parse_targets as parse_report_targets
 from .tasks import Task, load_task
 
 
@@ -67,9 +68,12 @@ class TrainConfig:
     save_weights: bool = False
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific hyperparameters
+    report_to: str = "jsonl"  # comma-separated: jsonl, tensorboard, wandb (zotune.reporting)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        # a run's config.yaml also records what produced it: not a setting
+        values = {k: v for k, v in values.items() if k != "provenance"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -134,6 +138,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
             )
+        try:
+            self.report_to = ",".join(parse_report_targets(self.report_to))
+        except ValueError as e:
+            raise ConfigError(f"--report-to: {e}") from None
 
     def _checked_extra(self) -> dict[str, Any]:
         """`extra` (--set) checked against the method's hyperparameters, values converted to
