@@ -84,3 +84,19 @@ def test_bad_loop_settings_exit_2(tiny_model_dir, tmp_path, capsys):
         out = tmp_path / bad[0].strip("-")
         assert main(["train", "--model", tiny_model_dir, "--out", str(out), *bad]) == 2
         assert not out.exists()
+
+
+def test_report_to_tensorboard_logs_the_loop_and_provenance(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    rows = run(tiny_model_dir, out, "--batch-size", "4", "--report-to", "tensorboard")
+    assert len(rows) == 10 and all("grad_norm" in r and "lr" in r for r in rows)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "forward_passes", "dev/accuracy"} <= tags
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert {"zotune", "torch", "transformers", "command", "host"} <= set(summary["provenance"])

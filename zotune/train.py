@@ -27,6 +27,8 @@ from . import checkpoint, optim
 from .engine.estimators import MicroBatches
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
+from .reporting import open_reporters, provenance
+from .reporting import parse_targets as parse_report_targets
 from .tasks import Task, load_task
 
 
@@ -75,9 +77,12 @@ class TrainConfig:
     save_every: int | None = None  # steps between checkpoints (default: every 5 minutes)
     keep: str = "best"  # which model --save-weights, eval --run and export use: best | final
     extra: dict[str, Any] = field(default_factory=dict)  # method-specific hyperparameters
+    report_to: str = "jsonl"  # comma-separated: jsonl, tensorboard, wandb (zotune.reporting)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        # a run's config.yaml also records what produced it: not a setting
+        values = {k: v for k, v in values.items() if k != "provenance"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -155,6 +160,10 @@ class TrainConfig:
             raise ConfigError(f"--save-every must be a positive integer, got {self.save_every}")
         if self.keep not in ("best", "final"):
             raise ConfigError(f"unknown --keep '{self.keep}': choose best or final")
+        try:
+            self.report_to = ",".join(parse_report_targets(self.report_to))
+        except ValueError as e:
+            raise ConfigError(f"--report-to: {e}") from None
 
     def _checked_extra(self) -> dict[str, Any]:
         """`extra` (--set) checked against the method's hyperparameters, values converted to
@@ -409,6 +418,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dic
     with _stop_signals() as stop:
         summary = _run(cfg, task, loaded, objective, opt, scheduler, out, state, stop, start, quiet)
     summary["loaded_memory_mb"] = round(loaded_mb, 1)
+    summary["provenance"] = yaml.safe_load((out / "config.yaml").read_text()).get("provenance")
     _write_json(out / "summary.json", summary)
     return summary
 
@@ -540,9 +550,10 @@ def _run(
 ) -> dict[str, Any]:
     model = loaded.model
     evaluate = lambda examples: objective.evaluate(examples, batch_size=cfg.eval_batch_size)  # noqa: E731
-    metrics = out / "metrics.jsonl"
+    resumed = state is not None
     if state is None:
-        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        record = {**asdict(cfg), "provenance": provenance()}
+        (out / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
         _write_json(out / "summary.json", {"status": "running", "step": 0})
         with torch.no_grad():
             zero_shot = evaluate(task.dev)
@@ -550,13 +561,12 @@ def _run(
         state = checkpoint.LoopState(
             zero_shot=zero_shot, zero_shot_test=zero_shot_test, best={"step": 0, "dev": zero_shot}
         )
-        metrics.write_text("")
         if cfg.keep == "best" and not getattr(opt, "replayable", False):
             _save_weights(model, opt, out / "best.safetensors")  # until a step beats it
-    else:  # rows past the checkpoint are computed again, the same
-        rows = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in rows if json.loads(ln)["step"] <= state.step]
-        metrics.write_text("".join(ln + "\n" for ln in kept))
+    # metrics.jsonl always (the run's own record); rows past a checkpoint are computed again
+    targets = ["jsonl", *parse_report_targets(cfg.report_to)]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    log = open_reporters(out, targets, config, resume_step=state.step if resumed else None)
     progress = _Progress(cfg.steps, quiet, done=state.step)
     progress.write(
         f"zero-shot dev: {_fmt(state.zero_shot)}; test: {_fmt(state.zero_shot_test)}"
@@ -569,7 +579,6 @@ def _run(
     batch_iter = batches(len(task.train), cfg.batch_size * k, cfg.seed)
     for _ in range(state.step):  # the same data order as an uninterrupted run
         next(batch_iter)
-    log = open(metrics, "a", encoding="utf-8")
     saved_at, saved_step = time.time(), state.step
     earlier = state.wall_seconds  # the sessions before this one
 
@@ -633,8 +642,7 @@ def _run(
                     if cfg.keep == "best" and not getattr(opt, "replayable", False):
                         _save_weights(model, opt, out / "best.safetensors")
                 progress.write(f"step {step}: dev {_fmt(dev)}")
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log.log(step, row)
             progress.update(step, loss, state.train_forwards)
             due = (
                 step - saved_step >= cfg.save_every
