@@ -77,28 +77,34 @@ def test_train_writes_consistent_files(run_dir):
 
 
 def test_replay_rebuilds_the_saved_weights_bit_for_bit(run_dir, tmp_path, capsys):
+    """--save-weights keeps the best-on-dev step (--keep best): replay rebuilds it exactly."""
     out = tmp_path / "weights"
     assert main(["replay", str(run_dir), "--out", str(out)]) == 0
     rebuilt = load_file(str(out / "weights.safetensors"))
     saved = load_file(str(run_dir / "weights.safetensors"))
     assert rebuilt.keys() == saved.keys()
     assert all(torch.equal(rebuilt[k], saved[k]) for k in saved)
+    assert main(["replay", str(run_dir), "--out", str(tmp_path / "final"), "--keep", "final"]) == 0
+    final = load_file(str(tmp_path / "final" / "weights.safetensors"))
     base = load_file(
         os.path.join(
             json.loads((run_dir / "summary.json").read_text())["model"], "model.safetensors"
         )
     )
     assert any(
-        not torch.equal(saved[k], base[k]) for k in saved if k in base
+        not torch.equal(final[k], base[k]) for k in final if k in base
     )  # training moved them
 
 
-def test_eval_of_a_run_reproduces_its_final_dev_accuracy(run_dir, capsys):
-    capsys.readouterr()
-    assert main(["eval", "--run", str(run_dir), "--split", "dev"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_eval_of_a_run_reproduces_its_best_and_final_dev_accuracy(run_dir, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert result["dev"]["accuracy"] == pytest.approx(summary["final_dev"]["accuracy"])
+    for keep, step, dev in [("final", 6, "final_dev"), ("best", summary["best_step"], "dev")]:
+        capsys.readouterr()
+        args = ["eval", "--run", str(run_dir), "--split", "dev"]
+        assert main([*args, "--keep", keep] if keep == "final" else args) == 0  # best: default
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["step"] == step
+        assert result["dev"]["accuracy"] == pytest.approx(summary[dev]["accuracy"])
 
 
 def test_eval_of_a_base_model_and_icl(tiny_model_dir, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -115,35 +114,25 @@ def _resumed_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def _load_run(run: str | os.PathLike) -> tuple[TrainConfig, Path]:
-    run = Path(run)
-    if not (run / "config.yaml").exists():
-        raise ConfigError(
-            f"{run} is not a zotune run directory (no config.yaml): pass the --out of a `zotune train`"
-        )
-    cfg = TrainConfig.from_dict(TrainConfig.from_yaml(run / "config.yaml"))
-    if not (run / "trajectory.zot").exists():
-        raise ConfigError(f"{run} has no trajectory.zot (only zeroth-order runs can be replayed)")
-    return cfg, run / "trajectory.zot"
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .optim import replay
     from .train import icl_objective, load_for
 
+    step = None
+    overrides = {
+        name: getattr(args, name)
+        for name in ("model", "task", "data_dir", "num_dev", "num_test", "seed")
+        if getattr(args, name, None) is not None
+    }
     if args.run:
-        cfg, traj = _load_run(args.run)
+        from .runs import load_run_model, open_run
+
+        run = open_run(args.run)
+        step = run.step_for(args.keep)
+        cfg, task, loaded, objective = load_run_model(run, step, overrides=overrides)
     else:
-        cfg, traj = TrainConfig(peft="full"), None
-    for name in ("model", "task", "data_dir", "num_dev", "num_test", "seed"):
-        if getattr(args, name, None) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if traj is None and args.peft:
-        cfg.peft = args.peft
-    cfg.validate()
-    task, loaded, objective = load_for(cfg)
-    if traj is not None:
-        replay(loaded.model, traj)
+        cfg = TrainConfig.from_dict({"peft": args.peft or "full", **overrides})
+        cfg.validate()
+        task, loaded, objective = load_for(cfg)
     if args.demos:
         objective = icl_objective(cfg, task, loaded, args.demos)
     import torch
@@ -152,31 +141,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for split in args.split:
             result[split] = objective.evaluate(getattr(task, split), batch_size=cfg.eval_batch_size)
-    print(
-        json.dumps(
-            {"model": cfg.model, "task": cfg.task, "run": args.run, "demos": args.demos, **result}
-        )
-    )
+    head = {"model": cfg.model, "task": cfg.task, "run": args.run, "step": step}
+    print(json.dumps({**head, "demos": args.demos, **result}))
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from .optim import replay
-    from .train import load_for, write_atomically
+    from .export import check_out, write_dir_atomically
+    from .runs import TRAJECTORY, load_run_model, open_run
 
-    cfg, traj = _load_run(args.run)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty: choose another --out")
-    _, loaded, _ = load_for(cfg)
-    steps = replay(loaded.model, traj)
+    run = open_run(args.run)
+    if not run.replayable:
+        raise ConfigError(
+            f"{run.path} has no {TRAJECTORY} (only zeroth-order runs can be replayed): "
+            "use `zotune export --format safetensors` for runs saved with --save-weights"
+        )
+    step = run.step_for(args.keep)
+    out = check_out(args.out)
+    cfg, _, loaded, _ = load_run_model(run, step)
     tensors = {
         n: p.detach().contiguous() for n, p in loaded.model.named_parameters() if p.requires_grad
     }
-    write_atomically(out, lambda work: save_file(tensors, str(work / "weights.safetensors")))
-    print(f"replayed {steps} steps onto {cfg.model}; wrote {out / 'weights.safetensors'}")
+    meta = {"step": str(step)}
+    write_dir_atomically(
+        out, lambda work: save_file(tensors, str(work / "weights.safetensors"), metadata=meta)
+    )
+    print(f"replayed {step} steps onto {cfg.model}; wrote {out / 'weights.safetensors'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    info = export_run(args.run, args.out, args.format, args.keep)
+    print(
+        f"exported {args.run} at step {info['step']} ({args.keep}) as {info['format']}: "
+        f"wrote {args.out} ({len(info['files'])} files)"
+    )
     return 0
 
 
@@ -210,6 +213,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+_KEEP_HELP = "which step's model: best (best on dev, the default), final, or a step number"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zotune", description="Zeroth-order fine-tuning of language models."
@@ -238,11 +244,25 @@ def parser() -> argparse.ArgumentParser:
         "--demos", type=int, default=0, help="in-context demonstrations per example (ICL)"
     )
     e.add_argument("--split", nargs="+", default=["dev", "test"], choices=["train", "dev", "test"])
+    e.add_argument("--keep", default="best", help=_KEEP_HELP)
     e.set_defaults(func=cmd_eval)
     r = sub.add_parser("replay", help="rebuild a run's weights from its trajectory alone")
     r.add_argument("run", help="a `zotune train` output directory")
     r.add_argument("--out", required=True, help="folder to write weights.safetensors into")
+    r.add_argument("--keep", default="best", help=_KEEP_HELP)
     r.set_defaults(func=cmd_replay)
+    x = sub.add_parser("export", help="write a run's model for plain transformers / peft")
+    x.add_argument("run", help="a `zotune train` output directory")
+    x.add_argument(
+        "--format",
+        required=True,
+        metavar="FORMAT",
+        help="peft (an adapter folder), merged (a full HF model folder) or safetensors "
+        "(the trainable tensors by name)",
+    )
+    x.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    x.add_argument("--keep", default="best", help=_KEEP_HELP)
+    x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a named benchmark suite, one process per run")
     b.add_argument("suite", help="smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue")
     b.add_argument("--out", default=None, help="results folder (default bench-out/SUITE)")

@@ -383,6 +383,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dic
     cfg.validate()
     if cfg.out is None:
         cfg.out = f"runs/{Path(cfg.model).name}-{Path(cfg.task).stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not resume and Path(cfg.model).exists():  # a local model: found again from anywhere
+        cfg.model = str(Path(cfg.model).resolve())
     out = Path(cfg.out)
     if resume:
         if cfg.method in BASELINES:
@@ -562,7 +564,7 @@ def _run(
             zero_shot=zero_shot, zero_shot_test=zero_shot_test, best={"step": 0, "dev": zero_shot}
         )
         if cfg.keep == "best" and not getattr(opt, "replayable", False):
-            _save_weights(model, opt, out / "best.safetensors")  # until a step beats it
+            _save_weights(model, opt, out / "best.safetensors", 0)  # until a step beats it
     # metrics.jsonl always (the run's own record); rows past a checkpoint are computed again
     targets = ["jsonl", *parse_report_targets(cfg.report_to)]
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -640,7 +642,7 @@ def _run(
                         test = evaluate(task.test) if task.test else {}
                     state.best = {"step": step, "dev": dev, "test": test}
                     if cfg.keep == "best" and not getattr(opt, "replayable", False):
-                        _save_weights(model, opt, out / "best.safetensors")
+                        _save_weights(model, opt, out / "best.safetensors", step)
                 progress.write(f"step {step}: dev {_fmt(dev)}")
             log.log(step, row)
             progress.update(step, loss, state.train_forwards)
@@ -693,12 +695,17 @@ def _run(
     }
 
 
-def _save_weights(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> None:
+def _save_weights(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path, step: int, names: Any = None
+) -> None:
+    """The trained tensors by name, with their step in the file's metadata (`zotune.runs`)."""
     from safetensors.torch import save_file
 
-    tensors = checkpoint.trained_tensors(model, opt)
+    params = dict(model.named_parameters())
+    names = checkpoint.trained_tensors(model, opt) if names is None else names
     tmp = path.with_name(path.name + ".tmp")
-    save_file({n: p.detach().contiguous() for n, p in tensors.items()}, str(tmp))
+    tensors = {n: params[n].detach().contiguous() for n in names}
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
     os.replace(tmp, path)
 
 
@@ -709,16 +716,11 @@ def _keep_weights(cfg: TrainConfig, model: Any, opt: Any, out: Path, kept: int) 
     the best step."""
     target = out / "weights.safetensors"
     if kept == cfg.steps:
-        _save_weights(model, opt, target)
+        _save_weights(model, opt, target, kept)
     elif getattr(opt, "replayable", False):
-        from safetensors.torch import save_file
-
         _, fresh, _ = load_for(cfg)
         optim.replay(fresh.model, out / "trajectory.zot", steps=kept)
-        params = dict(fresh.model.named_parameters())
         names = checkpoint.trained_tensors(model, opt)
-        tmp = target.with_name(target.name + ".tmp")
-        save_file({n: params[n].detach().contiguous() for n in names}, str(tmp))
-        os.replace(tmp, target)
+        _save_weights(fresh.model, opt, target, kept, names=names)
     else:
         os.replace(out / "best.safetensors", target)
