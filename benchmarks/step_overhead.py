@@ -20,18 +20,16 @@ with each method. The ratio to forward-only is printed.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import time
 
-# isort: off
-import zotune  # noqa: F401  (before torch: sets OpenMP's idle policy, as the zotune command does)
+# plain use: torch first, then zotune (its OMP_WAIT_POLICY default then comes too late; the
+# kernel's threads run on torch's own OpenMP team instead: native.team)
 import torch
 
-# isort: on
-
 from zotune.bench.memory import make_optimizer, measure_in_process, random_batch_loss
+from zotune.engine import native
 from zotune.models import load_model
 
 BATCH, SEQ = 16, 64
@@ -169,7 +167,8 @@ def main() -> None:
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH} x {SEQ} tokens, fp32, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+        f"torch imported before zotune; kernel threads on "
+        f"{'torch OpenMP team' if native.team() else 'a thread pool'}"
     )
     for name in [] if args.skip_time else args.models:
         row = time_model(name, args.methods, args.reps, args.threads)

@@ -170,3 +170,23 @@ def test_attach_skips_tied_and_untrained_embeddings():
     assert len(opt._row_hooks) == 1  # attaching twice hooks once
     frozen = [p for n, p in untied.named_parameters() if "embed" not in n]
     assert build("mezo", frozen, lr=1e-3).attach(untied) == []
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize(
+    "method,extra", [("mezo", {}), ("zo-adam", {}), ("r-mezo", {"sparsity": 0.5})]
+)
+def test_torch_openmp_team_and_thread_pool_move_the_same_bits(method, extra, monkeypatch):
+    """The kernel's threads run on torch's OpenMP team where torch uses libgomp
+    (`native.team`), else on a thread pool: the same passes and row moves, bit for bit."""
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(bert_config(400, num_labels=2)).eval()
+    batches = [torch.randint(0, 400, (8, 40)) for _ in range(3)]  # > 128 rows: segments
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    runs = []
+    for team in (_native.team(), None):
+        monkeypatch.setattr(_native, "_team", team)
+        runs.append(_train_tiny_bert(base, method, extra, True, batches, labels)[:2])
+    (loss_a, weights_a), (loss_b, weights_b) = runs
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))

@@ -139,13 +139,17 @@ class KernelPath:
             len(order), ctypes.byref(counter), ctypes.byref(failed),
         )  # fmt: skip
         helpers = min(space.threads, len(order)) - 1
-        futures = [space.pool().submit(lib.zt_run, *args) for _ in range(helpers)]
-        try:
-            lib.zt_run(*args)
-        finally:
-            wait(futures)  # no caller moves the weights again while a thread still does
-        for f in futures:
-            f.result()
+        team = native.team() if helpers else None
+        if team:  # torch's OpenMP team: its idle workers are the helpers (native.team)
+            lib.zt_run_team(team, helpers + 1, *args)
+        else:
+            futures = [space.pool().submit(lib.zt_run, *args) for _ in range(helpers)]
+            try:
+                lib.zt_run(*args)
+            finally:
+                wait(futures)  # no caller moves the weights again while a thread still does
+            for f in futures:
+                f.result()
         if failed.value:
             raise MemoryError("out of memory while moving the weights: they are left perturbed")
 

@@ -532,6 +532,10 @@ def _bind(c: ctypes.CDLL) -> None:
     c.zt_move_rows.restype = i64
     c.zt_run.argtypes = [u8, u8, u8, u8, i64, u8, u8]
     c.zt_run.restype = None
+    c.zt_run_team.argtypes = [u8, i64, u8, u8, u8, u8, i64, u8, u8]
+    c.zt_run_team.restype = None
+    c.zt_rows_team.argtypes = [u8, i64, u8, u8, i64]
+    c.zt_rows_team.restype = None
     c.zt_clear.argtypes = [u8, i64]
     c.zt_clear.restype = None
     c.zt_store.argtypes = [u8, u8, u8, i64, u8, u64, i64]
@@ -639,6 +643,32 @@ class Records:
     def __del__(self) -> None:
         if _lib:
             _lib.zt_clear(self.table, len(self.table))
+
+
+_team: int | None | bool = False  # False: not looked up yet
+
+
+def team() -> int | None:
+    """The address of GOMP_parallel in the libgomp torch runs its ops on, or None (torch not on
+    OpenMP, another OpenMP runtime, no /proc/self/maps). `zt_run_team` and `zt_rows_team` run
+    the kernel's threads as the calling thread's OpenMP team through it: after each parallel
+    torch op the team's workers spin a while, and a thread of zotune's own would compete with
+    them for a core (unless OMP_WAIT_POLICY=PASSIVE was set before torch was loaded)."""
+    global _team
+    if _team is False:
+        _team = None
+        try:
+            if "OpenMP" in torch.__config__.parallel_info():
+                with open("/proc/self/maps") as maps:
+                    paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+                here = os.path.join(os.path.dirname(torch.__file__), "lib")
+                for path in sorted(paths, key=lambda p: not p.startswith(here)):  # torch's first
+                    gomp = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # (as loaded)
+                    _team = ctypes.cast(gomp.GOMP_parallel, ctypes.c_void_p).value
+                    break
+        except (OSError, AttributeError):
+            _team = None
+    return _team or None
 
 
 def ptr(t: torch.Tensor) -> int:

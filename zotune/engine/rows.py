@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from concurrent.futures import wait
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -99,42 +99,46 @@ class EmbeddingRows:
     def _move_segments(
         self, index: int, segments: list[tuple], current: Offset | None, target: Offset | None
     ) -> list[tuple]:
-        """Move row segments (rows, kept), one per thread at a time; returns the segments at
-        the target (rows, what is kept aside for them)."""
-
-        def move(segment: tuple) -> tuple:
-            rows, kept = segment
-            return rows, self._move_rows(index, rows, current, target, kept)
-
+        """Move row segments (rows, kept), one zt_move_rows call each, split over the threads;
+        returns the segments at the target (rows, what is kept aside for them)."""
         space = self.space
         # one z per row: the current offset's and the target's share a seed or one is None
         space.count_draws(sum(rows.numel() for rows, _ in segments) * self.lazy[index])
-        if space.threads == 1 or len(segments) < 2:
-            return [move(sg) for sg in segments]
-        futures = [space.pool().submit(move, sg) for sg in segments[1:]]
-        try:
-            first = move(segments[0])
-        finally:
-            wait(futures)
-        return [first, *(f.result() for f in futures)]
+        calls = [self._call(index, rows, current, target, kept) for rows, kept in segments]
+        lib, threads = space.kernel.lib, min(space.threads, len(calls))
+        team = native.team() if threads > 1 else None
+        if threads <= 1:
+            counts = [lib.zt_move_rows(ctypes.byref(move)) for move, _ in calls]
+        elif team:  # torch's OpenMP team, as the kernel path's passes (native.team)
+            jobs = (native.RowMove * len(calls))(*(move for move, _ in calls))
+            kept = (ctypes.c_int64 * len(calls))()
+            lib.zt_rows_team(team, threads, jobs, kept, len(calls))
+            counts = list(kept)
+        else:
+            moves = [ctypes.byref(move) for move, _ in calls]
+            futures = [space.pool().submit(lib.zt_move_rows, m) for m in moves[1:]]
+            try:
+                first = lib.zt_move_rows(moves[0])
+            finally:
+                wait(futures)
+            counts = [first, *(f.result() for f in futures)]
+        return [
+            (rows, _kept(count, target, *outputs))
+            for (rows, _), count, (_, outputs) in zip(segments, counts, calls)
+        ]
 
-    def _move_rows(
+    def _call(
         self,
         index: int,
         rows: torch.Tensor,
         current: Offset | None,
         target: Offset | None,
         kept: tuple | None = None,
-    ) -> tuple | None:
-        """Move some rows (no update): one C call. Returns what is kept aside for them at the
-        target (None without a target)."""
+    ) -> tuple:
+        """A zt_rows for moving some rows (no update), and the buffers it fills (alive until
+        `_kept` reads them)."""
         space = self.space
-        lib, t, width, key = (
-            space.kernel.lib,
-            space.tensors[index],
-            self.lazy[index],
-            space.keys[index],
-        )
+        t, width, key = space.tensors[index], self.lazy[index], space.keys[index]
         mask = space.mask
         n = rows.numel() * width
         bits = scratch = mask_out = None
@@ -176,11 +180,18 @@ class EmbeddingRows:
             mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if kind == kinds.RANDOM else 0,
             mask_limit=mask.limit if kind == kinds.RANDOM else 0,
         )
-        count = lib.zt_move_rows(ctypes.byref(move))
-        if target is None:
-            return None
-        return (
-            bits if count else None,
-            native.take(scratch, count + native.PAD) if count else None,
-            mask_out,
-        )
+        return move, (bits, scratch, mask_out, rows, kept)
+
+
+def _kept(
+    count: int, target: Offset | None, bits: Any, scratch: Any, mask_out: Any, *alive: Any
+) -> tuple | None:
+    """What is kept aside for moved rows at the target (None without a target), from
+    zt_move_rows's count and the buffers it filled."""
+    if target is None:
+        return None
+    return (
+        bits if count else None,
+        native.take(scratch, count + native.PAD) if count else None,
+        mask_out,
+    )

@@ -776,3 +776,48 @@ int64_t zt_move_rows(const zt_rows *a) {
     }
     return kept;
 }
+
+/* ---- Running on torch's OpenMP team ----
+   `gomp_parallel` is GOMP_parallel of the libgomp torch loaded (native.team()). Running the
+   kernel's threads as that team's threads means OpenMP's idle workers, which spin a while after
+   each torch op, are the threads that move the weights rather than competitors for the cores:
+   the speed no longer depends on OMP_WAIT_POLICY having been set before torch was loaded. */
+typedef void (*zt_gomp_parallel)(void (*)(void *), void *, unsigned, unsigned);
+
+typedef struct {
+    const zt_pass *p; zt_unit *units; zt_rec *recs; const int64_t *order;
+    int64_t count; int64_t *next; int64_t *failed;
+} zt_team_args;
+
+static void zt_team_body(void *a) {
+    zt_team_args *t = (zt_team_args *)a;
+    zt_run(t->p, t->units, t->recs, t->order, t->count, t->next, t->failed);
+}
+
+/* zt_run on `nthreads` threads of the team: each runs zt_run, the shared counter hands out
+   the units. */
+void zt_run_team(void *gomp_parallel, int64_t nthreads, const zt_pass *p, zt_unit *units,
+                 zt_rec *recs, const int64_t *order, int64_t count, int64_t *next,
+                 int64_t *failed) {
+    zt_team_args a = {p, units, recs, order, count, next, failed};
+    ((zt_gomp_parallel)gomp_parallel)(zt_team_body, &a, (unsigned)nthreads, 0u);
+}
+
+typedef struct { const zt_rows *jobs; int64_t *kept; int64_t n; int64_t next; } zt_rows_team_args;
+
+static void zt_rows_body(void *a) {
+    zt_rows_team_args *t = (zt_rows_team_args *)a;
+    for (;;) {
+        int64_t k = __atomic_fetch_add(&t->next, 1, __ATOMIC_RELAXED);
+        if (k >= t->n) break;
+        t->kept[k] = zt_move_rows(&t->jobs[k]);
+    }
+}
+
+/* zt_move_rows over n row segments on `nthreads` threads of the team, each taking the next
+   segment as it finishes one; kept[k] is segment k's result. */
+void zt_rows_team(void *gomp_parallel, int64_t nthreads, const zt_rows *jobs, int64_t *kept,
+                  int64_t n) {
+    zt_rows_team_args a = {jobs, kept, n, 0};
+    ((zt_gomp_parallel)gomp_parallel)(zt_rows_body, &a, (unsigned)nthreads, 0u);
+}
