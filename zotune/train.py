@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +24,68 @@ import yaml
 from . import optim
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
+from .settings import ConfigError, coerce_all, setting
 from .tasks import Task, load_task
-
-
-class ConfigError(ValueError):
-    """A nonsense setting; the message says what to fix."""
 
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning run. Defaults follow MeZO's protocol; `DEMO` is the built-in job."""
+    """One fine-tuning run. Defaults follow MeZO's protocol; `DEMO` is the built-in job.
 
-    model: str = "smollm2-135m"
-    task: str = "sst2"
-    method: str = "mezo"
-    out: str | None = None  # default: runs/<model>-<task>-<method>-<time>
-    steps: int = 1000
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    queries: int = 1
-    estimator: str = "two-sided"
-    direction: str = "gaussian"
-    peft: str = "full"  # full | lora | prefix | prompt
-    lora_r: int = 8
-    lora_alpha: int = 16
-    num_virtual_tokens: int | None = None  # prefix: 5, prompt: 10
-    objective: str = "loss"  # loss | accuracy | f1 (non-differentiable objectives)
-    dtype: str = "float32"
-    seed: int = 0
-    data_dir: str | None = None
-    num_train: int = 1000
-    num_dev: int = 500
-    num_test: int = 1000
-    template: str = "mezo"
-    k: int = 16
-    kshot_seed: int = 42
-    eval_every: int = 100
-    eval_batch_size: int = 16
-    max_length: int = 256
-    save_weights: bool = False
-    threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific hyperparameters
+    Each field's help is the text of its `zotune train` flag (cli.py builds the flags from here).
+    """
+
+    model: str = setting(
+        "smollm2-135m", "built-in name (smollm2-135m, minilm-l6), local path or hub id"
+    )
+    task: str = setting("sst2", "built-in task name (see `zotune tasks`) or path to a task .yaml")
+    method: str = setting("mezo", "optimizer name (see `zotune methods`)")
+    out: str | None = setting(
+        None, "output directory, must not exist or be empty (default: runs/MODEL-TASK-METHOD-TIME)"
+    )
+    steps: int = setting(1000, "training steps")
+    lr: float = setting(1e-6, "learning rate")
+    eps: float = setting(1e-3, "perturbation scale of zeroth-order methods (> 0)")
+    weight_decay: float = setting(0.0, "weight decay")
+    batch_size: int = setting(16, "training examples per step")
+    queries: int = setting(1, "random directions averaged per zeroth-order step")
+    estimator: str = setting("two-sided", "zeroth-order gradient estimator: two-sided or one-sided")
+    direction: str = setting("gaussian", "law of the random directions: gaussian or rademacher")
+    peft: str = setting("full", "what to train: full, lora, prefix or prompt")
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: int = setting(16, "LoRA scaling alpha")
+    lora_targets: list[str] | None = setting(
+        None,
+        "LoRA target module names, e.g. q_proj,v_proj (default: the model family's query/value projections)",
+    )
+    num_virtual_tokens: int | None = setting(
+        None, "virtual tokens of prefix/prompt tuning (default: prefix 5, prompt 10)"
+    )
+    objective: str = setting("loss", "loss, or a non-differentiable objective: accuracy or f1")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    gguf_file: str | None = setting(
+        None, "which .gguf file to load from a model folder holding several (default: the only one)"
+    )
+    seed: int = setting(0, "seed of data order, directions and initializations")
+    data_dir: str | None = setting(
+        None, "folder laid out like shared/data (default: $ZOTUNE_DATA, else the shipped sample)"
+    )
+    num_train: int = setting(1000, "training examples sampled from the task")
+    num_dev: int = setting(500, "dev examples (model selection)")
+    num_test: int = setting(1000, "test examples (reported at the best dev step)")
+    template: str = setting(
+        "mezo", "prompt templates: mezo, or empty (ZO-Bench's, for the tasks that define them)"
+    )
+    k: int = setting(16, "examples per class of the LM-BFF k-shot tasks")
+    kshot_seed: int = setting(42, "seed of the LM-BFF k-shot split (folder <k>-<seed>)")
+    eval_every: int = setting(100, "steps between dev evaluations")
+    eval_batch_size: int = setting(16, "examples per evaluation forward pass")
+    max_length: int = setting(256, "longest input in tokens (longer prompts keep their end)")
+    save_weights: bool = setting(False, "also write the trained tensors as weights.safetensors")
+    threads: int | None = setting(
+        None, "threads that apply the perturbations (default: min(2, CPU cores))"
+    )
+    extra: dict[str, Any] = setting({}, "method-specific hyperparameters (--set KEY=VALUE)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -76,7 +95,7 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown setting '{unknown[0]}': valid settings are {', '.join(sorted(known))}"
             )
-        return cls(**values)
+        return cls(**coerce_all(cls, values))  # "1e-6" -> 1e-6, "true" -> True, or a ConfigError
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> dict[str, Any]:
@@ -91,9 +110,11 @@ class TrainConfig:
             ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must be a mapping of setting: value")
-        return {k.replace("-", "_"): v for k, v in values.items()}
+        return {str(k).replace("-", "_"): v for k, v in values.items()}
 
     def validate(self) -> None:
+        for name, value in coerce_all(type(self), vars(self)).items():
+            setattr(self, name, value)  # the Python API's values get the same conversion
         positive_ints = (
             "steps",
             "batch_size",
@@ -134,6 +155,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
             )
+        if self.lora_targets and self.peft != "lora":
+            raise ConfigError(f"--lora-targets applies to --peft lora only, not --peft {self.peft}")
 
     def _checked_extra(self) -> dict[str, Any]:
         """`extra` (--set) checked against the method's hyperparameters, values converted to
@@ -220,7 +243,11 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
         )
     torch.manual_seed(cfg.seed)
     loaded = load_model(
-        cfg.model, dtype=cfg.dtype, num_labels=max(task.num_labels, 2), seed=cfg.seed
+        cfg.model,
+        dtype=cfg.dtype,
+        gguf_file=cfg.gguf_file,
+        num_labels=max(task.num_labels, 2),
+        seed=cfg.seed,
     )
     if cfg.peft != "full":
         loaded = apply_peft(
@@ -228,6 +255,7 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
             cfg.peft,
             r=cfg.lora_r,
             alpha=cfg.lora_alpha,
+            target_modules=cfg.lora_targets,
             num_virtual_tokens=cfg.num_virtual_tokens,
             seed=cfg.seed,
         )
