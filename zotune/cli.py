@@ -5,41 +5,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+import typing
+from dataclasses import Field, fields
 from pathlib import Path
+from types import UnionType
 from typing import Any
 
+from .settings import coerce, field_default, field_types, flag
 from .train import ConfigError, TrainConfig
 
-_HELP = {
-    "model": "built-in name (smollm2-135m, minilm-l6), local path or hub id",
-    "task": "built-in task name or path to a task .yaml",
-    "method": "optimizer name (see `zotune methods`)",
-    "out": "output directory (must not exist or be empty)",
-    "peft": "full, lora, prefix or prompt",
-    "objective": "loss, or a non-differentiable objective: accuracy or f1",
-    "data_dir": "folder laid out like shared/data (default: $ZOTUNE_DATA, else the shipped sample)",
-}
+
+def _flag_help(f: Field) -> str:
+    """A setting's help line: its text, then its default unless the text explains it."""
+    text = f.metadata.get("help") or f.name.replace("_", " ")
+    if "default:" not in text:
+        default = field_default(f)
+        if isinstance(default, bool) or default is None:
+            shown = {True: "on", False: "off", None: "none"}[default]
+        else:
+            shown = ",".join(default) if isinstance(default, list) else default
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_setting_flag(p: argparse.ArgumentParser, f: Field, help: str | None = None) -> None:
+    """The flag of one TrainConfig field. Values stay text here: TrainConfig.from_dict converts
+    them to the field's type (one conversion for flags, --config files and the Python API)."""
+    tp = field_types(TrainConfig)[f.name]
+    inner = typing.get_args(tp)[0] if typing.get_origin(tp) in (typing.Union, UnionType) else tp
+    if inner is bool:
+        p.add_argument(
+            flag(f.name),
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=help or _flag_help(f),
+        )
+        return
+    metavar = {int: "N", float: "X"}.get(inner, f.name.upper())
+    if typing.get_origin(inner) is list:
+        metavar = "NAME[,NAME...]"
+    p.add_argument(flag(f.name), default=None, metavar=metavar, help=help or _flag_help(f))
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=None, help=_HELP.get(f.name))
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-        p.add_argument(
-            flag, type=kind, default=None, help=_HELP.get(f.name), metavar=f.name.upper()
-        )
+        if f.name != "extra":
+            _add_setting_flag(p, f)
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method-specific hyperparameter, e.g. --set momentum=0.9 (repeatable)",
+        help="method-specific hyperparameter, e.g. --set momentum=0.9 (repeatable; "
+        "`zotune methods` lists the methods)",
     )
 
 
@@ -58,7 +76,7 @@ def config_from_args(args: argparse.Namespace, demo: bool = False) -> TrainConfi
         v = getattr(args, f.name, None)
         if v is not None and f.name != "extra":
             values[f.name] = v
-    extra = dict(values.get("extra") or {})
+    extra = dict(coerce("extra", values.get("extra"), field_types(TrainConfig)["extra"]))
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
@@ -120,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     step = None
     overrides = {
         name: getattr(args, name)
-        for name in ("model", "task", "data_dir", "num_dev", "num_test", "seed")
+        for name in ("model", "task", "gguf_file", "data_dir", "num_dev", "num_test", "seed")
         if getattr(args, name, None) is not None
     }
     if args.run:
@@ -199,6 +217,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+
+    path = plot_runs(args.runs, args.out)
+    print(f"wrote {path} ({len(args.runs)} run{'s' if len(args.runs) > 1 else ''})")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import optim
 
@@ -216,13 +242,26 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 _KEEP_HELP = "which step's model: best (best on dev, the default), final, or a step number"
 
 
+def _demo_line() -> str:
+    from .train import DEMO
+
+    return " ".join(f"{flag(k)} {v}" for k, v in DEMO.items())
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zotune", description="Zeroth-order fine-tuning of language models."
     )
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="fine-tune a model (no arguments: the built-in demo)")
-    t.add_argument("--config", help="YAML file of settings (flags override it)")
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a model (no arguments: the built-in demo)",
+        description="Fine-tune a model. With no settings (only --out and --quiet) it runs the "
+        f"built-in demo job: {_demo_line()}.",
+    )
+    t.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML file of settings (flags override it)"
+    )
     t.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar")
     t.add_argument(
         "--resume",
@@ -232,18 +271,28 @@ def parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a base model, or a fine-tuned run with --run")
-    e.add_argument("--model")
-    e.add_argument("--task")
-    e.add_argument("--run", help="a `zotune train` output directory")
-    e.add_argument("--peft", help="scheme to wrap the base model in (default full)")
-    e.add_argument("--data-dir")
-    e.add_argument("--num-dev", type=int)
-    e.add_argument("--num-test", type=int)
-    e.add_argument("--seed", type=int)
+    settings = {f.name: f for f in fields(TrainConfig)}
+    _add_setting_flag(e, settings["model"])
+    _add_setting_flag(e, settings["task"])
     e.add_argument(
-        "--demos", type=int, default=0, help="in-context demonstrations per example (ICL)"
+        "--run", help="a `zotune train` output directory (its settings are the defaults)"
     )
-    e.add_argument("--split", nargs="+", default=["dev", "test"], choices=["train", "dev", "test"])
+    _add_setting_flag(e, settings["peft"], help="scheme to wrap the base model in (default: full)")
+    for name in ("gguf_file", "data_dir", "num_dev", "num_test", "seed"):
+        _add_setting_flag(e, settings[name])
+    e.add_argument(
+        "--demos",
+        type=int,
+        default=0,
+        help="in-context demonstrations per example (ICL) (default: 0)",
+    )
+    e.add_argument(
+        "--split",
+        nargs="+",
+        default=["dev", "test"],
+        choices=["train", "dev", "test"],
+        help="splits to evaluate (default: dev test)",
+    )
     e.add_argument("--keep", default="best", help=_KEEP_HELP)
     e.set_defaults(func=cmd_eval)
     r = sub.add_parser("replay", help="rebuild a run's weights from its trajectory alone")
@@ -274,6 +323,14 @@ def parser() -> argparse.ArgumentParser:
         help="write the report from the runs finished so far, running nothing",
     )
     b.set_defaults(func=cmd_bench)
+    pl = sub.add_parser(
+        "plot", help="plot runs: dev metric vs forward passes, training loss vs step"
+    )
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="`zotune train` output directories")
+    pl.add_argument(
+        "--out", required=True, metavar="FILE.png", help="image to write (.png, .pdf, .svg)"
+    )
+    pl.set_defaults(func=cmd_plot)
     sub.add_parser("methods", help="list the optimizers").set_defaults(func=cmd_methods)
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
     return p
@@ -282,10 +339,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `zotune train` with no settings (only --quiet / --out) runs the built-in default job.
-    demo = argv[:1] in ([], ["train"]) and {
-        a.split("=")[0] for a in argv if a.startswith("--")
-    } <= {"--quiet", "--out"}
-    args = parser().parse_args(argv or ["train"])
+    demo = argv[:1] == ["train"] and {a.split("=")[0] for a in argv if a.startswith("--")} <= {
+        "--quiet",
+        "--out",
+    }
+    if not argv:  # bare `zotune`: say what there is; `zotune train` runs the demo job
+        parser().print_help()
+        return 0
+    args = parser().parse_args(argv)
     args.demo = demo
     if args.command == "bench" and args.out is None:
         args.out = f"bench-out/{args.suite}"
@@ -301,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"zotune: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (ConfigError, TaskError, ModelError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, TaskError, ModelError, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"zotune: error: {msg}", file=sys.stderr)
         return 2

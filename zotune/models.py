@@ -137,14 +137,18 @@ def _local_source(name: str, path: str, gguf_file: str | None) -> _Source:
         elif len(ggufs) > 1:
             raise ModelError(
                 f"cannot load model '{name}': {len(ggufs)} .gguf files in {path} "
-                f"({', '.join(ggufs)}): pass gguf_file= to pick one"
+                f"({', '.join(ggufs)}): pick one with --gguf-file NAME (Python: gguf_file=)"
             )
         else:
             raise ModelError(
                 f"cannot load model '{name}': {path} has neither a config.json (HF format) nor a .gguf file"
             )
     if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
-        raise ModelError(f"cannot load model '{name}': no file {gguf_file} in {path}")
+        have = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.gguf")))
+        raise ModelError(
+            f"cannot load model '{name}': no file {gguf_file} in {path} "
+            f"(--gguf-file; .gguf files there: {', '.join(have) or 'none'})"
+        )
     cache_name = ""
     if gguf_file is not None:
         # the stem alone could collide between different files, the path hash makes it unique
@@ -347,12 +351,17 @@ def _load_gguf(src: _Source, dtype: str) -> tuple[torch.nn.Module, PreTrainedTok
             return model, tokenizer
         except Exception as err:  # a damaged entry is rebuilt below
             warnings.warn(f"zotune: ignoring unreadable cache {directory}: {err}", stacklevel=3)
-    tokenizer = AutoTokenizer.from_pretrained(
-        src.path, gguf_file=src.gguf_file, local_files_only=True
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        src.path, gguf_file=src.gguf_file, dtype=torch_dtype, local_files_only=True
-    )
+    with _loading(
+        f"cannot read {src.gguf_file} of model '{src.name}'",
+        "it is damaged, incomplete or not a GGUF model transformers can load: "
+        "download it again or pick another file with --gguf-file",
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(
+            src.path, gguf_file=src.gguf_file, local_files_only=True
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, gguf_file=src.gguf_file, dtype=torch_dtype, local_files_only=True
+        )
     _strip_gguf_quantizer(model)
     if directory:
 
@@ -417,11 +426,16 @@ def load_model(
         model, tokenizer = _load_gguf(src, dtype)
         kind = "causal"
     else:
-        try:
+        with _loading(
+            f"cannot read the config of model '{src.name}'",
+            f"fix or download again {os.path.join(src.path, 'config.json')}",
+        ):
             config = AutoConfig.from_pretrained(src.path, local_files_only=True)
-        except Exception as err:
-            raise ModelError(f"cannot read the config of model '{src.name}': {err}") from err
-        detected = _detect_kind(config, src.path)
+        with _loading(
+            f"cannot read the weights of model '{src.name}'",
+            f"the checkpoint files in {src.path} are damaged or incomplete: download them again",
+        ):
+            detected = _detect_kind(config, src.path)
         if kind == "auto":
             kind = detected
         elif kind == "masked" and detected != "masked":
@@ -429,25 +443,35 @@ def load_model(
                 f"model '{src.name}' has no masked-LM head weights in its checkpoint: "
                 "use kind='classifier' (a fresh classification head) instead"
             )
-        tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=True)
+        with _loading(
+            f"cannot load the tokenizer of model '{src.name}'",
+            f"{src.path} needs its tokenizer files (tokenizer.json, or the vocabulary files "
+            "with sentencepiece installed)",
+        ):
+            tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=True)
         cls = {
             "causal": AutoModelForCausalLM,
             "masked": AutoModelForMaskedLM,
             "classifier": AutoModelForSequenceClassification,
         }[kind]
         extra: dict[str, Any] = {"num_labels": num_labels} if kind == "classifier" else {}
-        try:
-            with warnings.catch_warnings(), _quiet_transformers():
-                warnings.simplefilter("ignore")
-                model, info = cls.from_pretrained(
-                    src.path,
-                    dtype=DTYPES[dtype],
-                    local_files_only=True,
-                    output_loading_info=True,
-                    **extra,
-                )
-        except ValueError as err:
-            raise ModelError(f"cannot load model '{src.name}' as kind {kind}: {err}") from err
+        with (
+            _loading(
+                f"cannot load the weights of model '{src.name}' as kind {kind}",
+                f"the checkpoint in {src.path} is missing, damaged or incomplete "
+                "(model.safetensors or pytorch_model.bin): download it again",
+            ),
+            warnings.catch_warnings(),
+            _quiet_transformers(),
+        ):
+            warnings.simplefilter("ignore")
+            model, info = cls.from_pretrained(
+                src.path,
+                dtype=DTYPES[dtype],
+                local_files_only=True,
+                output_loading_info=True,
+                **extra,
+            )
         if kind == "classifier":  # a fresh head: make it depend on `seed` alone
             _init_missing(model, list(info.get("missing_keys", [])), seed)
 
@@ -466,17 +490,42 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, name=src.name)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _loading(what: str, fix: str):
+    """Any failure inside (OSError for missing or unreadable files, ValueError and friends from
+    transformers, safetensors' header errors, struct errors of a broken GGUF) becomes one
+    ModelError line: what failed, the cause, and what to fix."""
+    try:
+        yield
+    except (ModelError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        kind = type(err).__name__
+        if type(err).__module__ != "builtins":  # struct.error, safetensors.SafetensorError
+            kind = f"{type(err).__module__.split('.')[0].lstrip('_')}.{kind}"
+        raise ModelError(f"{what}: {_first_line(err)} ({kind}): {fix}") from err
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
-    """Silence the 'newly initialized weights' report: the head is initialized from `seed` here."""
+    """Silence the 'newly initialized weights' report (the head is initialized from `seed`
+    here) and the per-tensor progress bar of a local checkpoint (well under a second)."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- PEFT
@@ -493,8 +542,32 @@ def _default_lora_targets(model: torch.nn.Module) -> list[str]:
         if set(pair) <= names:
             return pair
     raise ModelError(
-        "cannot guess the LoRA target modules for this architecture: pass target_modules=[...]"
+        "cannot guess the LoRA target modules for this architecture: name them with "
+        "--lora-targets NAME,NAME (Python: target_modules=[...]), e.g. the attention projections"
     )
+
+
+def _lora_targets(loaded: LoadedModel, names: list[str] | None) -> list[str]:
+    """The LoRA target module names: `names` checked against the model's modules, or the
+    family's defaults (query and value projections)."""
+    if not names:
+        return _default_lora_targets(loaded.model)
+    names = [names] if isinstance(names, str) else list(names)
+    have = {n.rsplit(".", 1)[-1] for n, _ in loaded.model.named_modules() if n}
+    missing = [n for n in names if n not in have]
+    if missing:
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in loaded.model.named_modules()
+                if isinstance(m, torch.nn.Linear) and n
+            }
+        )
+        raise ModelError(
+            f"--lora-targets: model '{loaded.name}' has no module named {missing[0]!r}: "
+            f"its linear layers are {', '.join(linear) or 'none'}"
+        )
+    return names
 
 
 def _base_transformer(model: torch.nn.Module) -> torch.nn.Module:
@@ -612,7 +685,7 @@ def apply_peft(
             r=r,
             lora_alpha=alpha,
             lora_dropout=0.0,
-            target_modules=target_modules or _default_lora_targets(loaded.model),
+            target_modules=_lora_targets(loaded, target_modules),
             task_type=task_type,
         )
     elif scheme == "prefix":
@@ -628,8 +701,10 @@ def apply_peft(
         torch.manual_seed(seed)
         try:
             model = get_peft_model(loaded.model, config)
-        except ValueError as err:
-            raise ModelError(f"cannot apply {scheme} to model '{loaded.name}': {err}") from err
+        except Exception as err:
+            raise ModelError(
+                f"cannot apply {scheme} to model '{loaded.name}': {_first_line(err)}"
+            ) from err
     if scheme == "prompt":
         _init_prompt_from_vocab(model, loaded.tokenizer, seed)
     elif scheme == "prefix" and not _init_prefix_from_activations(

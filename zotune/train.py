@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,55 +29,84 @@ from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
 from .reporting import open_reporters, provenance
 from .reporting import parse_targets as parse_report_targets
+from .settings import ConfigError, coerce_all, setting
 from .tasks import Task, load_task
-
-
-class ConfigError(ValueError):
-    """A nonsense setting; the message says what to fix."""
 
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning run. Defaults follow MeZO's protocol; `DEMO` is the built-in job."""
+    """One fine-tuning run. Defaults follow MeZO's protocol; `DEMO` is the built-in job.
 
-    model: str = "smollm2-135m"
-    task: str = "sst2"
-    method: str = "mezo"
-    out: str | None = None  # default: runs/<model>-<task>-<method>-<time>
-    steps: int = 1000
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    queries: int = 1
-    estimator: str = "two-sided"
-    direction: str = "gaussian"
-    peft: str = "full"  # full | lora | prefix | prompt
-    lora_r: int = 8
-    lora_alpha: int = 16
-    num_virtual_tokens: int | None = None  # prefix: 5, prompt: 10
-    objective: str = "loss"  # loss | accuracy | f1 (non-differentiable objectives)
-    dtype: str = "float32"
-    seed: int = 0
-    data_dir: str | None = None
-    num_train: int = 1000
-    num_dev: int = 500
-    num_test: int = 1000
-    template: str = "mezo"
-    k: int = 16
-    kshot_seed: int = 42
-    eval_every: int = 100
-    eval_batch_size: int = 16
-    max_length: int = 256
-    save_weights: bool = False
-    threads: int | None = None
-    lr_scheduler: str = "constant"  # constant | linear | cosine (to 0 at the last step)
-    warmup_steps: int = 0  # linear warmup from 0 before the schedule
-    grad_accum: int = 1  # micro-batches of batch_size per step (the step's batch: K·batch_size)
-    save_every: int | None = None  # steps between checkpoints (default: every 5 minutes)
-    keep: str = "best"  # which model --save-weights, eval --run and export use: best | final
-    extra: dict[str, Any] = field(default_factory=dict)  # method-specific hyperparameters
-    report_to: str = "jsonl"  # comma-separated: jsonl, tensorboard, wandb (zotune.reporting)
+    Each field's help is the text of its `zotune train` flag (cli.py builds the flags from here).
+    """
+
+    model: str = setting(
+        "smollm2-135m", "built-in name (smollm2-135m, minilm-l6), local path or hub id"
+    )
+    task: str = setting("sst2", "built-in task name (see `zotune tasks`) or path to a task .yaml")
+    method: str = setting("mezo", "optimizer name (see `zotune methods`)")
+    out: str | None = setting(
+        None, "output directory, must not exist or be empty (default: runs/MODEL-TASK-METHOD-TIME)"
+    )
+    steps: int = setting(1000, "training steps")
+    lr: float = setting(1e-6, "learning rate")
+    eps: float = setting(1e-3, "perturbation scale of zeroth-order methods (> 0)")
+    weight_decay: float = setting(0.0, "weight decay")
+    batch_size: int = setting(16, "training examples per step")
+    queries: int = setting(1, "random directions averaged per zeroth-order step")
+    estimator: str = setting("two-sided", "zeroth-order gradient estimator: two-sided or one-sided")
+    direction: str = setting("gaussian", "law of the random directions: gaussian or rademacher")
+    peft: str = setting("full", "what to train: full, lora, prefix or prompt")
+    lora_r: int = setting(8, "LoRA rank")
+    lora_alpha: int = setting(16, "LoRA scaling alpha")
+    lora_targets: list[str] | None = setting(
+        None,
+        "LoRA target module names, e.g. q_proj,v_proj (default: the model family's query/value projections)",
+    )
+    num_virtual_tokens: int | None = setting(
+        None, "virtual tokens of prefix/prompt tuning (default: prefix 5, prompt 10)"
+    )
+    objective: str = setting("loss", "loss, or a non-differentiable objective: accuracy or f1")
+    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    gguf_file: str | None = setting(
+        None, "which .gguf file to load from a model folder holding several (default: the only one)"
+    )
+    seed: int = setting(0, "seed of data order, directions and initializations")
+    data_dir: str | None = setting(
+        None, "folder laid out like shared/data (default: $ZOTUNE_DATA, else the shipped sample)"
+    )
+    num_train: int = setting(1000, "training examples sampled from the task")
+    num_dev: int = setting(500, "dev examples (model selection)")
+    num_test: int = setting(1000, "test examples (reported at the best dev step)")
+    template: str = setting(
+        "mezo", "prompt templates: mezo, or empty (ZO-Bench's, for the tasks that define them)"
+    )
+    k: int = setting(16, "examples per class of the LM-BFF k-shot tasks")
+    kshot_seed: int = setting(42, "seed of the LM-BFF k-shot split (folder <k>-<seed>)")
+    eval_every: int = setting(100, "steps between dev evaluations")
+    eval_batch_size: int = setting(16, "examples per evaluation forward pass")
+    max_length: int = setting(256, "longest input in tokens (longer prompts keep their end)")
+    save_weights: bool = setting(False, "also write the trained tensors as weights.safetensors")
+    threads: int | None = setting(
+        None, "threads that apply the perturbations (default: min(2, CPU cores))"
+    )
+    lr_scheduler: str = setting(
+        "constant", "learning-rate schedule: constant, linear or cosine (to 0 at the last step)"
+    )
+    warmup_steps: int = setting(0, "steps of linear warmup from 0 before the schedule")
+    grad_accum: int = setting(
+        1, "micro-batches of --batch-size per step, under one direction (gradient accumulation)"
+    )
+    save_every: int | None = setting(
+        None, "steps between checkpoints (default: every 5 minutes); --resume goes on from one"
+    )
+    keep: str = setting(
+        "best", "the model --save-weights, eval --run and export use: best (on dev) or final"
+    )
+    report_to: str = setting(
+        "jsonl", "where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated)"
+    )
+    extra: dict[str, Any] = setting({}, "method-specific hyperparameters (--set KEY=VALUE)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -89,7 +118,7 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown setting '{unknown[0]}': valid settings are {', '.join(sorted(known))}"
             )
-        return cls(**values)
+        return cls(**coerce_all(cls, values))  # "1e-6" -> 1e-6, "true" -> True, or a ConfigError
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> dict[str, Any]:
@@ -104,9 +133,11 @@ class TrainConfig:
             ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must be a mapping of setting: value")
-        return {k.replace("-", "_"): v for k, v in values.items()}
+        return {str(k).replace("-", "_"): v for k, v in values.items()}
 
     def validate(self) -> None:
+        for name, value in coerce_all(type(self), vars(self)).items():
+            setattr(self, name, value)  # the Python API's values get the same conversion
         positive_ints = (
             "steps",
             "batch_size",
@@ -164,6 +195,8 @@ class TrainConfig:
             self.report_to = ",".join(parse_report_targets(self.report_to))
         except ValueError as e:
             raise ConfigError(f"--report-to: {e}") from None
+        if self.lora_targets and self.peft != "lora":
+            raise ConfigError(f"--lora-targets applies to --peft lora only, not --peft {self.peft}")
 
     def _checked_extra(self) -> dict[str, Any]:
         """`extra` (--set) checked against the method's hyperparameters, values converted to
@@ -250,7 +283,11 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
         )
     torch.manual_seed(cfg.seed)
     loaded = load_model(
-        cfg.model, dtype=cfg.dtype, num_labels=max(task.num_labels, 2), seed=cfg.seed
+        cfg.model,
+        dtype=cfg.dtype,
+        gguf_file=cfg.gguf_file,
+        num_labels=max(task.num_labels, 2),
+        seed=cfg.seed,
     )
     if cfg.peft != "full":
         loaded = apply_peft(
@@ -258,6 +295,7 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
             cfg.peft,
             r=cfg.lora_r,
             alpha=cfg.lora_alpha,
+            target_modules=cfg.lora_targets,
             num_virtual_tokens=cfg.num_virtual_tokens,
             seed=cfg.seed,
         )
@@ -682,6 +720,7 @@ def _run(
         "zero_shot_test": state.zero_shot_test,
         "dev": best["dev"],
         "test": best["test"],
+        "metric": task.metric,
         "best_step": best["step"],
         "kept_step": kept,
         "final_dev": state.last_dev,
