@@ -98,7 +98,8 @@ class TrainConfig:
         1, "micro-batches of --batch-size per step, under one direction (gradient accumulation)"
     )
     save_every: int | None = setting(
-        None, "steps between checkpoints (default: every 5 minutes); --resume goes on from one"
+        None,
+        "steps between checkpoints (default: every 5 minutes, or 99 times a checkpoint's write time if longer); --resume goes on from one",
     )
     keep: str = setting(
         "best", "the model --save-weights, eval --run and export use: best (on dev) or final"
@@ -389,7 +390,9 @@ class Interrupted(Exception):
 
 
 SCHEDULES = ("constant", "linear", "cosine")
-SAVE_SECONDS = 300.0  # checkpoint interval without --save-every
+# Without --save-every a checkpoint is written every 5 minutes, or every 99 times as long as the
+# last one took to write, whichever is longer: checkpoints take at most 1% of a run's time.
+SAVE_SECONDS = 300.0
 
 
 def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
@@ -621,14 +624,17 @@ def _run(
         next(batch_iter)
     saved_at, saved_step = time.time(), state.step
     earlier = state.wall_seconds  # the sessions before this one
+    save_cost = 0.0  # seconds the last checkpoint took: the default interval is >= 99 times it
 
     def save() -> None:
-        nonlocal saved_at, saved_step
-        state.wall_seconds = earlier + time.time() - start
+        nonlocal saved_at, saved_step, save_cost
+        t0 = time.time()
+        state.wall_seconds = earlier + t0 - start
         checkpoint.save(out, model, opt, scheduler, state)
         if getattr(opt, "replayable", False):
             opt.trajectory.save(out / "trajectory.zot")
         saved_at, saved_step = time.time(), state.step
+        save_cost = saved_at - t0
 
     def interrupted(signum: int) -> Interrupted:
         log.close()
@@ -687,7 +693,7 @@ def _run(
             due = (
                 step - saved_step >= cfg.save_every
                 if cfg.save_every
-                else time.time() - saved_at >= SAVE_SECONDS
+                else time.time() - saved_at >= max(SAVE_SECONDS, 99 * save_cost)
             )
             if "signal" in stop or (due and step < cfg.steps):
                 save()
