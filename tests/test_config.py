@@ -154,8 +154,10 @@ def test_zotune_train_alone_still_runs_the_demo_job(monkeypatch):
     monkeypatch.setattr(zotune.train, "train", fake)
     assert main(["train"]) == 2
     assert {k: getattr(seen["cfg"], k) for k in DEMO} == DEMO
-    assert main(["train", "--steps", "3"]) == 2  # any setting: defaults, not the demo
-    assert seen["cfg"].peft == "full" and seen["cfg"].steps == 3
+    assert main(["train", "--steps", "3"]) == 2  # the rest still from the decoder recipe
+    assert seen["cfg"].peft == "prefix" and seen["cfg"].steps == 3
+    assert main(["train", "--steps", "3", "--recipe", "paper"]) == 2  # MeZO's protocol
+    assert seen["cfg"].peft == "full" and seen["cfg"].lr == 1e-6
     makefile = (Path(__file__).parents[1] / "Makefile").read_text()
     assert "$(BIN)/zotune train\n" in makefile
 

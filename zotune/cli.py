@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace, demo: bool = False) -> TrainConfi
         key, value = item.split("=", 1)
         extra[key.strip().replace("-", "_")] = _parse_value(value)
     values["extra"] = extra
-    return TrainConfig.from_dict(values)
+    return TrainConfig.with_recipe(values)
 
 
 def _pct(metrics: dict[str, float]) -> str:

@@ -396,6 +396,24 @@ def _init_missing(model: torch.nn.Module, missing: list[str], seed: int) -> None
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
 
+def model_kind(name_or_path: str, gguf_file: str | None = None) -> str:
+    """The kind `load_model(kind="auto")` gives a model: causal, masked or classifier, read
+    from its config (and checkpoint keys) without loading its weights."""
+    src = _resolve(name_or_path, gguf_file)
+    if src.gguf_file is not None:
+        return "causal"
+    with _loading(
+        f"cannot read the config of model '{src.name}'",
+        f"fix or download again {os.path.join(src.path, 'config.json')}",
+    ):
+        config = AutoConfig.from_pretrained(src.path, local_files_only=True)
+    with _loading(
+        f"cannot read the weights of model '{src.name}'",
+        f"the checkpoint files in {src.path} are damaged or incomplete: download them again",
+    ):
+        return _detect_kind(config, src.path)
+
+
 def load_model(
     name_or_path: str,
     *,

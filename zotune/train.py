@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import checkpoint, optim
+from . import checkpoint, optim, recipes
 from .engine.estimators import MicroBatches
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
@@ -107,6 +107,12 @@ class TrainConfig:
     report_to: str = setting(
         "jsonl", "where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated)"
     )
+    recipe: str = setting(
+        "paper",
+        "where the settings not given come from: auto (the recipe for the model's kind), "
+        "decoder-prefix, or paper (MeZO's protocol) (default: auto on the command line and in "
+        "TrainConfig.with_recipe; paper for TrainConfig(...))",
+    )
     extra: dict[str, Any] = setting({}, "method-specific hyperparameters (--set KEY=VALUE)")
 
     @classmethod
@@ -119,7 +125,19 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown setting '{unknown[0]}': valid settings are {', '.join(sorted(known))}"
             )
-        return cls(**coerce_all(cls, values))  # "1e-6" -> 1e-6, "true" -> True, or a ConfigError
+        values = coerce_all(cls, values)  # "1e-6" -> 1e-6, "true" -> True, or a ConfigError
+        return cls(**values)
+
+    @classmethod
+    def with_recipe(cls, values: dict[str, Any]) -> TrainConfig:
+        """The settings a user gave, the rest from a recipe (`zotune.recipes`: by default the
+        one for the model's kind; `recipe: paper` keeps MeZO's protocol, these defaults)."""
+        from .models import model_kind
+        from .recipes import resolve
+
+        values = {k: v for k, v in values.items() if k != "provenance"}
+        cls.from_dict(values)  # unknown settings and wrong types first, as one-line errors
+        return cls.from_dict(resolve(coerce_all(cls, values), model_kind))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> dict[str, Any]:
@@ -190,6 +208,10 @@ class TrainConfig:
             not isinstance(self.save_every, int) or self.save_every < 1
         ):
             raise ConfigError(f"--save-every must be a positive integer, got {self.save_every}")
+        if self.recipe not in recipes.RECIPES:
+            raise ConfigError(
+                f"unknown --recipe '{self.recipe}': choose {', '.join(recipes.names())}"
+            )
         if self.keep not in ("best", "final"):
             raise ConfigError(f"unknown --keep '{self.keep}': choose best or final")
         try:
@@ -238,18 +260,7 @@ def optimizer_settings(cfg: TrainConfig, *, extra: bool = True) -> dict[str, Any
 # The built-in job (`zotune train` with no arguments, `make demo`): SmolLM2-135M on SST-2 with
 # MeZO prefix tuning, sized for a 2-core CPU in under 10 minutes. Chosen on dev accuracy.
 DEMO: dict[str, Any] = dict(
-    model="smollm2-135m",
-    task="sst2",
-    method="mezo",
-    peft="prefix",
-    lr=3e-2,
-    eps=1e-1,
-    batch_size=8,
-    steps=150,
-    eval_every=50,
-    num_train=500,
-    num_dev=100,
-    num_test=200,
+    model="smollm2-135m", task="sst2", **recipes.DECODER.optimizer, **recipes.DECODER.sizes
 )
 
 
@@ -437,6 +448,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dic
             f"output directory {out} already exists and is not empty: choose another --out"
         )
     start = time.time()
+    if not resume:
+        print(recipes.describe(cfg), flush=True)
     task, loaded, objective = load_for(cfg)
     model = loaded.model
 
