@@ -94,11 +94,11 @@ class ZOSGDConservative(ZOOptimizer):
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
         self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
         base = evaluate(closure)
+        if len({grp["lr"] for grp in self.param_groups}) > 1:  # (before any move of the weights)
+            raise ValueError("zo-sgd-cons needs one learning rate for all groups")
+        lr = self.param_groups[0]["lr"]
         est = self.estimate(closure, self.step_seeds())
         seed, g = est.seeds[0], est.grads[0]
-        lr = self.param_groups[0]["lr"]
-        if len({grp["lr"] for grp in self.param_groups}) > 1:
-            raise ValueError("zo-sgd-cons needs one learning rate for all groups")
         current = est.pending
         try:
             losses = {0.0: base}
