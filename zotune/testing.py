@@ -15,7 +15,7 @@ def llama_config(vocab: int, **kw) -> LlamaConfig:
     """A 2-layer Llama config with hidden size 32."""
     dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     return LlamaConfig(
-        vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=512, **dims, **kw
+        vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=512, **{**dims, **kw}
     )
 
 

@@ -48,3 +48,33 @@ def test_hybrid_zo_fo_saves_its_zeroth_order_layers_too(tiny_model_dir, tmp_path
     saved = load_file(str(out / "weights.safetensors"))
     assert any(".layers.0." in name for name in saved)  # the lower, zeroth-order part
     assert any("lm_head" in name or ".layers.1." in name for name in saved)  # the FO top
+
+
+def test_blockwise_blocks_are_layers_whatever_the_weight_decay(tmp_path):
+    """layer_groups splits a layer into decayed and undecayed groups; each group was a block,
+    so weight decay changed the method (5 blocks at wd 0, 9 at wd 0.1) and its forward passes."""
+    from transformers import LlamaForCausalLM
+
+    from zotune.optim import build_for, replay
+    from zotune.testing import llama_config
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(50, num_hidden_layers=3)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    runs = {}
+    for wd in (0.0, 0.1):
+        model = LlamaForCausalLM(llama_config(50, num_hidden_layers=3)).eval()
+        model.load_state_dict(base.state_dict())
+        opt = build_for(model, "zo-blockwise", weight_decay=wd, lr=1e-3, eps=1e-3)
+        for _ in range(2):
+            opt.step(lambda m=model: m(input_ids=ids, labels=ids).loss)
+        runs[wd] = (len(opt.blocks), opt.forward_passes)
+        if wd:
+            opt.trajectory.name_tensors(model, opt.space.tensors)
+            opt.trajectory.save(tmp_path / "run.zot")
+            fresh = LlamaForCausalLM(llama_config(50, num_hidden_layers=3)).eval()
+            fresh.load_state_dict(base.state_dict())
+            replay(fresh, tmp_path / "run.zot")
+            assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    assert runs[0.0] == runs[0.1]
+    assert runs[0.0][0] == 6  # embeddings, 3 layers, final norm, head

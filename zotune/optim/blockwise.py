@@ -16,7 +16,8 @@ from .groups import layer_groups
 
 
 class BlockwiseZO(ZOOptimizer):
-    """Block-coordinate ZO-SGD: each param group is a block (the CLI makes one per layer).
+    """Block-coordinate ZO-SGD: each block is a layer (`blocks`: the block of each param group;
+    default a block per group; `build_for` makes one per layer).
 
     Per step, for each block b in turn, with its own seed s_b (distinct, unlike the official
     code's shared seed): g_b = SPSA with only block b perturbed, then θ_b ← θ_b − η(g_b·z_b + λθ_b)
@@ -26,14 +27,21 @@ class BlockwiseZO(ZOOptimizer):
 
     name = "zo-blockwise"
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-6, **kw: Any):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        blocks: tuple[int, ...] | None = None,
+        **kw: Any,
+    ):
         if kw.get("queries", 1) != 1:
             raise ValueError("zo-blockwise uses one query per block")
-        super().__init__(params, SGD(), lr=lr, **kw)
+        blocks = tuple(blocks) if blocks is not None else None
+        super().__init__(params, SGD(), lr=lr, config=dict(blocks=blocks and list(blocks)), **kw)
         s = self.space
         self.blocks = [
             ParameterSpace([s.tensors[k] for k in keys], keys, s.direction, s.mask, s.threads)
-            for keys in self._keys_by_group()
+            for keys in self._keys_by_block(blocks)
         ]
 
     @classmethod
@@ -45,8 +53,11 @@ class BlockwiseZO(ZOOptimizer):
         full_loss: Callable[[], Any] | None,
         options: dict[str, Any],
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """One block per numbered layer and per other top-level part (`layer_groups`)."""
-        return layer_groups(model, weight_decay), {}
+        """One block per numbered layer and per other top-level part (`layer_groups`), whatever
+        the weight decay: a layer's decayed and undecayed groups are one block."""
+        groups = layer_groups(model, weight_decay)
+        blocks = tuple(g.pop("block") for g in groups)
+        return groups, {"blocks": blocks}
 
     def spaces(self) -> list[ParameterSpace]:
         return [self.space, *self.blocks]
@@ -55,11 +66,20 @@ class BlockwiseZO(ZOOptimizer):
         """Not applied: each block moves through its own parameter space."""
         return []
 
-    def _keys_by_group(self) -> list[list[int]]:
-        keys: list[list[int]] = [[] for _ in self.param_groups]
+    def _keys_by_block(self, blocks: tuple[int, ...] | None) -> list[list[int]]:
+        """Tensor keys per block, blocks in order of first appearance (`blocks[g]`: group g's
+        block; default: a block per param group)."""
+        if blocks is None:
+            blocks = tuple(range(len(self.param_groups)))
+        if len(blocks) != len(self.param_groups):
+            raise ValueError(
+                f"zo-blockwise: blocks names {len(blocks)} groups, there are "
+                f"{len(self.param_groups)}"
+            )
+        keys: dict[int, list[int]] = {}
         for k, g in enumerate(self._group_of):
-            keys[g].append(k)
-        return keys
+            keys.setdefault(blocks[g], []).append(k)
+        return list(keys.values())
 
     def block_seed(self, b: int) -> int:
         return derive_seed(self.seed, self.steps, b)

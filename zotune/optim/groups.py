@@ -39,8 +39,9 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def layer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """One param group per numbered layer (`...layers.N...`), plus one per other top-level
-    part (embeddings, head), in model order: the blocks of block-wise ZO."""
+    """Param groups by numbered layer (`...layers.N...`) and other top-level part (embeddings,
+    head), in model order, each split into decayed and undecayed parameters; a group's "block"
+    is its layer's number: the blocks of block-wise ZO."""
     decayed = {
         id(p) for g in param_groups(model, weight_decay) if g["weight_decay"] for p in g["params"]
     }
@@ -51,11 +52,13 @@ def layer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             key = name[: m.end()] if m else name.split(".")[0] + ":" + name.rsplit(".", 1)[0]
             groups.setdefault(key, []).append(p)
     out = []
-    for params in groups.values():
+    for block, params in enumerate(groups.values()):
         for decay in (True, False):
             part = [p for p in params if (id(p) in decayed) == decay]
-            if part:
-                out.append({"params": part, "weight_decay": weight_decay if decay else 0.0})
+            if part:  # "block": the layer, which a decayed and an undecayed group may share
+                out.append(
+                    {"params": part, "weight_decay": weight_decay if decay else 0.0, "block": block}
+                )
     return out
 
 
