@@ -57,6 +57,10 @@ class TrainConfig:
     estimator: str = setting("two-sided", "zeroth-order gradient estimator: two-sided or one-sided")
     direction: str = setting("gaussian", "law of the random directions: gaussian or rademacher")
     peft: str = setting("full", "what to train: full, lora, prefix or prompt")
+    init_head: str = setting(
+        "fresh",
+        "a classifier's head before training: fresh (random from --seed) or linear-probe (fit by logistic regression on the training set, L2 chosen on dev)",
+    )
     lora_r: int = setting(8, "LoRA rank")
     lora_alpha: int = setting(16, "LoRA scaling alpha")
     lora_targets: list[str] | None = setting(
@@ -185,6 +189,10 @@ class TrainConfig:
         self.extra = self._checked_extra()
         if self.peft not in ("full", "lora", "prefix", "prompt"):
             raise ConfigError(f"unknown --peft '{self.peft}': choose full, lora, prefix or prompt")
+        if self.init_head not in ("fresh", "linear-probe"):
+            raise ConfigError(
+                f"unknown --init-head '{self.init_head}': choose fresh or linear-probe"
+            )
         if self.objective not in ("loss", "accuracy", "f1"):
             raise ConfigError(
                 f"unknown --objective '{self.objective}': choose loss, accuracy or f1"
@@ -301,6 +309,8 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
         num_labels=max(task.num_labels, 2),
         seed=cfg.seed,
     )
+    if cfg.init_head == "linear-probe":
+        _linear_probe_head(cfg, task, loaded)
     if cfg.peft != "full":
         loaded = apply_peft(
             loaded,
@@ -313,6 +323,27 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
         )
     objective = make_objective(loaded, task.kind, max_length=cfg.max_length)
     return task, loaded, objective
+
+
+def _linear_probe_head(cfg: TrainConfig, task: Task, loaded: Any) -> None:
+    """--init-head linear-probe: the classifier's head fit to the frozen features (LP-then-ZO)."""
+    from .probe import fit_head
+
+    if loaded.kind != "classifier":
+        raise ConfigError(
+            f"--init-head linear-probe needs a classifier model, but {cfg.model} loads as kind {loaded.kind}"
+        )
+    if task.kind != "classification":
+        raise ConfigError(f"--init-head linear-probe needs a classification task, not {task.kind}")
+    try:
+        fit = fit_head(loaded, task.train, task.dev, cfg.eval_batch_size, cfg.max_length)
+    except ValueError as e:
+        raise ConfigError(f"--init-head linear-probe: {e}") from None
+    print(
+        f"linear-probe head: train {100 * fit['train']['accuracy']:.1f}%, "
+        f"dev {100 * fit['dev']['accuracy']:.1f}% (l2 {fit['l2']:g})",
+        file=sys.stderr,
+    )
 
 
 def build_optimizer(
