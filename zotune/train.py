@@ -114,7 +114,7 @@ class TrainConfig:
     recipe: str = setting(
         "paper",
         "where the settings not given come from: auto (the recipe for the model's kind), "
-        "decoder-prefix, or paper (MeZO's protocol) (default: auto on the command line and in "
+        "decoder-prefix, encoder-lp, or paper (MeZO's protocol) (default: auto on the command line and in "
         "TrainConfig.with_recipe; paper for TrainConfig(...))",
     )
     extra: dict[str, Any] = setting({}, "method-specific hyperparameters (--set KEY=VALUE)")
