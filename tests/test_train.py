@@ -18,7 +18,7 @@ from zotune.optim.replay import replay  # noqa: F401  (the trajectory records th
 def run(model: str, out: Path, *extra: str) -> list[dict]:
     args = [
         "train", "--model", model, "--task", "sst2", "--steps", "10", "--eval-every", "10",
-        "--lr", "1e-3", "--eps", "1e-2", "--num-train", "32", "--num-dev", "16",
+        "--peft", "full", "--lr", "1e-3", "--eps", "1e-2", "--num-train", "32", "--num-dev", "16",
         "--num-test", "16", "--eval-batch-size", "16", "--out", str(out), "--quiet", *extra,
     ]  # fmt: skip
     assert main(args) == 0
