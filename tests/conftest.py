@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from zotune.testing import make_tiny_model
+from zotune.testing import bert_config, make_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer Llama with a byte-level BPE tokenizer, saved with save_pretrained (seconds)."""
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """A bare 2-layer BERT (no head: zotune loads it as a classifier) with the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    BertModel(bert_config(len(tok), pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

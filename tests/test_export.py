@@ -15,14 +15,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertModel,
 )
 
 from zotune.cli import main
 from zotune.export import export_run
 from zotune.optim import replay
 from zotune.runs import load_run_model, open_run
-from zotune.testing import bert_config
 from zotune.train import ConfigError, TrainConfig, load_for, train
 
 TEXTS = ["a gripping, funny film It was", "dull and far too long It was", "fine"]
@@ -80,17 +78,6 @@ def lora_run(tiny_model_dir, runs) -> Path:
 @pytest.fixture(scope="module")
 def full_run(tiny_model_dir, runs) -> Path:
     return run(tiny_model_dir, runs / "full")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tiny_model_dir, tmp_path_factory) -> str:
-    """A bare 2-layer BERT (no head: zotune loads it as a classifier) with the tiny tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    BertModel(bert_config(len(tok), pad_token_id=tok.pad_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def test_open_run_reads_config_summary_and_steps(lora_run):

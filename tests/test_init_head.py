@@ -14,24 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertModel
 
 from zotune.cli import main
 from zotune.probe import _labels, _select, classifier_head, head_inputs
 from zotune.runs import load_run_model, open_run
-from zotune.testing import bert_config
 from zotune.train import ConfigError, TrainConfig, load_for
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tiny_model_dir, tmp_path_factory) -> str:
-    """A bare 2-layer BERT (no head: zotune loads it as a classifier) with the tiny tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    BertModel(bert_config(len(tok), pad_token_id=tok.pad_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def config(model: str, **settings) -> TrainConfig:

@@ -46,18 +46,8 @@ def test_the_command_line_prints_the_recipe(tiny_model_dir, tmp_path, capsys):
     assert "recipe: decoder-prefix" in (out / "config.yaml").read_text()
 
 
-def test_an_encoder_with_a_classification_head_takes_the_linear_probe_recipe(tmp_path):
-    from transformers import BertForSequenceClassification
-
-    from zotune.testing import bert_config, make_tiny_model
-
-    tokenizer_dir = make_tiny_model(tmp_path / "llama")  # (borrow its tokenizer)
-    model_dir = tmp_path / "bert"
-    BertForSequenceClassification(bert_config(600, num_labels=2)).save_pretrained(model_dir)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
-    cfg = TrainConfig.with_recipe({"model": str(model_dir)})
+def test_an_encoder_with_a_classification_head_takes_the_linear_probe_recipe(tiny_bert_dir):
+    cfg = TrainConfig.with_recipe({"model": tiny_bert_dir})
     assert (cfg.recipe, cfg.init_head, cfg.peft, cfg.lr) == (
         "encoder-lp",
         "linear-probe",
