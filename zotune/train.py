@@ -683,9 +683,10 @@ def _run(
     def interrupted(signum: int) -> Interrupted:
         log.close()
         progress.close()
-        status = {"status": "interrupted", "step": state.step, "steps": cfg.steps}
+        # (a second Ctrl-C stops mid-step: the last checkpoint's step is where a resume starts)
+        status = {"status": "interrupted", "step": saved_step, "steps": cfg.steps}
         _write_json(out / "summary.json", status)
-        return Interrupted(out, state.step, signum)
+        return Interrupted(out, saved_step, signum)
 
     try:
         for step in range(state.step + 1, cfg.steps + 1):
