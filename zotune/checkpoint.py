@@ -30,6 +30,7 @@ class LoopState:
     step: int = 0
     train_forwards: int = 0  # forward passes made by training steps (not by evaluation)
     forward_seconds: float = 0.0  # time inside the steps' forward passes
+    train_tokens: int = 0  # tokens those forward passes read (padding excluded)
     step_seconds: float = 0.0  # time inside the steps
     wall_seconds: float = 0.0  # wall time of the run so far, every session before this one
     zero_shot: dict[str, float] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any
 
+from .bench import SUITES
 from .settings import coerce, field_default, field_types, flag
 from .train import ConfigError, TrainConfig
 
@@ -313,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--keep", default="best", help=_KEEP_HELP)
     x.set_defaults(func=cmd_export)
     b = sub.add_parser("bench", help="run a named benchmark suite, one process per run")
-    b.add_argument("suite", help="smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue")
+    b.add_argument("suite", help=", ".join(SUITES))
     b.add_argument("--out", default=None, help="results folder (default bench-out/SUITE)")
     b.add_argument("--data-dir")
     b.add_argument("--dry-run", action="store_true", help="list the runs without running them")

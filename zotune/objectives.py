@@ -90,6 +90,7 @@ class Objective:
         self.cache_demos = cache_demos
         self.forward_passes = 0
         self.forward_seconds = 0.0  # time spent inside the model calls counted above
+        self.forward_tokens = 0  # tokens those calls read (padding excluded)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -105,6 +106,8 @@ class Objective:
 
     def _call(self, **inputs: Any) -> Any:
         self.forward_passes += 1
+        mask = inputs.get("attention_mask")
+        self.forward_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         start = time.perf_counter()
         try:
             return self.model(**inputs)

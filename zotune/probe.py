@@ -9,7 +9,10 @@ model itself never changes.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,6 +142,33 @@ def linear_probe(
     return best
 
 
+def _cached_head_inputs(
+    loaded: Any, examples: Sequence[Example], batch_size: int, max_length: int
+) -> torch.Tensor:
+    """`head_inputs`, kept in the cache (`ZOTUNE_CACHE`, default ~/.cache/zotune; `off` keeps
+    nothing): a grid of LP-then-ZO runs on one task computes the frozen encoder's features once.
+    The key covers the weights below the head, the examples and the truncation length."""
+    root = os.environ.get("ZOTUNE_CACHE", "")
+    if root.strip().lower() == "off":
+        return head_inputs(loaded, examples, batch_size, max_length)
+    head = classifier_head(loaded.model)
+    h = hashlib.sha256(f"{max_length}|{loaded.model.__class__.__name__}".encode())
+    for p in loaded.model.parameters():
+        if p is not head.weight and p is not head.bias:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    for ex in examples:
+        h.update(repr((ex.texts, ex.label)).encode())
+    path = Path(root or Path.home() / ".cache" / "zotune") / "probe" / f"{h.hexdigest()[:24]}.pt"
+    if path.exists():
+        return torch.load(path)
+    x = head_inputs(loaded, examples, batch_size, max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(x, tmp)
+    os.replace(tmp, path)
+    return x
+
+
 def fit_head(
     loaded: Any,
     train: Sequence[Example],
@@ -153,7 +183,7 @@ def fit_head(
     if not train or not all(ex.label >= 0 for ex in [*train, *dev]):
         raise ValueError("a linear-probe head needs a classification task with training examples")
     head = classifier_head(loaded.model)
-    xs = [head_inputs(loaded, s, batch_size, max_length) for s in (train, dev)]
+    xs = [_cached_head_inputs(loaded, s, batch_size, max_length) for s in (train, dev)]
     best, fit, mean, std = _select(xs, [_labels(train), _labels(dev)], head.out_features)
     w = fit.weight.detach().double() / std.double()
     b = fit.bias.detach().double() - w @ mean.double()

@@ -101,6 +101,10 @@ class TrainConfig:
     grad_accum: int = setting(
         1, "micro-batches of --batch-size per step, under one direction (gradient accumulation)"
     )
+    full_batch_rows: int = setting(
+        0,
+        "MeZO-SVRG: training rows its full-batch estimates read (0: all; else a fixed subset drawn from --seed, the large-batch variant for big training sets)",
+    )
     save_every: int | None = setting(
         None,
         "steps between checkpoints (default: every 5 minutes, or 99 times a checkpoint's write time if longer); --resume goes on from one",
@@ -209,6 +213,10 @@ class TrainConfig:
         if self.lr_scheduler not in SCHEDULES:
             raise ConfigError(
                 f"unknown --lr-scheduler '{self.lr_scheduler}': choose {', '.join(SCHEDULES)}"
+            )
+        if not isinstance(self.full_batch_rows, int) or self.full_batch_rows < 0:
+            raise ConfigError(
+                f"--full-batch-rows must be an integer >= 0, got {self.full_batch_rows}"
             )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps}")
@@ -362,8 +370,12 @@ def build_optimizer(
 
 
 def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
-    """The loss over the whole training set, in chunks (MeZO-SVRG's full-batch estimates)."""
+    """The loss over the whole training set, in chunks (MeZO-SVRG's full-batch estimates), or
+    over a fixed subset of `--full-batch-rows` rows drawn from the run's seed."""
     examples, size = task.train, cfg.eval_batch_size
+    if 0 < cfg.full_batch_rows < len(examples):
+        pick = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
+        examples = [examples[i] for i in sorted(pick[: cfg.full_batch_rows].tolist())]
 
     def closure() -> float:
         total = 0.0
@@ -699,6 +711,7 @@ def _run(
             )
             t0 = time.perf_counter()
             before, before_s = objective.forward_passes, objective.forward_seconds
+            before_tokens = objective.forward_tokens
             lr = opt.param_groups[0]["lr"]
             loss = float(opt.step(closure))  # every optimizer: forward only
             if scheduler is not None:
@@ -707,11 +720,13 @@ def _run(
             state.step_seconds += seconds
             state.forward_seconds += objective.forward_seconds - before_s
             state.train_forwards += objective.forward_passes - before
+            state.train_tokens += objective.forward_tokens - before_tokens
             state.step = step
             row: dict[str, Any] = {
                 "step": step,
                 "loss": loss,
                 "forward_passes": state.train_forwards,
+                "tokens": state.train_tokens,
                 "lr": lr,
                 "seconds": seconds,
                 "elapsed": earlier + time.time() - start,
@@ -781,6 +796,9 @@ def _run(
         # step time over the time its forward passes took inside it (FO: forward only, so the
         # backward pass counts as overhead)
         "step_to_forward_ratio": round(state.step_seconds / max(state.forward_seconds, 1e-9), 3),
+        # training throughput: tokens the steps' forward passes read (batches are padded to
+        # their longest example; padding is not counted) per second of step time
+        "tokens_per_second": round(state.train_tokens / max(state.step_seconds, 1e-9), 1),
         "notes": task.notes,
     }
 

@@ -2,7 +2,8 @@
 
 A suite is a list of runs (each a `TrainConfig`). Every run executes `zotune train` in its own
 process, so peak-memory figures do not bleed between runs, and writes `<out>/runs/<id>/`;
-a run whose `summary.json` exists is not redone when a grid is re-run. Results land in
+a finished run (`summary.json` says completed) is not redone when a grid is re-run, and an
+interrupted one resumes from its last checkpoint (`zotune train --resume`). Results land in
 `results.jsonl`, `results.csv`, `report.md` and PNG plots (dev accuracy against forward passes,
 peak memory and seconds per step per method).
 """
@@ -13,6 +14,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from itertools import product
@@ -21,8 +23,11 @@ from typing import Any
 
 import yaml
 
+from ..checkpoint import CHECKPOINT
 from ..testing import make_tiny_model
 from ..train import ConfigError, TrainConfig
+
+TRAIN_KEYS = set(TrainConfig.__dataclass_fields__)
 
 # Forward passes a step costs, to give every method the same budget of forward passes.
 FORWARDS = {
@@ -76,6 +81,65 @@ BASE = dict(
 # in ../shared/data), MultiRC and ReCoRD (passages 4-10x longer) and SQuAD/DROP (generation):
 # they did not fit this CPU's budget in one session; add them here or run `zotune train`.
 SUPERGLUE = ("sst2", "copa", "cb")
+
+
+# The convergence suite: MiniLM-L6, all weights, long enough for the methods to separate. Each
+# method's learning rate is chosen on dev over a two-point grid with seed 0, then the chosen
+# rate runs seeds 1 and 2 (the seed-0 run is reused): 3 seeds per method and task.
+CONVERGENCE = dict(
+    model="minilm-l6", peft="full", eps=1e-3, batch_size=16, eval_batch_size=64,
+    init_head="linear-probe", recipe="paper", max_length=256,
+)  # fmt: skip
+CONVERGENCE_TASKS = {
+    # SST-2: the whole GLUE train set (less the 500 dev rows), GLUE dev as test
+    "sst2": dict(num_train=67349, num_dev=500, num_test=872),
+    # RTE: SuperGLUE train (less 250 dev rows), SuperGLUE val as test
+    "rte": dict(num_train=2490, num_dev=250, num_test=277),
+}
+ZO_STEPS, FO_STEPS = 5000, 1000
+CONVERGENCE_METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
+    "mezo": ({}, (3e-6, 1e-5)),
+    "zo-adam": ({}, (1e-6, 3e-6)),
+    "sparse-mezo": ({}, (1e-5, 3e-5)),
+    # the anchor's full-batch estimates over a fixed 1,024-row subset, refreshed every 50 steps
+    "mezo-svrg": (dict(full_batch_rows=1024, extra={"refresh": 50}), (3e-6, 1e-5)),
+    # the ablation: the same MeZO from a fresh (random) head instead of the linear probe's
+    "mezo/fresh-head": (dict(init_head="fresh"), (1e-5, 1e-4)),
+}  # fmt: skip
+SEEDS = (0, 1, 2)
+
+
+def _convergence(out: Path) -> list[dict[str, Any]]:
+    """Per task: the linear probe, every method's grid, then the seeds of the grids that have
+    finished (so a run that is interrupted and resumed fills the grids first)."""
+    runs: list[dict[str, Any]] = []
+    for task, sizes in CONVERGENCE_TASKS.items():
+        base = dict(CONVERGENCE, task=task, **sizes)
+        grids = []
+        for label, (settings, lrs) in CONVERGENCE_METHODS.items():
+            method = label.split("/")[0]
+            grid = []
+            for lr in lrs:
+                run = dict(base, method=method, lr=lr, steps=ZO_STEPS, eval_every=250, seed=0)
+                run.update(settings)
+                if method == "mezo-svrg":  # the full-batch step: 10x the minibatch rate
+                    run["extra"] = dict(run["extra"], lr_full=10 * lr)
+                grid.append(run)
+            grids.append(grid)
+        runs.append(dict(base, method="linear-probe"))
+        runs += [run for grid in grids for run in grid]
+        runs += [run for grid in grids for run in _seeds_at_best(grid, out)]
+    return runs
+
+
+def _seeds_at_best(grid: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Seeds 1, 2 at the grid's learning rate with the best dev score; none until every grid run
+    has completed (the choice is made on dev, never on test)."""
+    done = [_summary(out / "runs" / run_id(r)) for r in grid]
+    if not all(d and d.get("status") == "completed" for d in done):
+        return []
+    best = max(range(len(grid)), key=lambda i: next(iter(done[i]["dev"].values())))  # type: ignore[index]
+    return [dict(grid[best], seed=s) for s in SEEDS[1:]]
 
 
 def suite(name: str, out: Path) -> list[dict[str, Any]]:
@@ -140,6 +204,8 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
                 run = {**BASE, "model": model, "task": task, "num_test": 100, **extra}
                 runs.append({**run, **equal_budget(method, "full", budget), "lr": lr})
         return runs
+    if name == "convergence":
+        return _convergence(out)
     if name == "superglue":
         runs = []
         for task in SUPERGLUE:
@@ -166,9 +232,10 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
             }
         )
         return [r for r in runs if r is not None]
-    raise ConfigError(
-        f"unknown suite '{name}': choose smoke, memory, zo-bench, mezo-svrg, sparse-mezo or superglue"
-    )
+    raise ConfigError(f"unknown suite '{name}': choose {', '.join(SUITES)}")
+
+
+SUITES = ("smoke", "memory", "zo-bench", "mezo-svrg", "sparse-mezo", "superglue", "convergence")
 
 
 def run_id(run: dict[str, Any]) -> str:
@@ -196,41 +263,48 @@ def execute(
         TrainConfig.from_dict(run).validate()
         rid = run_id(run)
         target = out / "runs" / rid
-        if report_only and not (target / "summary.json").exists():
+        status = _status(target)
+        if report_only and status != "completed":
             print(f"[{i}/{len(runs)}] {rid} (not run yet)", flush=True)
             continue
-        if not (target / "summary.json").exists():
-            print(f"[{i}/{len(runs)}] {rid}", flush=True)
-            cfg_path = out / "configs" / f"{rid}.yaml"
-            cfg_path.parent.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(yaml.safe_dump(run, sort_keys=True))
-            if target.exists():
-                import shutil
-
-                shutil.rmtree(target)  # an unfinished run left by an interrupted grid
-            cmd = [
-                sys.executable,
-                "-m",
-                "zotune.cli",
-                "train",
-                "--config",
-                str(cfg_path),
-                "--out",
-                str(target),
-            ]
-            done = subprocess.run(
-                cmd + (["--quiet"] if quiet else []), capture_output=quiet, text=True
-            )
+        if status == "completed":
+            print(f"[{i}/{len(runs)}] {rid} (done before)", flush=True)
+        else:
+            resume = (target / CHECKPOINT).is_dir()
+            print(f"[{i}/{len(runs)}] {rid}{' (resumed)' if resume else ''}", flush=True)
+            if resume:  # an interrupted run continues from its last checkpoint
+                cmd = ["train", "--resume", str(target)]
+            else:
+                cfg_path = out / "configs" / f"{rid}.yaml"
+                cfg_path.parent.mkdir(parents=True, exist_ok=True)
+                cfg_path.write_text(yaml.safe_dump(run, sort_keys=True))
+                shutil.rmtree(target, ignore_errors=True)  # stopped before its first checkpoint
+                cmd = ["train", "--config", str(cfg_path), "--out", str(target)]
+            cmd = [sys.executable, "-m", "zotune.cli", *cmd, *(["--quiet"] if quiet else [])]
+            done = subprocess.run(cmd, capture_output=quiet, text=True)
             if done.returncode != 0:
                 err = (done.stderr or "").strip().splitlines()[-1:] or ["failed"]
                 print(f"  failed: {err[0]}", flush=True)
                 results.append({"id": rid, **run, "error": err[0]})
+                if done.returncode in (130, 143):  # Ctrl-C / kill: stop the grid, resumable
+                    raise KeyboardInterrupt
                 continue
-        else:
-            print(f"[{i}/{len(runs)}] {rid} (done before)", flush=True)
         summary = json.loads((target / "summary.json").read_text())
         results.append({"id": rid, **run, **summary})
     return results
+
+
+def _summary(target: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((target / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _status(target: Path) -> str | None:
+    """A run directory's status ("running", "interrupted", "completed"), None if absent."""
+    summary = _summary(target)
+    return None if summary is None else summary.get("status", "completed")
 
 
 def write_results(results: list[dict], out: Path, title: str) -> None:
@@ -245,6 +319,107 @@ def write_results(results: list[dict], out: Path, title: str) -> None:
         w.writerows(flat)
     _report(results, out, title)
     _plots(results, out)
+    groups = _seed_groups(results)
+    if groups:
+        with open(out / "report.md", "a", encoding="utf-8") as f:
+            f.write("\n".join(_seed_table(groups)) + "\n")
+        _band_plots(results, groups, out)
+
+
+def _setting(r: dict[str, Any]) -> str:
+    """A run's configuration without its seed: the runs that differ only by seed share it."""
+    skip = {"seed", "data_dir"}
+    return json.dumps({k: v for k, v in r.items() if k in TRAIN_KEYS and k not in skip},
+                      sort_keys=True, default=str)  # fmt: skip
+
+
+def _seed_groups(results: list[dict]) -> list[list[dict]]:
+    """Finished trained runs that differ only by seed, two seeds or more per group."""
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        if "error" not in r and r.get("steps"):
+            by.setdefault(_setting(r), []).append(r)
+    return [g for g in by.values() if len(g) > 1]
+
+
+def _mean_std(xs: list[float]) -> str:
+    import statistics
+
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def _seed_table(groups: list[list[dict]]) -> list[str]:
+    lines = [
+        "",
+        "Mean ± standard deviation over seeds (each method at the learning rate chosen on dev):",
+        "",
+        "| model | task | method | head | lr | seeds | zero-shot dev | dev (best) | test (at best dev) | final dev | forward passes | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = lambda d: next(iter(d.values())) if d else float("nan")  # noqa: E731
+    for g in groups:
+        r = g[0]
+        lines.append(
+            f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem} | {r['method']} | "
+            f"{r.get('init_head', 'fresh')} | {r.get('lr', '')} | {len(g)} | "
+            f"{_mean_std([first(x['zero_shot']) for x in g])} | {_mean_std([first(x['dev']) for x in g])} | "
+            f"{_mean_std([first(x['test']) for x in g])} | {_mean_std([first(x['final_dev']) for x in g])} | "
+            f"{r['forward_passes']} | {sum(x['wall_seconds'] for x in g) / len(g):.0f} |"
+        )
+    return lines
+
+
+def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> None:
+    """Dev score against forward passes and against wall time, mean ± std over seeds as a band,
+    one panel per task; one-step baselines (linear probe) as levels."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return
+    tasks = sorted({str(g[0]["task"]) for g in groups})
+    for x_key, fname, xlabel in [
+        ("forward_passes", "dev_vs_forward_passes_seeds.png", "training forward passes"),
+        ("elapsed", "dev_vs_wall_time_seeds.png", "wall time (s)"),
+    ]:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for g in (g for g in groups if str(g[0]["task"]) == task):
+                curves = []
+                for r in g:
+                    rows = map(
+                        json.loads,
+                        (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines(),
+                    )
+                    curves.append([(x[x_key], next(iter(x["dev"].values()))) for x in rows if "dev" in x])  # fmt: skip
+                n = min(len(c) for c in curves)
+                xs = np.mean([[p[0] for p in c[:n]] for c in curves], axis=0)
+                ys = 100 * np.array([[p[1] for p in c[:n]] for c in curves])
+                head = (
+                    ""
+                    if g[0].get("init_head") == "linear-probe"
+                    else f" ({g[0].get('init_head', 'fresh')} head)"
+                )
+                line = ax.plot(
+                    xs,
+                    ys.mean(0),
+                    label=f"{g[0]['method']}{head} lr {g[0].get('lr')} ({len(g)} seeds)",
+                )
+                ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=line[0].get_color())  # fmt: skip
+            for r in results:
+                if "error" not in r and not r.get("steps") and str(r["task"]) == task:
+                    ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="gray", label=r["method"])  # fmt: skip
+            ax.set_title(Path(task).stem)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("dev accuracy / F1 (%)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
 
 
 def _flatten(r: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -403,10 +578,24 @@ def run_suite(
         for run in runs:
             print(run_id(run), json.dumps(run, default=str))
         return []
-    results = execute(runs, out, data_dir=data_dir, report_only=report_only)
-    title = f"zotune bench {name}" + (
-        f" ({len(results)} of {len(runs)} runs)" if report_only else ""
-    )
+    if not report_only:
+        # one run at a time, the suite derived again after each: a suite may add runs that
+        # depend on finished ones (the convergence suite's seeds at the rate chosen on dev)
+        tried: set[str] = set()
+        while True:
+            runs = suite(name, out)
+            todo = [
+                r for r in runs
+                if run_id(r) not in tried and _status(out / "runs" / run_id(r)) != "completed"
+            ]  # fmt: skip
+            if not todo:
+                break
+            tried.add(run_id(todo[0]))
+            print(f"{len(runs) - len(todo) + 1}/{len(runs)}:", end=" ", flush=True)
+            execute(todo[:1], out, data_dir=data_dir)
+    results = execute(runs, out, data_dir=data_dir, report_only=True)
+    done = sum("error" not in r for r in results)
+    title = f"zotune bench {name}" + (f" ({done} of {len(runs)} runs)" if done < len(runs) else "")
     write_results(results, out, title)
     return results
 
