@@ -239,7 +239,11 @@ SUITES = ("smoke", "memory", "zo-bench", "mezo-svrg", "sparse-mezo", "superglue"
 
 
 def run_id(run: dict[str, Any]) -> str:
-    text = json.dumps(run, sort_keys=True, default=str)
+    """The run's folder name: what it runs (model, task, method, scheme) and a hash of its
+    settings; where the data lives (`data_dir`) is not part of it."""
+    text = json.dumps(
+        {k: v for k, v in run.items() if k != "data_dir"}, sort_keys=True, default=str
+    )
     name = f"{Path(str(run['model'])).name}-{Path(str(run['task'])).stem}-{run['method']}-{run.get('peft', 'full')}"
     return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
