@@ -499,8 +499,8 @@ def _report(results: list[dict], out: Path, title: str) -> None:
     lines = [
         f"# {title}",
         "",
-        "| model | task | method | scheme | lr | steps | forward passes | zero-shot dev | dev | test | peak MB | s/step | step/forward time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | method | scheme | lr | steps | forward passes | zero-shot dev | dev | test | peak MB | s/step | step/forward time | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
@@ -511,7 +511,7 @@ def _report(results: list[dict], out: Path, title: str) -> None:
         lines.append(
             f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem}{' (empty template)' if r.get('template') == 'empty' else ''} | "
             f"{r['method']}{' ({} demos)'.format(r['demos']) if 'demos' in r else ''} | {r.get('peft', 'full')} | {r.get('lr', '') if r['steps'] else ''} | {r['steps']} | {r['forward_passes']} | {_metric(r.get('zero_shot'))} | "
-            f"{_metric(r.get('dev'))} | {_metric(r.get('test'))} | {r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} | {r.get('step_to_forward_ratio', '-')} |"
+            f"{_metric(r.get('dev'))} | {_metric(r.get('test'))} | {r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} | {r.get('step_to_forward_ratio', '-')} | {r.get('tokens_per_second', '-')} |"
         )
     lines += _to_target(results, out)
     (out / "report.md").write_text("\n".join(lines) + "\n")
