@@ -247,11 +247,14 @@ def test_lozo_m_keeps_its_momentum_as_the_low_rank_factor():
 # -- replay, resume, errors, the command line -----------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["lozo", "lozo-m", "subzero"])
-def test_trajectories_replay_bit_for_bit(method, tmp_path):
+@pytest.mark.parametrize(
+    "method,hp",
+    [("lozo", {}), ("lozo-m", {"queries": 2}), ("subzero", {}), ("subzero", {"square": True})],
+)
+def test_trajectories_replay_bit_for_bit(method, hp, tmp_path):
     model, x, y = problem(1)
     initial = copy.deepcopy(model)
-    opt = build(method, model.parameters(), lr=1e-2, interval=3, weight_decay=0.01)
+    opt = build(method, model.parameters(), lr=1e-2, interval=3, weight_decay=0.01, **hp)
     for _ in range(7):
         opt.step(loss_of(model, x, y))
     path = opt.trajectory.save(tmp_path / "t.zot")
