@@ -154,6 +154,9 @@ def main() -> None:
         "mezo-svrg",
         "sparse-mezo",
         "r-mezo",
+        "lozo",  # low-rank directions (issue 21): the torch path on a CPU
+        "lozo-m",
+        "subzero",
     ]
     ap.add_argument("--methods", nargs="+", default=zo, help="ZO methods to time")
     ap.add_argument(

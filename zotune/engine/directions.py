@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,6 +100,11 @@ class Direction:
     def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
         """Write z[start : start + len(out)] of the direction whose hash key is `key`."""
         raise NotImplementedError
+
+    def draw_(self, out: torch.Tensor, seed: int, tensor: int, start: int) -> torch.Tensor:
+        """Write z[start : start + len(out)] of tensor key `tensor`'s direction at step seed
+        `seed` (what a `moves.Block` asks for); element-wise laws hash derive_seed(seed, key)."""
+        return self.fill_(out, derive_seed(seed, tensor), start)
 
 
 class Gaussian(Direction):
@@ -201,3 +207,196 @@ class RandomMask:
         return hash32(derive_seed(seed, key, MASK_SALT), start, theta.numel(), theta.device) < (
             self.limit
         )
+
+
+# -- Low-rank directions (LOZO, SubZero) ------------------------------------------------------
+# z of a matrix is a product of thin factors, z = L·Rᵀ, drawn from seeds like any z: the factors'
+# entries come from the element-wise law's counter hash, so every device draws the same factors,
+# and the product is summed in a fixed order of float32 multiplies and adds (no matmul, whose
+# rounding depends on the BLAS library), so every device computes the same z, bit for bit.
+
+LEFT_SALT, RIGHT_SALT, CORE_SALT = 0x4C454654, 0x52494748, 0x434F5245  # the factors' hash keys
+
+
+def matrix_shape(
+    t: torch.Tensor, squeeze: bool = False, square: bool = False
+) -> tuple[int, int] | None:
+    """The (m, n) a low-rank direction gives tensor `t` when it is a matrix (`squeeze`: once its
+    sizes of 1 are dropped), else None; `square`: the most nearly square m·n = numel instead."""
+    dims = [d for d in t.shape if d != 1] if squeeze else list(t.shape)
+    if len(dims) != 2:
+        return None
+    if not square:
+        return dims[0], dims[1]
+    numel = t.numel()
+    m = max(i for i in range(1, math.isqrt(numel) + 1) if numel % i == 0)
+    return m, numel // m
+
+
+def outer_(
+    out: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, offset: int, tmp: torch.Tensor
+) -> torch.Tensor:
+    """Elements offset .. offset+len(out) of left · right_t, row-major (left: the rows the span
+    touches, from the span's first row; right_t: r × n), into `out`: each is Σ_j left[i, j] ·
+    right_t[j, c] summed for j = 0, 1, ... as separate float32 multiplies and adds, so any
+    device and any split into spans gives the same bits. `tmp`: scratch, at least len(out)."""
+    r, n = right_t.shape
+    pos, end = offset, offset + out.numel()
+    while pos < end:
+        row, col = divmod(pos, n)
+        if col == 0 and end - pos >= n:  # whole rows
+            rows = (end - pos) // n
+            lhs, rhs, stop = left[row : row + rows], right_t, pos + rows * n
+        else:  # part of one row
+            stop = min(end, (row + 1) * n)
+            lhs, rhs = left[row : row + 1], right_t[:, col : col + stop - pos]
+        o = out[pos - offset : stop - offset].view(lhs.shape[0], rhs.shape[1])
+        t = tmp[: o.numel()].view_as(o)
+        torch.mul(lhs[:, 0:1], rhs[0], out=o)
+        for j in range(1, r):
+            o.add_(torch.mul(lhs[:, j : j + 1], rhs[j], out=t))
+        pos = stop
+    return out
+
+
+def _orthonormal(gaussian: torch.Tensor) -> torch.Tensor:
+    """Q of the QR of an m × r matrix, with R's diagonal made positive (so Q is unique), in
+    float64 on the CPU whatever the device (float32 out)."""
+    q, r = torch.linalg.qr(gaussian.double().cpu())
+    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(torch.float64)
+    return (q * sign).float()
+
+
+class LowRank(Direction):
+    """z = L·Rᵀ of rank r for each matrix (tensors whose `shapes` are given), the element-wise
+    `law` for the other tensors (biases, norms).
+
+    - `orthonormal=False` (LOZO): L = U (m × r) drawn from the step seed, R = V (n × r) from
+      the seed of the step it was last resampled at; entries from `law`, E[z zᵀ] = r·I.
+    - `orthonormal=True` (SubZero): L = U·Z0·√(mn)/r, R = V, with U, V orthonormal (QR of
+      m × r and n × r draws from the refresh seed) and the r × r core Z0 from the step seed.
+
+    r = min(rank, m, n) per matrix. The optimizer binds each step seed to its refresh seed
+    (`bind`) before the seed is used. What is kept between passes is a cache of the refreshed
+    factors (V; SubZero: U and V: the memory the papers state), rebuilt from their seed when
+    missing (replay, resume). The C kernel does not draw these: such spaces move on the torch path.
+    """
+
+    name = "low-rank"
+
+    def __init__(
+        self,
+        shapes: dict[int, tuple[int, int]],
+        rank: int,
+        law: str | Direction = "gaussian",
+        orthonormal: bool = False,
+    ):
+        if int(rank) != rank or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank}")
+        self.shapes, self.rank, self.orthonormal = dict(shapes), int(rank), orthonormal
+        self.law = make_direction(law)
+        self.refresh_of: dict[int, int] = {}  # step seed -> the seed of its refreshed factors
+        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def rank_of(self, key: int) -> int:
+        m, n = self.shapes[key]
+        return min(self.rank, m, n)
+
+    def bind(self, seed: int, refresh: int) -> None:
+        """Step seed `seed` draws with the factors refreshed at seed `refresh`; factors of
+        other refresh seeds are dropped from the cache."""
+        with self._lock:
+            if any(k[0] != refresh for k in self._kept):
+                self._kept = {k: v for k, v in self._kept.items() if k[0] == refresh}
+            self.refresh_of.pop(seed, None)
+            self.refresh_of[seed] = refresh
+            while len(self.refresh_of) > 256:  # (a step binds q seeds: keep the recent ones)
+                del self.refresh_of[next(iter(self.refresh_of))]
+
+    def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
+        raise TypeError("a low-rank direction is drawn per tensor and step seed: use draw_")
+
+    def draw_(self, out: torch.Tensor, seed: int, tensor: int, start: int) -> torch.Tensor:
+        if tensor not in self.shapes:
+            return self.law.fill_(out, derive_seed(seed, tensor), start)
+        n = self.shapes[tensor][1]
+        row0, row1 = start // n, (start + out.numel() - 1) // n + 1
+        left = self._left(seed, tensor, row0, row1, out.device)
+        return outer_(out, left, self._right(seed, tensor, out.device), start - row0 * n,
+                      self._tmp(out.numel(), out.device))  # fmt: skip
+
+    def times_right_(
+        self, out: torch.Tensor, left: torch.Tensor, seed: int, tensor: int, start: int
+    ) -> torch.Tensor:
+        """Elements start .. start+len(out) of left · Rᵀ for a given left factor (m × r: LOZO-M's
+        momentum factor) and the right factor of step seed `seed`, summed as in `draw_`."""
+        n = self.shapes[tensor][1]
+        right = self._right(seed, tensor, out.device)
+        return outer_(out, left[start // n :], right, start % n, self._tmp(out.numel(), out.device))
+
+    def factors(
+        self, seed: int, tensor: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole factors (L, R) of matrix `tensor` at step seed `seed`: z = L·Rᵀ."""
+        m = self.shapes[tensor][0]
+        return self._left(seed, tensor, 0, m, torch.device(device)), self._right(
+            seed, tensor, torch.device(device)
+        ).T
+
+    def _draw(self, n: int, key: int, start: int, device: torch.device) -> torch.Tensor:
+        return self.law.fill_(torch.empty(n, device=device), key, start)
+
+    def _left(self, seed: int, tensor: int, row0: int, row1: int, device: torch.device):
+        """Rows row0 .. row1 of L."""
+        r = self.rank_of(tensor)
+        if not self.orthonormal:  # U's entry (i, j) is element i·r + j of its hash
+            key = derive_seed(seed, tensor, LEFT_SALT)
+            return self._draw((row1 - row0) * r, key, row0 * r, device).view(-1, r)
+        m, n = self.shapes[tensor]
+        u = self._kept_factors(self._refresh(seed), tensor, device)[1][row0:row1]
+        core = self._draw(r * r, derive_seed(seed, tensor, CORE_SALT), 0, device).view(r, r)
+        core.mul_(math.sqrt(m * n) / r)
+        out = torch.empty(u.numel(), device=device)
+        return outer_(out, u, core, 0, self._tmp(u.numel(), device)).view(-1, r)
+
+    def right(self, refresh: int, tensor: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """R (n × r) of matrix `tensor` refreshed at seed `refresh` (LOZO-M projects its
+        momentum from the old R to the new)."""
+        return self._kept_factors(refresh, tensor, torch.device(device))[0].T
+
+    def _right(self, seed: int, tensor: int, device: torch.device) -> torch.Tensor:
+        """Rᵀ (r × n, contiguous) of step seed `seed`."""
+        return self._kept_factors(self._refresh(seed), tensor, device)[0]
+
+    def _refresh(self, seed: int) -> int:
+        if seed not in self.refresh_of:
+            raise KeyError(f"step seed {seed} was not bound to a refresh seed (LowRank.bind)")
+        return self.refresh_of[seed]
+
+    def _kept_factors(self, refresh: int, tensor: int, device: torch.device) -> tuple:
+        """(Rᵀ, U or None) refreshed at seed `refresh`, from the cache or drawn."""
+        key = (refresh, tensor, device)
+        found = self._kept.get(key)
+        if found is not None:
+            return found
+        (m, n), r = self.shapes[tensor], self.rank_of(tensor)
+        right = self._draw(n * r, derive_seed(refresh, tensor, RIGHT_SALT), 0, device).view(n, r)
+        u = None
+        if self.orthonormal:
+            right = _orthonormal(right).to(device)
+            u = self._draw(m * r, derive_seed(refresh, tensor, LEFT_SALT), 0, device)
+            u = _orthonormal(u.view(m, r)).to(device)
+        found = (right.T.contiguous(), u)
+        with self._lock:
+            self._kept[key] = found
+        return found
+
+    def _tmp(self, n: int, device: torch.device) -> torch.Tensor:
+        """A per-thread float32 scratch of at least n elements."""
+        bufs = self._local.__dict__.setdefault("tmp", {})
+        buf = bufs.get(device)
+        if buf is None or buf.numel() < n:
+            buf = bufs[device] = torch.empty(max(n, 1 << 16), device=device)
+        return buf[:n]

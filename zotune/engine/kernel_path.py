@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import native
-from .directions import Gaussian, MagnitudeMask, RandomMask, seed_state
+from .directions import Gaussian, MagnitudeMask, Rademacher, RandomMask, seed_state
 
 if TYPE_CHECKING:
     from .moves import KernelUpdate, Offset, Space, Update
@@ -36,9 +36,11 @@ class KernelPath:
         self._table: KernelTable | None = None
 
     def moves(self) -> bool:
-        """Whether the kernel moves the space's float32 CPU units: the mask, if any, is one it
-        computes."""
+        """Whether the kernel moves the space's float32 CPU units: the direction is a law it
+        draws (not a low-rank one) and the mask, if any, is one it computes."""
         mask = self.space.mask
+        if not isinstance(self.space.direction, (Gaussian, Rademacher)):
+            return False
         return mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
 
     def empty(self) -> bool:

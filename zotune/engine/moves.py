@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .directions import Direction, Mask, derive_seed
+from .directions import Direction, Mask
 from .native import UpdateMode
 
 
@@ -40,7 +40,7 @@ class Block:
         """z for this block at `seed`, before any mask; cached within the block."""
         if seed not in self._raw:
             buf = self.buffer(f"z{len(self._raw)}")
-            self._space.direction.fill_(buf, derive_seed(seed, self.key), self.start)
+            self._space.direction.draw_(buf, seed, self.key, self.start)
             self.draws += 1
             self._raw[seed] = buf
         return self._raw[seed]

@@ -42,6 +42,7 @@ class EmbeddingRows:
         t = space.tensors[index]
         ok = (
             space.kernel is not None
+            and space.kernel.moves()  # (a direction the kernel draws)
             and t.dim() == 2
             and t.dtype == torch.float32
             and t.is_cpu

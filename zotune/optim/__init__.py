@@ -10,10 +10,12 @@ from .forward_grad import ForwardGrad
 from .groups import layer_groups, param_groups, split_top
 from .hparams import Hyperparameter
 from .hybrid import HybridZOFO
+from .lozo import LOZO, LOZOM
 from .mezo import MeZO
 from .registry import OPTIMIZERS, available, build, build_for, hyperparameters
 from .replay import replay
 from .sparse import RMeZO, SparseMeZO
+from .subzero import SubZero
 from .svrg import MeZOSVRG
 from .zo_bench import ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 
@@ -24,11 +26,14 @@ __all__ = [
     "FOSGD",
     "ForwardGrad",
     "HybridZOFO",
+    "LOZO",
+    "LOZOM",
     "Hyperparameter",
     "MeZO",
     "MeZOSVRG",
     "RMeZO",
     "SparseMeZO",
+    "SubZero",
     "ZOAdam",
     "ZOOptimizer",
     "ZOSGDConservative",

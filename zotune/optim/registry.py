@@ -18,8 +18,10 @@ from .forward_grad import ForwardGrad
 from .hparams import Hyperparameter, check
 from .hparams import hyperparameters as _of_class
 from .hybrid import HybridZOFO
+from .lozo import LOZO, LOZOM  # (low-rank methods)
 from .mezo import MeZO
 from .sparse import RMeZO, SparseMeZO
+from .subzero import SubZero  # (low-rank methods)
 from .svrg import MeZOSVRG
 from .zo_bench import ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 
@@ -38,6 +40,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "hybrid-zo-fo": HybridZOFO,
     "fo-sgd": FOSGD,
     "fo-adam": FOAdam,
+    # -- low-rank directions (issue 21) --
+    "lozo": LOZO,
+    "lozo-m": LOZOM,
+    "subzero": SubZero,
+    # -- end low-rank --
 }
 
 
