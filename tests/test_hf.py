@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    HfArgumentParser,
     TrainerCallback,
     TrainingArguments,
 )
@@ -19,6 +20,7 @@ from transformers import (
 import zotune
 import zotune.hf
 from zotune.hf import ZOArguments, ZOTrainer
+from zotune.optim import OPTIMIZERS, ZOOptimizer, available
 
 SAMPLE = Path(zotune.__file__).parent / "data" / "sst2" / "train.tsv"
 
@@ -126,6 +128,52 @@ def test_gradient_accumulation_is_one_estimate_over_the_window(tiny_model_dir, t
         assert r2["grads"] == pytest.approx(r1["grads"], rel=1e-3, abs=1e-3)
     losses = [[h["loss"] for h in runs[k].state.log_history if "grad_norm" in h] for k in (1, 2)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+ZO_METHODS = [m for m in available() if issubclass(OPTIMIZERS[m], ZOOptimizer)]
+
+
+@pytest.mark.parametrize("method", ZO_METHODS)
+def test_every_zo_method_trains_in_the_trainer(method, tiny_model_dir, tok, rows, tmp_path):
+    # 2 steps: mezo-svrg's full-batch step, then a minibatch one
+    t = trainer(
+        tiny_model_dir,
+        tok,
+        rows[:8],
+        tmp_path,
+        zo=ZOArguments(method),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+    )
+    start = weights(t.model)
+    t.train()
+    assert t.zo_optimizer.steps == 2 and len(t.zo_optimizer.trajectory.records) == 2
+    assert any(not torch.equal(start[k], v) for k, v in weights(t.model).items())
+
+
+def test_dropout_draws_the_same_masks_at_each_perturbation(tiny_model_dir, tok, rows, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5)
+    t = trainer(tiny_model_dir, tok, rows, tmp_path, model=model, max_steps=1)
+    t.create_optimizer()
+    batch = DataCollatorForLanguageModeling(tok, mlm=False)(rows[:4])
+    model.train()
+    assert model(**batch).loss != model(**batch).loss  # dropout is on
+    loss = t._same_noise(lambda: model(**batch).loss, 0)
+    rng = torch.get_rng_state()
+    assert loss() == loss()  # common random numbers within a step
+    assert torch.equal(torch.get_rng_state(), rng)  # the Trainer's stream is untouched
+    t.train()  # and it trains
+    assert t.zo_optimizer.steps == 1
+
+
+def test_hf_argument_parser_reads_zo_arguments(tmp_path):
+    parser = HfArgumentParser((TrainingArguments, ZOArguments))
+    _, zo = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--method", "zo-adam", "--eps", "1e-2"]
+        + ["--hparams", '{"betas": "0.9,0.99"}']
+    )
+    assert zo == ZOArguments("zo-adam", eps=1e-2, hparams={"betas": (0.9, 0.99)})
 
 
 class StopAt(TrainerCallback):
@@ -263,6 +311,7 @@ def test_peft_adapter_saved_by_the_trainer_loads(tiny_model_dir, tok, rows, tmp_
         (dict(hparams={"lr": 1e-3}), "TrainingArguments.learning_rate"),
         (dict(hparams={"betas": 0.9}), "unknown hyperparameter 'betas' for mezo"),
         (dict(method="zo-adam", hparams={"betas": "x"}), "betas must be"),
+        (dict(hparams="{betas"), "hparams is not valid JSON"),
     ],
 )
 def test_bad_zo_arguments_give_a_one_line_error(kwargs, message):

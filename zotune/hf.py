@@ -22,6 +22,7 @@ top layers inside its own step, as in `zotune train`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,7 +46,7 @@ _ELSEWHERE = {
     "eps": "ZOArguments.eps",
     "queries": "ZOArguments.queries",
     "direction": "ZOArguments.direction",
-    "seed": "ZOArguments.seed",
+    "seed": "TrainingArguments.seed",
 }
 _NOISE_KEY = 0x44524F50  # the step's dropout seed: derive_seed(seed, step, _NOISE_KEY)
 
@@ -60,25 +61,26 @@ class ZOArguments:
     The learning rate, weight decay and LR schedule are TrainingArguments' (`learning_rate`,
     `weight_decay`, `lr_scheduler_type`, `warmup_steps`...): ZO methods want far smaller rates
     than the Trainer's default 5e-5 for full fine-tuning (MeZO: 1e-7 to 1e-6; LoRA or prefix
-    tuning: 1e-4 to 1e-2).
+    tuning: 1e-4 to 1e-2). TrainingArguments.seed seeds the random directions (and each step's
+    dropout masks; `data_seed`, if set, the data order).
 
     Args:
         method: a zotune method (`zotune.optim.available()`), first-order ones excepted.
         eps: the perturbation scale ε.
         queries: q, random directions averaged per step.
         direction: the law of z, "gaussian" or "rademacher".
-        seed: seeds the directions (and the step's dropout masks); None: TrainingArguments.seed.
         hparams: the method's other hyperparameters (`zotune.optim.hyperparameters(method,
             for_model=True)`), e.g. {"betas": (0.9, 0.999)} for zo-adam, {"sparsity": 0.8,
-            "mask": "magnitude"} for sparse-mezo; values may be text ("0.9,0.999").
+            "mask": "magnitude"} for sparse-mezo; values may be text ("0.9,0.999"), and the
+            whole a JSON object as text (`--hparams '{"betas": "0.9,0.99"}'`).
     """
 
     method: str = "mezo"
     eps: float = 1e-3
     queries: int = 1
     direction: str = "gaussian"
-    seed: int | None = None
-    hparams: dict[str, Any] = field(default_factory=dict)
+    # (or a JSON object as text, as HfArgumentParser passes it from a command line)
+    hparams: dict[str, Any] | str | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = hyperparameters(self.method, for_model=True)  # ValueError: unknown method
@@ -99,14 +101,18 @@ class ZOArguments:
             raise ValueError(
                 f"unknown direction '{self.direction}': choose one of {', '.join(DIRECTIONS)}"
             )
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        for key in self.hparams:
+        hparams = {} if self.hparams is None else self.hparams
+        if isinstance(hparams, str):
+            try:
+                hparams = json.loads(hparams)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"hparams is not valid JSON: {e}") from None
+        if not isinstance(hparams, dict):
+            raise ValueError(f"hparams must be a dict (or a JSON object as text), got {hparams!r}")
+        for key in hparams:
             if key in _ELSEWHERE:
                 raise ValueError(f"set {key} as {_ELSEWHERE[key]}, not in ZOArguments.hparams")
-        self.hparams = check(self.method, spec, dict(self.hparams))
+        self.hparams = check(self.method, spec, dict(hparams))
 
 
 class _SteppedInTrainingStep(torch.optim.Optimizer):
@@ -160,13 +166,13 @@ class ZOTrainerMixin:
                 "ZOTrainer builds its optimizer from zo_args: pass optimizers=(None, scheduler)"
             )
         super().__init__(*args, **kwargs)
-        args_ = self.args  # type: ignore[attr-defined]
+        args_ = self.args
         if args_.fp16:
             raise ValueError(
                 "fp16=True scales gradients, and a ZO step has none: use bf16=True, or load "
                 "the model in float16"
             )
-        if args_.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:  # type: ignore[attr-defined]
+        if args_.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("ZOTrainer runs in one process (no DDP, DeepSpeed or FSDP)")
         self._micro: list[dict[str, Any]] = []  # the accumulation window's micro-batches so far
         self._micro_step = -1  # the global step they belong to
@@ -174,7 +180,7 @@ class ZOTrainerMixin:
     @property
     def zo_optimizer(self) -> ZOOptimizer | None:
         """The zotune optimizer (its trajectory, step count, forward passes), once built."""
-        opt = self.optimizer  # type: ignore[attr-defined]
+        opt = self.optimizer
         while opt is not None and not isinstance(opt, _SteppedInTrainingStep):
             opt = getattr(opt, "optimizer", None)  # (accelerate's AcceleratedOptimizer)
         return None if opt is None else opt.zo
@@ -182,14 +188,14 @@ class ZOTrainerMixin:
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """The zotune optimizer over the model's trainable parameters (`build_for`), at the
         Trainer's learning rate and weight decay; the Trainer's LR scheduler then drives it."""
-        if self.optimizer is None:  # type: ignore[has-type]
-            zo, args = self.zo_args, self.args  # type: ignore[attr-defined]
+        if self.optimizer is None:
+            zo, args = self.zo_args, self.args
             if zo.method == "mezo-svrg" and args.dataloader_persistent_workers:
                 raise ValueError(
                     "mezo-svrg's full-batch loss needs dataloader_persistent_workers=False"
                 )
             opt = build_for(
-                self.model if model is None else model,  # type: ignore[attr-defined]
+                self.model if model is None else model,
                 zo.method,
                 weight_decay=args.weight_decay,
                 full_loss=self._full_training_loss,
@@ -197,10 +203,10 @@ class ZOTrainerMixin:
                 eps=zo.eps,
                 queries=zo.queries,
                 direction=zo.direction,
-                seed=args.seed if zo.seed is None else zo.seed,
+                seed=args.seed,
                 **zo.hparams,
             )
-            self.optimizer = _SteppedInTrainingStep(opt)  # type: ignore[arg-type]
+            self.optimizer = _SteppedInTrainingStep(opt)
         return self.optimizer
 
     def training_step(
@@ -213,11 +219,11 @@ class ZOTrainerMixin:
         over all of them. Returns the step's loss then (the mean of the losses it evaluated,
         ≈ L(θ)), 0 before, so the Trainer's logged loss is the step's."""
         model.train()
-        if self.state.global_step != self._micro_step:  # type: ignore[attr-defined]
-            self._micro, self._micro_step = [], self.state.global_step  # type: ignore[attr-defined]
-        self._micro.append(self._prepare_inputs(inputs))  # type: ignore[attr-defined]
-        device = self.args.device  # type: ignore[attr-defined]
-        if not self.accelerator.sync_gradients:  # type: ignore[attr-defined]
+        if self.state.global_step != self._micro_step:
+            self._micro, self._micro_step = [], self.state.global_step
+        self._micro.append(self._prepare_inputs(inputs))
+        device = self.args.device
+        if not self.accelerator.sync_gradients:
             return torch.zeros((), device=device)  # more micro-batches of this step to come
         micro, self._micro = self._micro, []
         # The Trainer backpropagates Σ_k ℓ_k, each ℓ_k scaled for accumulation by the loss
@@ -240,7 +246,7 @@ class ZOTrainerMixin:
         if "grad_norm" in logs and zo is not None and zo.trajectory.records:
             grads = zo.trajectory.records[-1].get("grads") or [0.0]
             logs["grad_norm"] = sum(abs(g) for g in grads) / len(grads)
-        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+        super().log(logs, *args, **kwargs)
 
     # -- helpers ------------------------------------------------------------------------
     def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
@@ -258,9 +264,9 @@ class ZOTrainerMixin:
         self, model: torch.nn.Module, num_items: Any, factor: int, inputs: dict[str, Any]
     ) -> torch.Tensor:
         kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
-        with self.compute_loss_context_manager():  # type: ignore[attr-defined]
-            loss = self.compute_loss(model, dict(inputs), **kwargs)  # type: ignore[attr-defined]
-        if self.args.n_gpu > 1:  # type: ignore[attr-defined]
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, dict(inputs), **kwargs)
+        if self.args.n_gpu > 1:
             loss = loss.mean()
         return loss * factor if factor != 1 else loss
 
@@ -272,7 +278,7 @@ class ZOTrainerMixin:
         zo = self.zo_optimizer
         assert zo is not None
         seed = derive_seed(zo.seed, zo.steps, _NOISE_KEY, *key)
-        device = self.args.device  # type: ignore[attr-defined]
+        device = self.args.device
         cuda = [device] if device.type == "cuda" else []
 
         def closure() -> Any:
@@ -288,14 +294,14 @@ class ZOTrainerMixin:
         return float(self._same_noise(self._training_set_loss, -1)())
 
     def _training_set_loss(self) -> float:
-        loader = self.get_eval_dataloader(self.train_dataset)  # type: ignore[attr-defined]
-        model = self.model_wrapped  # type: ignore[attr-defined]
+        loader = self.get_eval_dataloader(self.train_dataset)
+        model = self.model_wrapped
         total, rows = 0.0, 0
         for inputs in loader:
-            inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
+            inputs = self._prepare_inputs(inputs)
             n = find_batch_size(inputs) or 1
-            with self.compute_loss_context_manager():  # type: ignore[attr-defined]
-                total += float(self.compute_loss(model, inputs).detach()) * n  # type: ignore[attr-defined]
+            with self.compute_loss_context_manager():
+                total += float(self.compute_loss(model, inputs).detach()) * n
             rows += n
         return total / max(rows, 1)
 
