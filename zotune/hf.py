@@ -159,13 +159,11 @@ class ZOTrainerMixin:
         self.zo_args = ZOArguments() if zo_args is None else zo_args
         if not isinstance(self.zo_args, ZOArguments):
             raise ValueError(f"zo_args must be a ZOArguments, got {type(self.zo_args).__name__}")
-        if kwargs.get("optimizers", (None, None))[0] is not None or kwargs.get(
-            "optimizer_cls_and_kwargs"
-        ):
+        super().__init__(*args, **kwargs)
+        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
             raise ValueError(
                 "ZOTrainer builds its optimizer from zo_args: pass optimizers=(None, scheduler)"
             )
-        super().__init__(*args, **kwargs)
         args_ = self.args
         if args_.fp16:
             raise ValueError(
@@ -264,7 +262,7 @@ class ZOTrainerMixin:
         self, model: torch.nn.Module, num_items: Any, factor: int, inputs: dict[str, Any]
     ) -> torch.Tensor:
         kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager():  # (a copy: compute_loss may pop "labels")
             loss = self.compute_loss(model, dict(inputs), **kwargs)
         if self.args.n_gpu > 1:
             loss = loss.mean()
