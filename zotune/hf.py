@@ -17,7 +17,9 @@ every evaluation of the loss is then the sum of the K micro-batch losses, scaled
 Trainer scales them for backward, under the same perturbation — one estimate over the K·b
 examples, as `zotune train --grad-accum` does. The Trainer's own `optimizer.step()` that
 follows finds nothing left to do. Nothing calls backward (hybrid-zo-fo backpropagates its
-top layers inside its own step, as in `zotune train`).
+top layers inside its own step, as in `zotune train`). The model is in train mode, as in any
+Trainer step, and every loss of a step sees the same random numbers, so dropout masks are the
+same at each perturbation. docs/hf.md lists what is supported and what is refused.
 """
 
 from __future__ import annotations
