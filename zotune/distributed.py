@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -206,7 +207,9 @@ class World:
         try:
             fn(*args)
         except RuntimeError as e:  # gloo: a closed connection or a timeout
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            # gloo's first sentence, without its source location
+            detail = re.sub(r"^\[[^\]]*\] ", "", detail).split(". ")[0][:200]
             raise RankFailed(
                 f"rank {self.rank} of {self.size}: another rank stopped answering during {what} "
                 f"(it exited, or took longer than {TIMEOUT_ENV}={self.timeout:g} s): {detail}"
@@ -291,7 +294,12 @@ def launched(cfg: Any) -> Iterator[World]:
         return
     cfg.validate()
     data, queries = check(cfg, size)
-    timeout = float(os.environ.get(TIMEOUT_ENV, "1800"))
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV, "1800"))
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise ConfigError(f"{TIMEOUT_ENV} must be a number of seconds > 0")
     if ours:
         missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
