@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from zotune import distributed
 from zotune.cli import main
+from zotune.engine.estimators import ESTIMATORS, Estimate, combine
+from zotune.engine.space import ParameterSpace
 from zotune.settings import ConfigError
 from zotune.train import TrainConfig, train
 
@@ -39,13 +41,17 @@ CASES = {  # name: the settings of each case; 2 ranks split --grad-accum 2, or e
 }
 KILLED = ["--method", "mezo", "--grad-accum", "2", "--steps", "1000", "--save-every", "4"]
 
-# Rank 1 runs the cases in turn, each on its own port (the CLI joins and leaves a group).
+# Rank 1 runs the cases in turn, each on its own port, in a process group it makes itself (as
+# a Python user of `zotune.train.train` may); rank 0 lets the CLI join and leave one.
 WORKER = """
 import json, os, sys
+import torch.distributed as dist
 from zotune.cli import main
 for port, argv in json.loads(sys.argv[1]):
     os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo")
     main(argv)
+    dist.destroy_process_group()
 """
 
 
@@ -195,3 +201,28 @@ def test_the_rank_grid_splits_micro_batches_first_then_queries():
     assert distributed.grid(6, 4, 3) == (2, 3)
     with pytest.raises(ConfigError):
         distributed.grid(4, 2, 1)
+
+
+@pytest.mark.parametrize("estimator", ["two-sided", "one-sided"])
+def test_estimates_of_slices_of_the_seeds_combine_into_the_estimate_of_all(estimator):
+    """Query parallelism's arithmetic: each rank's slice of the seeds, from the same θ, merged."""
+    torch.manual_seed(0)
+    w = torch.randn(1000)
+    space = ParameterSpace([w])
+    closure = lambda: float((w - 0.5).square().sum())  # noqa: E731
+    seeds = [11, 12, 13, 14]
+
+    def run(part: list[int]) -> Estimate:
+        est = ESTIMATORS[estimator](space, closure, part, 1e-2)
+        space.transition(est.pending, None)
+        return est
+
+    whole = run(seeds)
+    merged = combine(estimator, [run(seeds[:2]), run(seeds[2:])])
+    assert (merged.seeds, merged.grads, merged.loss, merged.losses, merged.forward_passes) == (
+        whole.seeds,
+        whole.grads,
+        whole.loss,
+        whole.losses,
+        whole.forward_passes,
+    )

@@ -21,7 +21,8 @@ Evaluation and MeZO-SVRG's full-batch loss are sharded by batches over all ranks
 Rank 0 writes the run directory; the other ranks write theirs to a temporary folder, deleted at
 the end. The scalars travel over gloo (they are host floats, also when the model is on a GPU).
 A rank that dies or stops answering for ZOTUNE_DIST_TIMEOUT seconds (default 1800) ends the run
-on every rank with `RankFailed`, after rank 0 checkpoints the last completed step.
+on every rank with `RankFailed` (rank 0 first checkpoints the last completed step when the
+failure came inside a step, which is undone).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class World:
     data: int = 1  # D: ranks splitting each step's micro-batches
     queries: int = 1  # Q: ranks splitting each step's directions
     timeout: float = 0.0
+    group: Any = field(default=None, repr=False)  # a gloo group of all ranks (None: the default)
     scratch: Path | None = field(default=None, repr=False)
 
     @property
@@ -105,7 +107,9 @@ class World:
         if self.size == 1:
             return value
         box = [value]
-        self._collective("agreeing on the run", torch.distributed.broadcast_object_list, box, 0)
+        self._collective(
+            "agreeing on the run", torch.distributed.broadcast_object_list, box, 0, group=self.group
+        )
         return box[0]
 
     def run_dir(self, out: Path, resume: bool) -> Path:
@@ -184,7 +188,9 @@ class World:
             return [fn(item) for item in items]
         mine = [fn(items[i]) for i in range(self.rank, len(items), self.size)]
         gathered: list[Any] = [None] * self.size
-        self._collective(what, torch.distributed.all_gather_object, gathered, mine)
+        self._collective(
+            what, torch.distributed.all_gather_object, gathered, mine, group=self.group
+        )
         return [gathered[i % self.size][i // self.size] for i in range(len(items))]
 
     def evaluate(self, objective: Any, examples: Sequence[Any], batch_size: int) -> dict:
@@ -200,12 +206,12 @@ class World:
     def _gather(self, values: torch.Tensor, what: str) -> torch.Tensor:
         """Every rank's `values` (same shape on all), stacked in rank order."""
         out = [torch.empty_like(values) for _ in range(self.size)]
-        self._collective(what, torch.distributed.all_gather, out, values)
+        self._collective(what, torch.distributed.all_gather, out, values, group=self.group)
         return torch.stack(out)
 
-    def _collective(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    def _collective(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except RuntimeError as e:  # gloo: a closed connection or a timeout
             detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
             # gloo's first sentence, without its source location
@@ -308,10 +314,13 @@ def launched(cfg: Any) -> Iterator[World]:
             dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
         except RuntimeError as e:
             raise RankFailed(f"rank {rank} could not join the process group: {e}") from None
+    group = None
+    if not ours and "gloo" not in str(dist.get_backend()):  # e.g. the caller's NCCL group
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     if torch.cuda.is_available():  # one GPU per rank of a node (ranks may share one)
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local % torch.cuda.device_count())
-    _current = World(rank, size, data, queries, timeout)
+    _current = World(rank, size, data, queries, timeout, group)
     try:
         with contextlib.ExitStack() as stack:
             if rank:  # rank 0 alone prints; every rank's errors still go to stderr
@@ -322,5 +331,7 @@ def launched(cfg: Any) -> Iterator[World]:
         if _current.scratch is not None:
             shutil.rmtree(_current.scratch, ignore_errors=True)
         _current = World()
+        if group is not None:
+            dist.destroy_process_group(group)
         if ours:
             dist.destroy_process_group()
