@@ -105,7 +105,7 @@ def launched(tiny_model_dir, tmp_path_factory):
         rank1 = subprocess.Popen(
             [sys.executable, "-c", WORKER, json.dumps(cases)],
             env={**os.environ, **env, "RANK": "1", "LOCAL_RANK": "1", "OMP_NUM_THREADS": "1",
-                 "PYTHONPATH": os.pathsep.join(sys.path)},
+                 "PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(root)},  # (its scratch)
             stdout=subprocess.DEVNULL,
             stderr=f,
         )  # fmt: skip
