@@ -92,6 +92,7 @@ def _pct(metrics: dict[str, float]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launched_rank
     from .train import train
 
     if args.resume:
@@ -99,6 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args, demo=args.demo)
     summary = train(cfg, quiet=args.quiet, resume=bool(args.resume))
+    if launched_rank() != 0:  # under torchrun, rank 0 reports the run
+        return 0
     metric = next(iter(summary["dev"]), None)
     if metric:
         print(

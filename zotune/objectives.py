@@ -145,6 +145,11 @@ class Objective:
         with torch.no_grad():
             for i in range(0, len(examples), batch_size):
                 preds.extend(self.predict(examples[i : i + batch_size]))
+        return self.metrics(examples, preds)
+
+    def metrics(self, examples: Sequence[Example], preds: list) -> dict[str, float]:
+        """`evaluate`'s metrics from the predictions of `examples`, in order (a data-parallel
+        run predicts its batches on several ranks, then scores them here)."""
         n = max(len(examples), 1)
         if self.task_kind == "generation":
             f1 = sum(squad_f1(p, ex.answers) for p, ex in zip(preds, examples)) / n

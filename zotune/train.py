@@ -23,8 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import checkpoint, optim, recipes
-from .engine.estimators import MicroBatches
+from . import checkpoint, distributed, optim, recipes
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
 from .reporting import open_reporters, provenance
@@ -99,7 +98,9 @@ class TrainConfig:
     )
     warmup_steps: int = setting(0, "steps of linear warmup from 0 before the schedule")
     grad_accum: int = setting(
-        1, "micro-batches of --batch-size per step, under one direction (gradient accumulation)"
+        1,
+        "micro-batches of --batch-size per step, under one direction (gradient accumulation; "
+        "under torchrun, split among the ranks)",
     )
     full_batch_rows: int = setting(
         0,
@@ -376,12 +377,15 @@ def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
     if 0 < cfg.full_batch_rows < len(examples):
         pick = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
         examples = [examples[i] for i in sorted(pick[: cfg.full_batch_rows].tolist())]
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
 
     def closure() -> float:
-        total = 0.0
-        for i in range(0, len(examples), size):
-            chunk = examples[i : i + size]
-            total += float(objective.loss(chunk)) * len(chunk)
+        total = 0.0  # (with several ranks, each computes some of the chunks)
+        sums = distributed.world().map(
+            lambda chunk: float(objective.loss(chunk)) * len(chunk), chunks, "the full-batch loss"
+        )
+        for value in sums:
+            total += value
         return total / len(examples)
 
     return closure
@@ -474,13 +478,20 @@ def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dic
     """Run one fine-tuning job in `cfg.out`; returns the summary. The run directory is written
     in place as the run goes (config, metrics, checkpoints, summary with its status); with
     `resume`, an interrupted run in `cfg.out` goes on from its last checkpoint, bit for bit as
-    if it had never stopped."""
+    if it had never stopped. Under torchrun, the ranks share each step (`zotune.distributed`)."""
+    with distributed.launched(cfg) as world:
+        return _train(cfg, quiet=quiet or not world.writes, resume=resume)
+
+
+def _train(cfg: TrainConfig, *, quiet: bool, resume: bool) -> dict[str, Any]:
     cfg.validate()
     if cfg.out is None:
-        cfg.out = f"runs/{Path(cfg.model).name}-{Path(cfg.task).stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.out = distributed.world().same(
+            f"runs/{Path(cfg.model).name}-{Path(cfg.task).stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
     if not resume and Path(cfg.model).exists():  # a local model: found again from anywhere
         cfg.model = str(Path(cfg.model).resolve())
-    out = Path(cfg.out)
+    out = distributed.world().run_dir(Path(cfg.out), resume)  # rank 0's, or a scratch folder
     if resume:
         if cfg.method in BASELINES:
             raise ConfigError(f"{cfg.method} trains nothing: there is nothing to resume")
@@ -648,7 +659,10 @@ def _run(
     quiet: bool,
 ) -> dict[str, Any]:
     model = loaded.model
-    evaluate = lambda examples: objective.evaluate(examples, batch_size=cfg.eval_batch_size)  # noqa: E731
+    world = distributed.world()
+    world.split_queries(opt)
+    stop = world.agreed(stop)
+    evaluate = lambda examples: world.evaluate(objective, examples, cfg.eval_batch_size)  # noqa: E731
     resumed = state is not None
     if state is None:
         record = {**asdict(cfg), "provenance": provenance()}
@@ -663,7 +677,7 @@ def _run(
         if cfg.keep == "best" and not getattr(opt, "replayable", False):
             _save_weights(model, opt, out / "best.safetensors", 0)  # until a step beats it
     # metrics.jsonl always (the run's own record); rows past a checkpoint are computed again
-    targets = ["jsonl", *parse_report_targets(cfg.report_to)]
+    targets = ["jsonl", *(parse_report_targets(cfg.report_to) if world.writes else [])]
     config = yaml.safe_load((out / "config.yaml").read_text())
     log = open_reporters(out, targets, config, resume_step=state.step if resumed else None)
     progress = _Progress(cfg.steps, quiet, done=state.step)
@@ -686,9 +700,10 @@ def _run(
         nonlocal saved_at, saved_step, save_cost
         t0 = time.time()
         state.wall_seconds = earlier + t0 - start
-        checkpoint.save(out, model, opt, scheduler, state)
-        if getattr(opt, "replayable", False):
-            opt.trajectory.save(out / "trajectory.zot")
+        if world.writes:
+            checkpoint.save(out, model, opt, scheduler, state)
+            if getattr(opt, "replayable", False):
+                opt.trajectory.save(out / "trajectory.zot")
         saved_at, saved_step = time.time(), state.step
         save_cost = saved_at - t0
 
@@ -698,17 +713,13 @@ def _run(
         # (a second Ctrl-C stops mid-step: the last checkpoint's step is where a resume starts)
         status = {"status": "interrupted", "step": saved_step, "steps": cfg.steps}
         _write_json(out / "summary.json", status)
-        return Interrupted(out, saved_step, signum)
+        return Interrupted(Path(cfg.out), saved_step, signum)
 
     try:
         for step in range(state.step + 1, cfg.steps + 1):
             batch = [task.train[i] for i in next(batch_iter)]
             micro = [batch[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(k)]
-            closure = (
-                (lambda b=batch: loss_fn(b))
-                if k == 1
-                else MicroBatches([lambda b=b: loss_fn(b) for b in micro])
-            )
+            closure = world.closure(loss_fn, micro)  # one process: MicroBatches when k > 1
             t0 = time.perf_counter()
             before, before_s = objective.forward_passes, objective.forward_seconds
             before_tokens = objective.forward_tokens
@@ -719,8 +730,8 @@ def _run(
             seconds = time.perf_counter() - t0
             state.step_seconds += seconds
             state.forward_seconds += objective.forward_seconds - before_s
-            state.train_forwards += objective.forward_passes - before
-            state.train_tokens += objective.forward_tokens - before_tokens
+            state.train_forwards += world.step_end(stop, objective.forward_passes - before)
+            state.train_tokens += objective.forward_tokens - before_tokens  # (this rank's)
             state.step = step
             row: dict[str, Any] = {
                 "step": step,
@@ -761,6 +772,12 @@ def _run(
                 raise interrupted(stop["signal"])
     except KeyboardInterrupt:
         raise interrupted(signal.SIGINT) from None
+    except distributed.RankFailed as e:
+        if opt.steps == state.step == step - 1:  # it failed inside a step, which was undone
+            save()
+        interrupted(0)
+        resume = f"resume it from its last checkpoint with `zotune train --resume {cfg.out}`"
+        raise distributed.RankFailed(f"{e}; {resume}") from None
     progress.close()
     log.close()
     state.wall_seconds = earlier + time.time() - start
@@ -770,7 +787,7 @@ def _run(
     if "test" not in best:  # no step beat zero-shot on dev: report the initial model
         best["test"] = state.zero_shot_test
     kept = best["step"] if cfg.keep == "best" else cfg.steps
-    if cfg.save_weights:
+    if cfg.save_weights and world.writes:
         _keep_weights(cfg, model, opt, out, kept)
     shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # the run is complete
     (out / "best.safetensors").unlink(missing_ok=True)

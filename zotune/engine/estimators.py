@@ -53,11 +53,22 @@ class MicroBatches:
         self.losses = list(losses)
 
     def __call__(self) -> float:
+        return self.mean([loss_value(loss()) for loss in self.losses])
+
+    @staticmethod
+    def mean(values: Sequence[float]) -> float:
+        """The mean of the micro-batch losses, summed in float64 in micro-batch order. A
+        data-parallel run (`zotune.distributed`) combines its ranks' micro-batch losses with
+        this same function, so it gets the same bits as one process accumulating them."""
         total = 0.0
-        for loss in self.losses:
-            value = loss()
-            total += float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-        return total / len(self.losses)
+        for value in values:
+            total += value
+        return total / len(values)
+
+
+def loss_value(value: float | torch.Tensor) -> float:
+    """A closure's loss (a tensor or a number) as a float."""
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def evaluate(closure: Closure) -> float:
@@ -108,6 +119,21 @@ def one_sided(
         space.transition(pending, None)
         raise
     return Estimate(list(seeds), grads, base, len(losses), pending, losses)
+
+
+def combine(estimator: str, parts: Sequence[Estimate]) -> Estimate:
+    """One estimate from the estimates of consecutive slices of a step's seeds, each made from
+    the same θ (query parallelism: each rank evaluates its slice): the same numbers, summed in
+    the same order, as one call of `estimator` with all the seeds. `pending` is left unset (each
+    part left its own weights perturbed). One-sided parts each evaluated L(θ), counted once."""
+    seeds = [s for part in parts for s in part.seeds]
+    grads = [g for part in parts for g in part.grads]
+    if estimator == "two-sided":
+        losses = [v for part in parts for v in part.losses]
+        return Estimate(seeds, grads, sum(losses) / len(losses), len(losses), None, losses)
+    base = parts[0].losses[0]
+    losses = [base, *(v for part in parts for v in part.losses[1:])]
+    return Estimate(seeds, grads, base, len(losses), None, losses)
 
 
 ESTIMATORS = {"two-sided": two_sided, "one-sided": one_sided}
