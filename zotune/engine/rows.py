@@ -155,6 +155,9 @@ class EmbeddingRows:
             kind = kinds.KEPT
         else:
             kind = kinds.MAGNITUDE if isinstance(mask, MagnitudeMask) else kinds.RANDOM
+        # a magnitude mask's ties at |θ| = h are hashed under the random mask's key
+        tie = mask.tie_limit(key) if kind == kinds.MAGNITUDE else 0
+        hashed = kind == kinds.RANDOM or (kind == kinds.MAGNITUDE and tie < MagnitudeMask.ALL)
         gaussian = isinstance(space.direction, Gaussian)
         move = native.RowMove(
             flat=t.data_ptr(),
@@ -177,8 +180,8 @@ class EmbeddingRows:
             mask_h=mask.thresholds[key] if kind == kinds.MAGNITUDE else 0.0,
             mask_in=native.bptr(mask_in),
             mask_out=native.bptr(mask_out),
-            mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if kind == kinds.RANDOM else 0,
-            mask_limit=mask.limit if kind == kinds.RANDOM else 0,
+            mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if hashed else 0,
+            mask_limit=mask.limit if kind == kinds.RANDOM else tie,
         )
         return move, (bits, scratch, mask_out, rows, kept)
 

@@ -93,8 +93,8 @@ class BlockwiseZO(ZOOptimizer):
             "wd": [g["weight_decay"] for g in groups],
         }
         losses = []
+        self.begin_step()
         for b, space in enumerate(self.blocks):
-            space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
             est = two_sided(space, closure, [self.block_seed(b)], self.eps)
             record["grads"].append(est.grads[0])
             space.transition(
@@ -107,8 +107,8 @@ class BlockwiseZO(ZOOptimizer):
         return sum(losses) / len(losses)
 
     def apply(self, record: dict[str, Any], pending=None) -> None:
+        self.begin_step()
         for b, (space, g) in enumerate(zip(self.blocks, record["grads"])):
-            space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
             space.transition(None, None, self.update_for([(self.block_seed(b), g)], record))
         self.trajectory.append(record)
         self.steps += 1

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine.directions import derive_seed
 from ..engine.estimators import Closure, two_sided
 from ..engine.rules import SGD
 from .base import ZOOptimizer
@@ -104,7 +103,7 @@ class MeZOSVRG(ZOOptimizer):
     def step(self, closure: Closure) -> float:  # type: ignore[override]
         seeds = self.step_seeds(1)
         groups = self.param_groups
-        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)  # as `apply`
+        self.begin_step()
         if self.steps % self.refresh == 0:
             if self.full_closure is None:
                 raise ValueError(

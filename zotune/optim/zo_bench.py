@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ..engine.directions import derive_seed
 from ..engine.estimators import Closure, evaluate
 from ..engine.rules import SGD, Adam, Momentum, Sign
 from ..engine.space import Offset
@@ -92,7 +91,7 @@ class ZOSGDConservative(ZOOptimizer):
     def step(self, closure: Closure) -> float:  # type: ignore[override]
         if closure is None:
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
+        self.begin_step()
         base = evaluate(closure)
         if len({grp["lr"] for grp in self.param_groups}) > 1:  # (before any move of the weights)
             raise ValueError("zo-sgd-cons needs one learning rate for all groups")
