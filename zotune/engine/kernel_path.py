@@ -37,9 +37,10 @@ class KernelPath:
 
     def moves(self) -> bool:
         """Whether the kernel moves the space's float32 CPU units: the mask, if any, is one it
-        computes."""
+        computes, and z is not scaled per element (HiZOO's preconditioner: torch path)."""
         mask = self.space.mask
-        return mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
+        known = mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
+        return known and self.space.z_scale is None
 
     def empty(self) -> bool:
         return self.records.empty()

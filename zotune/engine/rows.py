@@ -37,7 +37,7 @@ class EmbeddingRows:
     def enable(self, index: int) -> bool:
         """Make tensor `index`, a [rows × width] table that the model reads only by row
         lookups, row-lazy. Returns False where this does not apply (no C kernel, not 2-D
-        float32 on the CPU, a width that is not a multiple of 8, a custom mask, perturbed)."""
+        float32 on the CPU, a width that is not a multiple of 8, a custom mask, a scale of z, perturbed)."""
         space = self.space
         t = space.tensors[index]
         ok = (
@@ -47,6 +47,7 @@ class EmbeddingRows:
             and t.is_cpu
             and t.shape[1] % 8 == 0
             and (space.mask is None or isinstance(space.mask, (MagnitudeMask, RandomMask)))
+            and space.z_scale is None
             and space.at is None
         )
         if ok:

@@ -11,10 +11,13 @@ from typing import Any
 
 import torch
 
+from .adamezo import AdaMeZO
 from .base import ZOOptimizer
 from .blockwise import BlockwiseZO
 from .fo import FOSGD, FOAdam
 from .forward_grad import ForwardGrad
+from .fzoo import FZOO
+from .hizoo import HiZOO
 from .hparams import Hyperparameter, check
 from .hparams import hyperparameters as _of_class
 from .hybrid import HybridZOFO
@@ -39,6 +42,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "fo-sgd": FOSGD,
     "fo-adam": FOAdam,
 }
+
+# -- newer methods (issue 21: FZOO, HiZOO, AdaMeZO) --
+OPTIMIZERS.update({"fzoo": FZOO, "hizoo": HiZOO, "adamezo": AdaMeZO})
+# -- end newer methods --
 
 
 def available() -> list[str]:
