@@ -12,6 +12,7 @@ the optimizer's `state` (torch.optim convention), so their memory is stated per 
 | momentum | m ← βm + ĝ;  θ ← θ - η(m + λθ)                            | 1 × params   |
 | sign     | θ ← θ - η(sign(ĝ) + λθ)                                   | none         |
 | adam     | m, v ← EMAs of ĝ, ĝ²;  θ ← θ - η(m̂/(√v̂ + δ) + λθ)        | 2 × params   |
+| hf-adamw | adam with HF's ε placement and decay after the step     | 2 × params   |
 | window-adam | m, v rebuilt from the last W (seed, g) pairs; as adam     | none (W regenerations) |
 """
 
@@ -150,6 +151,30 @@ class Adam(Rule):
         denom = (v * (1 / (1 - self.beta2**t))).double().sqrt_().float().add_(self.delta)
         _decay(block, lr, weight_decay)
         block.theta.sub_((m / denom).mul_(lr / (1 - self.beta1**t)))
+
+
+@dataclass
+class HFAdamW(Rule):
+    """AdamW as Hugging Face's `transformers.AdamW` (`adamw_hf`, the Trainer's default, which
+    ZO-Bench's released sweeps fell through to): denominator √v + δ before bias correction,
+    step η·√(1 − β2^t)/(1 − β1^t), decay θ ← θ − ηλθ after the step. Torch ops only."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    delta: float = 1e-8
+    name = "hf-adamw"
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        g = estimate(block, coeffs)
+        m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
+        m.mul_(self.beta1).add_(g * (1 - self.beta1))
+        v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
+        t = step + 1
+        size = lr * (1 - self.beta2**t) ** 0.5 / (1 - self.beta1**t)
+        denom = v.double().sqrt_().float().add_(self.delta)
+        block.theta.sub_((m / denom).mul_(size))
+        _decay(block, lr, weight_decay)
 
 
 @dataclass

@@ -307,10 +307,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         if pending is None:  # (a replay: the weights are at this step's θ0)
             self.begin_step()
         else:
-            self.space.mask_seed = derive_seed(self.seed, self.steps, MASK_SALT)
+            self.space.mask_seed = derive_seed(self.seed, self.mask_step(), MASK_SALT)
         self.space.transition(pending, None, self.update_for(self.coefficients(record), record))
         self.trajectory.append(record)
         self.steps += 1
+
+    def mask_step(self) -> int:
+        """The step whose seed draws this step's random mask (R-MeZO may keep one a while)."""
+        return self.steps
 
     def begin_step(self) -> None:
         """Before a step's first move, at θ0: set the step's mask seed in every space and let a
@@ -320,7 +324,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if isinstance(mask, MagnitudeMask):
             mask.refresh(self.space.tensors, self.space.keys)
         for space in self.spaces():
-            space.mask_seed = derive_seed(self.seed, self.steps, MASK_SALT)
+            space.mask_seed = derive_seed(self.seed, self.mask_step(), MASK_SALT)
 
     def update_for(self, coeffs: list[tuple[int, float]], record: dict[str, Any]) -> Update | None:
         """The engine update of this optimizer's rule for ĝ = Σ c_k z_k (None if no coefficient)."""
