@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,33 @@ def test_new_methods_reduce_the_loss(method, lr):
     with torch.no_grad():
         end = torch.nn.functional.mse_loss(model(x), y).item()
     assert end < 0.3 * start, f"{method}: {start:.4f} -> {end:.4f}"
+
+
+def test_zotune_methods_lists_every_method_with_its_forwards_and_a_line(capsys):
+    from zotune.optim import available
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["method", "forwards/step"]
+    listed = {line.split()[0]: line for line in lines[1:]}
+    assert set(listed) == set(available())
+    for name in available():
+        cls = zotune.optim.OPTIMIZERS[name]
+        assert cls.summary and cls.forwards, name  # set on the class, read by the CLI
+        assert cls.forwards in listed[name] and cls.summary in listed[name]
+    docs = (Path(__file__).parents[2] / "docs/methods.md").read_text()
+    assert all(f"`{name}`" in docs for name in available())  # and documented
+
+
+def test_the_stated_forwards_are_what_a_step_costs():
+    from test_methods import _tiny
+
+    for name in zotune.optim.available():
+        model, loss = _tiny("llama")
+        hp = {} if name.startswith("fo-") else {"eps": 1e-2}
+        opt = zotune.optim.build_for(model, name, lr=1e-3, full_loss=loss, **hp)
+        opt.step(loss)
+        if name == "zo-blockwise":
+            assert opt.forward_passes == 2 * len(opt.blocks) and opt.forwards == "2 × blocks"
+            continue
+        assert str(opt.forward_passes) in opt.forwards, (name, opt.forward_passes, opt.forwards)

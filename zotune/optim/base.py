@@ -68,6 +68,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     name = "zo"
+    summary: ClassVar[str] = ""  # one line for `zotune methods` (each registered class sets it)
+    forwards: ClassVar[str] = ""  # forward passes per step at the defaults, as text
     replayable = True  # a trajectory of this optimizer rebuilds the weights
     backprop = False  # needs a differentiable loss (a backward pass)
     # constructor arguments `build_for` fills from the model (e.g. forward-grad's `model`)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,6 +26,10 @@ class BlockwiseZO(ZOOptimizer):
     """
 
     name = "zo-blockwise"
+    summary: ClassVar[str] = (
+        "one SPSA estimate and update per layer block in turn, each its own seed"
+    )
+    forwards: ClassVar[str] = "2 × blocks"
 
     def __init__(
         self,

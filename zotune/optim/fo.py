@@ -38,6 +38,8 @@ class Backprop:
     wired: ClassVar[tuple[str, ...]] = ()
     model_options: ClassVar[dict[str, Hyperparameter]] = {}
     forward_passes = 0
+    summary: ClassVar[str] = ""
+    forwards: ClassVar[str] = ""
     max_grad_norm: float | None = 1.0
 
     @classmethod
@@ -76,6 +78,8 @@ class FOSGD(Backprop, torch.optim.SGD):
     """torch.optim.SGD (ZO-Bench's FO-SGD baseline)."""
 
     name = "fo-sgd"
+    summary: ClassVar[str] = "torch.optim.SGD with backprop, gradients clipped at norm 1.0"
+    forwards: ClassVar[str] = "1 + backward"
 
     def __init__(
         self,
@@ -103,6 +107,8 @@ class FOAdam(Backprop, torch.optim.Adam):
     """torch.optim.Adam (the fine-tuning baseline of MeZO and ZO-Bench)."""
 
     name = "fo-adam"
+    summary: ClassVar[str] = "torch.optim.Adam with backprop, gradients clipped at norm 1.0"
+    forwards: ClassVar[str] = "1 + backward"
 
     def __init__(
         self,

@@ -53,6 +53,12 @@ def available() -> list[str]:
     return sorted(OPTIMIZERS)
 
 
+def describe() -> list[tuple[str, str, str]]:
+    """(name, forward passes per step at the defaults, one-line description) of every
+    registered method, by name: read from the classes (`summary`, `forwards`)."""
+    return [(n, OPTIMIZERS[n].forwards, OPTIMIZERS[n].summary) for n in available()]  # type: ignore[attr-defined]
+
+
 def _method(name: str) -> type[torch.optim.Optimizer]:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown method '{name}': choose one of {', '.join(available())}")

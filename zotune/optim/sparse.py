@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from .mezo import MeZO
 
@@ -19,6 +19,8 @@ class SparseMeZO(MeZO):
     """
 
     name = "sparse-mezo"
+    summary: ClassVar[str] = "MeZO perturbing only each tensor's smallest-|θ| entries"
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,
@@ -40,6 +42,10 @@ class RMeZO(MeZO):
     mask. Costs as MeZO."""
 
     name = "r-mezo"
+    summary: ClassVar[str] = (
+        "MeZO with a random mask of the same sparsity, redrawn every `resample` steps"
+    )
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,

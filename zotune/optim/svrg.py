@@ -43,6 +43,8 @@ class MeZOSVRG(ZOOptimizer):
     """
 
     name = "mezo-svrg"
+    summary: ClassVar[str] = "MeZO with an SVRG control variate at a stored anchor"
+    forwards: ClassVar[str] = "4 (full-batch step: 2)"
     wired: ClassVar[tuple[str, ...]] = ("full_closure",)
 
     def __init__(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,6 +32,8 @@ class ZOSGDMomentum(ZOOptimizer):
     """
 
     name = "zo-sgd-mmt"
+    summary: ClassVar[str] = "ZO-SGD with heavy-ball momentum (ZO-Bench)"
+    forwards: ClassVar[str] = "2"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, momentum: float = 0.9, **kw: Any):
         if not 0 <= momentum < 1:
@@ -56,6 +58,8 @@ class ZOSGDSign(ZOOptimizer):
     """
 
     name = "zo-sgd-sign"
+    summary: ClassVar[str] = "ZO-SGD on the element-wise sign of the estimate (ZO-Bench)"
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self, params: Iterable[Any], lr: float = 1e-6, official: bool | str = False, **kw: Any
@@ -76,6 +80,8 @@ class ZOAdam(ZOOptimizer):
     """ZO-Adam: Adam's bias-corrected moments of ĝ; θ ← θ − η(m̂/(√v̂ + δ) + λθ)."""
 
     name = "zo-adam"
+    summary: ClassVar[str] = "Adam on the SPSA estimate (ZO-Bench)"
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,
@@ -107,6 +113,8 @@ class ZOSGDConservative(ZOOptimizer):
     """
 
     name = "zo-sgd-cons"
+    summary: ClassVar[str] = "ZO-SGD keeping the best of θ, θ−u, θ+u on the batch (ZO-Bench)"
+    forwards: ClassVar[str] = "5"
 
     def __init__(
         self, params: Iterable[Any], lr: float = 1e-6, official: bool | str = False, **kw: Any
