@@ -154,6 +154,9 @@ def main() -> None:
         "mezo-svrg",
         "sparse-mezo",
         "r-mezo",
+        "fzoo",
+        "hizoo",
+        "adamezo",
     ]
     ap.add_argument("--methods", nargs="+", default=zo, help="ZO methods to time")
     ap.add_argument(
