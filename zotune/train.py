@@ -243,6 +243,8 @@ class TrainConfig:
             spec = BASELINE_OPTIONS[self.method]
         else:
             given = set(optimizer_settings(self, extra=False)) | {"weight_decay"}
+            if issubclass(optim.OPTIMIZERS[self.method], optim.ZOOptimizer):
+                given |= set(_OWN_DEFAULTS)  # their flags set them, even when left unchanged
             clash = sorted(given & set(self.extra))
             if clash:
                 flag = "--" + clash[0].replace("_", "-")
@@ -263,6 +265,7 @@ BASELINE_OPTIONS: dict[str, dict[str, optim.Hyperparameter]] = {
 
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_OWN_DEFAULTS = ("queries", "estimator", "direction")  # left unchanged: the method's defaults
 
 
 def optimizer_settings(cfg: TrainConfig, *, extra: bool = True) -> dict[str, Any]:
@@ -272,7 +275,7 @@ def optimizer_settings(cfg: TrainConfig, *, extra: bool = True) -> dict[str, Any
     if issubclass(optim.OPTIMIZERS[cfg.method], optim.ZOOptimizer):
         hp.update(eps=cfg.eps, seed=cfg.seed, threads=cfg.threads)
         # left at their defaults, the method's own apply (FZOO: 8 rademacher one-sided queries)
-        for name in ("queries", "estimator", "direction"):
+        for name in _OWN_DEFAULTS:
             if getattr(cfg, name) != _DEFAULTS[name]:
                 hp[name] = getattr(cfg, name)
     return {**hp, **cfg.extra} if extra else hp
