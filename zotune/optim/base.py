@@ -218,7 +218,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
-        if "thresholds" in extra:  # Sparse MeZO's thresholds are fixed from the initial weights
+        if "thresholds" in extra:  # Sparse MeZO's thresholds (and its tied tensors' state)
             mask = MagnitudeMask([], [], self.config["sparsity"])
             mask.thresholds = {int(k): float(h) for k, h in extra["thresholds"].items()}
             mask.ties = {int(k): int(t) for k, t in extra.get("ties", {}).items()}
@@ -319,9 +319,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.steps
 
     def begin_step(self) -> None:
-        """Before a step's first move, at θ0: set the step's mask seed in every space and let a
-        magnitude mask re-threshold the tensors that started tied (`MagnitudeMask.refresh`). A pure function
-        of the step and θ0, so calling it again at the same point changes nothing."""
+        """Before a step's first move, at θ0: set the step's mask seed in every space and let
+        a magnitude mask re-threshold the tensors that started tied (`MagnitudeMask.refresh`).
+        A pure function of the step and θ0: calling it again at the same point changes
+        nothing."""
         mask = self.space.mask
         if isinstance(mask, MagnitudeMask):
             mask.refresh(self.space.tensors, self.space.keys)
