@@ -157,6 +157,9 @@ def main() -> None:
         "lozo",  # low-rank directions (issue 21): the torch path on a CPU
         "lozo-m",
         "subzero",
+        "fzoo",
+        "hizoo",
+        "adamezo",
     ]
     ap.add_argument("--methods", nargs="+", default=zo, help="ZO methods to time")
     ap.add_argument(

@@ -230,9 +230,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from . import optim
+    from .optim.registry import describe
 
-    print("\n".join(optim.available()))
+    rows = [("method", "forwards/step", "what it does"), *describe()]
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for name, forwards, summary in rows:
+        print(f"{name:<{widths[0]}}  {forwards:<{widths[1]}}  {summary}")
     return 0
 
 
@@ -335,7 +338,9 @@ def parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="FILE.png", help="image to write (.png, .pdf, .svg)"
     )
     pl.set_defaults(func=cmd_plot)
-    sub.add_parser("methods", help="list the optimizers").set_defaults(func=cmd_methods)
+    sub.add_parser(
+        "methods", help="list the optimizers: forward passes per step, one line each"
+    ).set_defaults(func=cmd_methods)
     sub.add_parser("tasks", help="list the built-in tasks").set_defaults(func=cmd_tasks)
     return p
 

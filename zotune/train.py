@@ -52,9 +52,16 @@ class TrainConfig:
     eps: float = setting(1e-3, "perturbation scale of zeroth-order methods (> 0)")
     weight_decay: float = setting(0.0, "weight decay")
     batch_size: int = setting(16, "training examples per step")
-    queries: int = setting(1, "random directions averaged per zeroth-order step")
-    estimator: str = setting("two-sided", "zeroth-order gradient estimator: two-sided or one-sided")
-    direction: str = setting("gaussian", "law of the random directions: gaussian or rademacher")
+    queries: int = setting(
+        1, "random directions averaged per zeroth-order step (unchanged: the method's default)"
+    )
+    estimator: str = setting(
+        "two-sided",
+        "zeroth-order gradient estimator: two-sided or one-sided (unchanged: the method's)",
+    )
+    direction: str = setting(
+        "gaussian", "law of the random directions: gaussian or rademacher (unchanged: the method's)"
+    )
     peft: str = setting("full", "what to train: full, lora, prefix or prompt")
     init_head: str = setting(
         "fresh",
@@ -245,6 +252,8 @@ class TrainConfig:
             spec = BASELINE_OPTIONS[self.method]
         else:
             given = set(optimizer_settings(self, extra=False)) | {"weight_decay"}
+            if issubclass(optim.OPTIMIZERS[self.method], optim.ZOOptimizer):
+                given |= set(_OWN_DEFAULTS)  # their flags set them, even when left unchanged
             clash = sorted(given & set(self.extra))
             if clash:
                 flag = "--" + clash[0].replace("_", "-")
@@ -264,13 +273,20 @@ BASELINE_OPTIONS: dict[str, dict[str, optim.Hyperparameter]] = {
 }
 
 
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_OWN_DEFAULTS = ("queries", "estimator", "direction")  # left unchanged: the method's defaults
+
+
 def optimizer_settings(cfg: TrainConfig, *, extra: bool = True) -> dict[str, Any]:
     """The hyperparameters a run gives its optimizer: the learning rate, the perturbation
     settings of a zeroth-order method, then `--set`'s (weight decay goes to its groups)."""
     hp: dict[str, Any] = {"lr": cfg.lr}
     if issubclass(optim.OPTIMIZERS[cfg.method], optim.ZOOptimizer):
-        hp.update(eps=cfg.eps, queries=cfg.queries, estimator=cfg.estimator)
-        hp.update(direction=cfg.direction, seed=cfg.seed, threads=cfg.threads)
+        hp.update(eps=cfg.eps, seed=cfg.seed, threads=cfg.threads)
+        # left at their defaults, the method's own apply (FZOO: 8 rademacher one-sided queries)
+        for name in _OWN_DEFAULTS:
+            if getattr(cfg, name) != _DEFAULTS[name]:
+                hp[name] = getattr(cfg, name)
     return {**hp, **cfg.extra} if extra else hp
 
 

@@ -79,6 +79,27 @@ def test_lazy_embedding_rows_change_no_loss_and_no_weight(method, extra):
 
 
 @pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+def test_lazy_rows_of_a_tied_table_keep_the_eager_mask():
+    """A table whose threshold is tied (120 of 200 rows zero, sparsity 0.5): the rows a batch
+    reads pick the same hashed share of the tied entries as a full pass."""
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(bert_config(200, num_labels=2)).eval()
+    with torch.no_grad():
+        base.bert.embeddings.word_embeddings.weight[:120] = 0.0
+    batches = [torch.randint(0, 200, (4, 12)) for _ in range(3)]
+    labels = torch.tensor([0, 1, 1, 0])
+    extra = {"sparsity": 0.5}
+    loss_a, weights_a, _, _ = _train_tiny_bert(base, "sparse-mezo", extra, False, batches, labels)
+    loss_b, weights_b, _, names = _train_tiny_bert(
+        base, "sparse-mezo", extra, True, batches, labels
+    )
+    assert "bert.embeddings.word_embeddings" in names
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    assert 0 in build("sparse-mezo", base.parameters(), sparsity=0.5).space.mask.ties  # tied
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
 @pytest.mark.parametrize("method", ["mezo", "r-mezo", "sparse-mezo"])
 def test_lazy_rows_split_over_threads_change_nothing(method):
     """Batches that read over 128 rows are moved in one segment per thread."""

@@ -83,6 +83,35 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
 
 
 @pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize("method,extra", [("sparse-mezo", {}), ("zo-adam", {"mask": "magnitude"})])
+def test_tied_magnitude_masks_agree_between_the_kernel_and_torch(method, extra, monkeypatch):
+    """Tensors with ties at their threshold (zeros, ones, a few repeated values) keep a hashed
+    share of the tied entries: the kernel and the torch path pick the same ones, every step."""
+    torch.manual_seed(0)
+    repeated = torch.randn(BLOCK + 300) * 0.02
+    repeated[: BLOCK // 2] = 0.01  # ties at a threshold that is not 0
+    weights = [torch.zeros(2 * BLOCK + 77), torch.ones(33, 9), repeated, torch.randn(40)]
+    runs = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("ZOTUNE_NATIVE", native)
+        model = nn.ParameterList([nn.Parameter(w.clone()) for w in weights])
+        opt = build(method, model.parameters(), lr=1e-2, eps=1e-3, sparsity=0.7, **extra)
+        assert opt.space.mask.ties.keys() == {0, 1, 2}
+        snapshots = []
+        for _ in range(4):
+            before = [p.detach().clone() for p in model]
+            opt.step(lambda m=model: sum(((p - 0.3) ** 2).mean() for p in m))
+            snapshots += [p.detach().clone() for p in model]
+            for p, p0 in list(zip(model, before))[:3] if method == "sparse-mezo" else ():
+                # each tied tensor moves ≈30% of its entries (Adam's moments move more)
+                assert 0.25 < (p != p0).float().mean() < 0.35
+        moved = opt.space.units_moved
+        assert moved["torch" if native == "1" else "kernel"] == 0
+        runs.append(snapshots)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("method", ["mezo", "zo-sgd-sign", "zo-sgd-mmt", "zo-adam"])
 def test_updates_alone_agree_with_the_torch_path_bit_for_bit(method, direction, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -78,3 +79,32 @@ def test_blockwise_blocks_are_layers_whatever_the_weight_decay(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
     assert runs[0.0] == runs[0.1]
     assert runs[0.0][0] == 6  # embeddings, 3 layers, final norm, head
+
+
+def test_sparse_mezo_keeps_its_fraction_of_tensors_with_tied_values(tmp_path):
+    """A zero tensor (LoRA's B) has threshold 0: every entry moved at the first step (|θ| <= 0)
+    and none ever again. Ties at the threshold now keep the intended share, every step."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 64) * 0.1)
+    b = torch.nn.Parameter(torch.zeros(64, 8))
+    initial = [a.detach().clone(), b.detach().clone()]
+    opt = build("sparse-mezo", [a, b], lr=1e-3, sparsity=0.8)
+    for step in range(6):
+        before = [a.detach().clone(), b.detach().clone()]
+        opt.step(lambda: a.sum() + 3 * (b**2).sum() + b.sum())
+        moved = [(t != t0).float().mean().item() for t, t0 in zip((a, b), before)]
+        assert 0.17 < moved[1] < 0.24, (step, moved)  # B: ≈20% (a hashed share of the ties)
+        if step == 0:  # (A's fixed threshold then lets its mask drift, as the paper's does)
+            assert moved[0] == round(0.2 * a.numel()) / a.numel()
+        if step == 2:
+            state = copy.deepcopy(opt.state_dict())
+            at_3 = [a.detach().clone(), b.detach().clone()]
+    assert opt.space.at_rest()
+    zotune.replay(initial, opt.trajectory.save(tmp_path / "t.zot"))  # the thresholds follow
+    assert torch.equal(initial[0], a) and torch.equal(initial[1], b)
+    ra, rb = (torch.nn.Parameter(t) for t in at_3)
+    resumed = build("sparse-mezo", [ra, rb], lr=1e-3, sparsity=0.8)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.step(lambda: ra.sum() + 3 * (rb**2).sum() + rb.sum())
+    assert torch.equal(ra, a) and torch.equal(rb, b)

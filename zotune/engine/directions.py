@@ -171,24 +171,68 @@ Mask = Callable[[int, int, torch.Tensor, int], "torch.Tensor | None"]
 
 class MagnitudeMask:
     """Sparse MeZO's mask: perturb only the (1 - sparsity) fraction of smallest-|θ| entries of
-    each tensor. Per-tensor thresholds h_k are fixed once (at construction); the mask |θ0| <= h_k
-    is recomputed from the current unperturbed θ0 at every use, so none is stored."""
+    each tensor. Per-tensor thresholds h_k are fixed once (at construction); the mask is
+    recomputed from the current unperturbed θ0 at every use, so none is stored.
+
+    Ties: where more entries sit at |θ| = h_k than the fraction needs (a LoRA B or a bias that
+    starts at zero, a norm at one), the entries below h_k are kept and, of those at h_k, each is
+    kept when a hash of its index under the step's mask key is below `ties[k]` (that share of
+    them, ≈, fresh each step). A tensor tied at the start has no meaningful fixed threshold
+    (a zero tensor's is 0: every entry would move at the first step and none ever again), so
+    its threshold follows its weights: computed again from its current θ0 at the start of every
+    step (`refresh`, one selection over the tensor), keeping the fraction at every step.
+    """
+
+    ALL = 1 << 32  # a tie limit keeping every entry at |θ| = h (no hash)
 
     def __init__(self, tensors: Sequence[torch.Tensor], keys: Sequence[int], sparsity: float):
+        self.sparsity = sparsity
         self.thresholds: dict[int, float] = {}
+        self.ties: dict[int, int] = {}  # tied tensors' limits (kept at |θ| = h: hash < limit)
+        self.version = 0  # bumped when a threshold changes (the kernel's table holds them)
         for t, k in zip(tensors, keys):
-            keep = round((1 - sparsity) * t.numel())
-            if keep <= 0:
-                self.thresholds[k] = -1.0  # nothing kept
-            elif keep >= t.numel():
-                self.thresholds[k] = math.inf
-            else:
-                mags = t.detach().reshape(-1).abs().float()
-                self.thresholds[k] = float(mags.kthvalue(keep).values)
+            self._threshold(t, k)
+        self.follow = set(self.ties)  # tied at the start: thresholded again every step
+
+    def _threshold(self, t: torch.Tensor, k: int) -> None:
+        keep = round((1 - self.sparsity) * t.numel())
+        self.ties.pop(k, None)
+        if keep <= 0:
+            self.thresholds[k] = -1.0  # nothing kept
+            return
+        if keep >= t.numel():
+            self.thresholds[k] = math.inf
+            return
+        mags = t.detach().reshape(-1).abs().float()
+        h = float(mags.kthvalue(keep).values)
+        self.thresholds[k] = h
+        below, at = int((mags < h).sum()), int((mags == h).sum())
+        if below + at > keep:  # more entries at h than needed: keep a hashed share of them
+            self.ties[k] = round((keep - below) / at * 2**32)
+
+    def tie_limit(self, key: int) -> int:
+        """Entries at |θ| = h are kept when their hash is below this (`ALL`: every one)."""
+        return self.ties.get(key, self.ALL)
+
+    def refresh(self, tensors: Sequence[torch.Tensor], keys: Sequence[int]) -> None:
+        """At θ0, at the start of a step: compute tied tensors' thresholds again from their
+        current weights (a pure function of them: a replay or a resume computes the same)."""
+        if not self.follow:
+            return
+        for t, k in zip(tensors, keys):
+            if k in self.follow:
+                self._threshold(t, k)
+        self.version += 1
 
     def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
         h = self.thresholds[key]
-        return (theta <= h) & (theta >= -h)  # |θ| <= h without a float temporary
+        keep = (theta <= h) & (theta >= -h)  # |θ| <= h without a float temporary
+        limit = self.ties.get(key)
+        if limit is not None:  # of the entries at |θ| = h, drop those hashed above the limit
+            at = (theta == h) | (theta == -h)
+            hashed = hash32(derive_seed(seed, key, MASK_SALT), start, theta.numel(), theta.device)
+            keep &= ~(at & (hashed >= limit))
+        return keep
 
 
 class RandomMask:

@@ -37,11 +37,13 @@ class KernelPath:
 
     def moves(self) -> bool:
         """Whether the kernel moves the space's float32 CPU units: the direction is a law it
-        draws (not a low-rank one) and the mask, if any, is one it computes."""
+        draws (not a low-rank one), the mask, if any, is one it computes, and z is not scaled
+        per element (HiZOO's preconditioner: torch path)."""
         mask = self.space.mask
         if not isinstance(self.space.direction, (Gaussian, Rademacher)):
             return False
-        return mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
+        known = mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
+        return known and self.space.z_scale is None
 
     def empty(self) -> bool:
         return self.records.empty()
@@ -67,6 +69,7 @@ class KernelPath:
         if (
             table is None
             or table.mask is not space.mask  # (the table holds its thresholds)
+            or table.mask_version != getattr(space.mask, "version", 0)
             or (at_rest and [t.data_ptr() for t in space.tensors] != table.ptrs)
         ):
             table = self._table = KernelTable(space)
@@ -212,6 +215,7 @@ class KernelTable:
     def __init__(self, space: Space):
         self.ptrs = [t.data_ptr() for t in space.tensors]
         self.mask = space.mask
+        self.mask_version = getattr(space.mask, "version", 0)
         units, mask = space.units, space.mask
         self.table = (native.Unit * len(units))()
         self.native = []  # per unit: float32 on the CPU
@@ -219,7 +223,9 @@ class KernelTable:
             t, key, unit = space.tensors[index], space.keys[index], self.table[k]
             unit.flat, unit.n, unit.start, unit.key = t.data_ptr() + 4 * lo, hi - lo, lo, key & _M64
             unit.offsets = index not in space.rows.lazy
-            unit.mask_h = mask.thresholds[key] if isinstance(mask, MagnitudeMask) else 0.0
+            magnitude = isinstance(mask, MagnitudeMask)
+            unit.mask_h = mask.thresholds[key] if magnitude else 0.0
+            unit.mask_tie = mask.tie_limit(key) if magnitude else 0
             self.native.append(t.dtype == torch.float32 and t.is_cpu)
         by_size = sorted(range(len(units)), key=lambda k: units[k][1] - units[k][2])
         self.every = [k for k in by_size if self.native[k]]  # a pass that updates

@@ -9,6 +9,7 @@ other's: the paths sit below `space.py`, which builds them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,6 +18,11 @@ import torch
 
 from .directions import Direction, Mask
 from .native import UpdateMode
+
+# A per-element scale of z (a diagonal preconditioner, HiZOO's Σ^1/2): called with (tensor key,
+# block start, block length), it returns the float32 factors of those elements of z. Read at
+# every use, like a mask; a space with one moves every unit through the torch path.
+ZScale = Callable[[int, int, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,18 @@ class Block:
         return self._raw[seed]
 
     def z(self, seed: int) -> torch.Tensor:
-        """z at `seed`, masked by the space's mask evaluated at the current θ0."""
-        m = self.mask()
-        if m is None:
+        """z at `seed`, masked by the space's mask evaluated at the current θ0 and scaled by
+        the space's `z_scale` (both optional)."""
+        m, scale = self.mask(), self._space.z_scale
+        if m is None and scale is None:
             return self.raw_z(seed)
         if seed not in self._z:
-            masked = self.buffer(f"m{len(self._z)}").copy_(self.raw_z(seed))
-            self._z[seed] = masked.masked_fill_(m.logical_not(), 0.0)  # no float temporary
+            out = self.buffer(f"m{len(self._z)}").copy_(self.raw_z(seed))
+            if m is not None:
+                out.masked_fill_(m.logical_not(), 0.0)  # no float temporary
+            if scale is not None:
+                out.mul_(scale(self.key, self.start, out.numel()))
+            self._z[seed] = out
         return self._z[seed]
 
     def buffer(self, name: str) -> torch.Tensor:
@@ -68,7 +79,7 @@ class Block:
         return self._mask
 
     def theta_changed(self) -> None:
-        """θ0 was updated: masks (and so masked z) follow it."""
+        """θ0 was updated: masks and scales (and so the z they shape) follow it."""
         self._mask = None
         self._z.clear()
 
@@ -116,6 +127,7 @@ class Space(Protocol):
     keys: list[int]
     direction: Direction
     mask_seed: int
+    z_scale: ZScale | None
     threads: int
     at: Offset | None
     kernel: Any  # kernel_path.KernelPath, or None without the C kernel

@@ -166,6 +166,7 @@ terms and state buffers are set before each pass that updates."""
         ("key", _U, "uint64_t"),
         ("offsets", _I, "int64_t", "0: a row-lazy table's unit, at theta0 through every pass"),
         ("mask_h", _D, "double", "the magnitude mask's threshold"),
+        ("mask_tie", _I, "int64_t", "its tie limit (MagnitudeMask.tie_limit; 2^32: all ties)"),
         ("terms", _P, "const zt_terms *"),
         ("m", _P, "float *"),
         ("v", _P, "float *"),

@@ -37,7 +37,7 @@ class EmbeddingRows:
     def enable(self, index: int) -> bool:
         """Make tensor `index`, a [rows × width] table that the model reads only by row
         lookups, row-lazy. Returns False where this does not apply (no C kernel, not 2-D
-        float32 on the CPU, a width that is not a multiple of 8, a custom mask, perturbed)."""
+        float32 on the CPU, a width that is not a multiple of 8, a custom mask, a scale of z, perturbed)."""
         space = self.space
         t = space.tensors[index]
         ok = (
@@ -48,6 +48,7 @@ class EmbeddingRows:
             and t.is_cpu
             and t.shape[1] % 8 == 0
             and (space.mask is None or isinstance(space.mask, (MagnitudeMask, RandomMask)))
+            and space.z_scale is None
             and space.at is None
         )
         if ok:
@@ -156,6 +157,9 @@ class EmbeddingRows:
             kind = kinds.KEPT
         else:
             kind = kinds.MAGNITUDE if isinstance(mask, MagnitudeMask) else kinds.RANDOM
+        # a magnitude mask's ties at |θ| = h are hashed under the random mask's key
+        tie = mask.tie_limit(key) if kind == kinds.MAGNITUDE else 0
+        hashed = kind == kinds.RANDOM or (kind == kinds.MAGNITUDE and tie < MagnitudeMask.ALL)
         gaussian = isinstance(space.direction, Gaussian)
         move = native.RowMove(
             flat=t.data_ptr(),
@@ -178,8 +182,8 @@ class EmbeddingRows:
             mask_h=mask.thresholds[key] if kind == kinds.MAGNITUDE else 0.0,
             mask_in=native.bptr(mask_in),
             mask_out=native.bptr(mask_out),
-            mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if kind == kinds.RANDOM else 0,
-            mask_limit=mask.limit if kind == kinds.RANDOM else 0,
+            mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if hashed else 0,
+            mask_limit=mask.limit if kind == kinds.RANDOM else tie,
         )
         return move, (bits, scratch, mask_out, rows, kept)
 

@@ -12,6 +12,8 @@ the optimizer's `state` (torch.optim convention), so their memory is stated per 
 | momentum | m ← βm + ĝ;  θ ← θ - η(m + λθ)                            | 1 × params   |
 | sign     | θ ← θ - η(sign(ĝ) + λθ)                                   | none         |
 | adam     | m, v ← EMAs of ĝ, ĝ²;  θ ← θ - η(m̂/(√v̂ + δ) + λθ)        | 2 × params   |
+| hf-adamw | adam with HF's ε placement and decay after the step     | 2 × params   |
+| window-adam | m, v rebuilt from the last W (seed, g) pairs; as adam     | none (W regenerations) |
 """
 
 from __future__ import annotations
@@ -149,6 +151,58 @@ class Adam(Rule):
         denom = (v * (1 / (1 - self.beta2**t))).double().sqrt_().float().add_(self.delta)
         _decay(block, lr, weight_decay)
         block.theta.sub_((m / denom).mul_(lr / (1 - self.beta1**t)))
+
+
+@dataclass
+class HFAdamW(Rule):
+    """AdamW as Hugging Face's `transformers.AdamW` (`adamw_hf`, the Trainer's default, which
+    ZO-Bench's released sweeps fell through to): denominator √v + δ before bias correction,
+    step η·√(1 − β2^t)/(1 − β1^t), decay θ ← θ − ηλθ after the step. Torch ops only."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    delta: float = 1e-8
+    name = "hf-adamw"
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        g = estimate(block, coeffs)
+        m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
+        m.mul_(self.beta1).add_(g * (1 - self.beta1))
+        v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
+        t = step + 1
+        size = lr * (1 - self.beta2**t) ** 0.5 / (1 - self.beta1**t)
+        denom = v.double().sqrt_().float().add_(self.delta)
+        block.theta.sub_((m / denom).mul_(size))
+        _decay(block, lr, weight_decay)
+
+
+@dataclass
+class WindowAdam(Rule):
+    """Adam-style moments rebuilt from the last W steps' (seed, g) instead of kept (AdaMeZO):
+    with coefficients (seed_i, g_i) oldest first, i = 0 .. n-1,
+        m = Σ_i β1^(n-1-i)·g_i·z_i,   v = Σ_i β2^(n-1-i)·g_i²·z_i²,
+        θ ← θ - η(m/(√v + δ) + λθ).
+    No state: each step regenerates the window's n directions. Torch ops only."""
+
+    beta1: float = 0.7
+    beta2: float = 0.9
+    delta: float = 1e-5
+    name = "window-adam"
+
+    def apply(self, block, coeffs, lr, weight_decay, state, step):
+        n = len(coeffs)
+        m = block.buffer("g").zero_()
+        v = block.buffer("v").zero_()
+        tmp = block.buffer("tmp")
+        for i, (seed, c) in enumerate(coeffs):  # oldest first, as the official code sums
+            z = block.z(seed)
+            m.add_(torch.mul(z, c * self.beta1 ** (n - 1 - i), out=tmp))
+            torch.mul(z, z, out=tmp)
+            v.add_(tmp.mul_(c * c * self.beta2 ** (n - 1 - i)))
+        denom = v.double().sqrt_().float().add_(self.delta)  # (correctly rounded, as Adam's)
+        _decay(block, lr, weight_decay)
+        block.theta.sub_(m.div_(denom).mul_(lr))
 
 
 def new_state(rule: Rule, param: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch
 from . import native
 from .directions import Direction, Mask, make_direction
 from .kernel_path import KernelPath
-from .moves import Offset, Update
+from .moves import Offset, Update, ZScale
 from .rows import EmbeddingRows
 from .torch_path import UNIT, TorchPath
 
@@ -63,6 +63,8 @@ class ParameterSpace:
         self.direction = make_direction(direction)
         self._mask = mask
         self.mask_seed = 0  # set by the optimizer each step (random masks change per step)
+        # z's per-element scale (moves.ZScale), or None; set at θ0 (HiZOO sets it at the start)
+        self.z_scale: ZScale | None = None
         self.threads = threads or min(2, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self.at: Offset | None = None  # where the weights sit now (set by every transition)

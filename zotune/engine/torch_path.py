@@ -173,6 +173,8 @@ class TorchPath:
                     .copy_(z)
                     .masked_fill_(_unpack(mask, n).logical_not(), 0.0)
                 )
+            if self.space.z_scale is not None:  # (the θ0 the perturbation was made at: same)
+                z = torch.mul(z, self.space.z_scale(block.key, lo, n), out=block.buffer("scaled"))
             if lib is not None:
                 lib.zt_decode(
                     native.ptr(flat), native.ptr(z), current.scale, native.ptr(block.theta),

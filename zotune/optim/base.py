@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine.directions import DIRECTIONS, MagnitudeMask, RandomMask, derive_seed
+from ..engine.directions import DIRECTIONS, MASK_SALT, MagnitudeMask, RandomMask, derive_seed
 from ..engine.estimators import ESTIMATORS, Closure, Estimate
 from ..engine.rules import Rule, Update, new_state
 from ..engine.space import Offset, ParameterSpace
@@ -68,6 +68,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     name = "zo"
+    summary: ClassVar[str] = ""  # one line for `zotune methods` (each registered class sets it)
+    forwards: ClassVar[str] = ""  # forward passes per step at the defaults, as text
     replayable = True  # a trajectory of this optimizer rebuilds the weights
     backprop = False  # needs a differentiable loss (a backward pass)
     # constructor arguments `build_for` fills from the model (e.g. forward-grad's `model`)
@@ -207,12 +209,20 @@ class ZOOptimizer(torch.optim.Optimizer):
     def extra_state(self) -> dict[str, Any]:
         """What a method keeps between steps beyond torch's `state` (for `state_dict`)."""
         mask = self.space.mask
-        return {"thresholds": dict(mask.thresholds)} if isinstance(mask, MagnitudeMask) else {}
+        if not isinstance(mask, MagnitudeMask):
+            return {}
+        return {
+            "thresholds": dict(mask.thresholds),
+            "ties": dict(mask.ties),
+            "follow": sorted(mask.follow),
+        }
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
-        if "thresholds" in extra:  # Sparse MeZO's thresholds are fixed from the initial weights
+        if "thresholds" in extra:  # Sparse MeZO's thresholds (and its tied tensors' state)
             mask = MagnitudeMask([], [], self.config["sparsity"])
             mask.thresholds = {int(k): float(h) for k, h in extra["thresholds"].items()}
+            mask.ties = {int(k): int(t) for k, t in extra.get("ties", {}).items()}
+            mask.follow = {int(k) for k in extra.get("follow", ())}
             for space in self.spaces():
                 space.mask = mask
 
@@ -283,7 +293,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         estimator needs, update the parameters in place, and return the step's loss."""
         if closure is None:
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
+        self.begin_step()
         est = self.estimate(closure, self.step_seeds())
         record = {
             "grads": est.grads,
@@ -296,10 +306,28 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def apply(self, record: dict[str, Any], pending: Offset | None = None) -> None:
         """Apply one trajectory record, restoring `pending` in the same pass."""
-        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
+        if pending is None:  # (a replay: the weights are at this step's θ0)
+            self.begin_step()
+        else:
+            self.space.mask_seed = derive_seed(self.seed, self.mask_step(), MASK_SALT)
         self.space.transition(pending, None, self.update_for(self.coefficients(record), record))
         self.trajectory.append(record)
         self.steps += 1
+
+    def mask_step(self) -> int:
+        """The step whose seed draws this step's random mask (R-MeZO may keep one a while)."""
+        return self.steps
+
+    def begin_step(self) -> None:
+        """Before a step's first move, at θ0: set the step's mask seed in every space and let
+        a magnitude mask re-threshold the tensors that started tied (`MagnitudeMask.refresh`).
+        A pure function of the step and θ0: calling it again at the same point changes
+        nothing."""
+        mask = self.space.mask
+        if isinstance(mask, MagnitudeMask):
+            mask.refresh(self.space.tensors, self.space.keys)
+        for space in self.spaces():
+            space.mask_seed = derive_seed(self.seed, self.mask_step(), MASK_SALT)
 
     def update_for(self, coeffs: list[tuple[int, float]], record: dict[str, Any]) -> Update | None:
         """The engine update of this optimizer's rule for ĝ = Σ c_k z_k (None if no coefficient)."""

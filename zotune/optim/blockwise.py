@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,6 +26,10 @@ class BlockwiseZO(ZOOptimizer):
     """
 
     name = "zo-blockwise"
+    summary: ClassVar[str] = (
+        "one SPSA estimate and update per layer block in turn, each its own seed"
+    )
+    forwards: ClassVar[str] = "2 × blocks"
 
     def __init__(
         self,
@@ -93,8 +97,8 @@ class BlockwiseZO(ZOOptimizer):
             "wd": [g["weight_decay"] for g in groups],
         }
         losses = []
+        self.begin_step()
         for b, space in enumerate(self.blocks):
-            space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
             est = two_sided(space, closure, [self.block_seed(b)], self.eps)
             record["grads"].append(est.grads[0])
             space.transition(
@@ -107,8 +111,8 @@ class BlockwiseZO(ZOOptimizer):
         return sum(losses) / len(losses)
 
     def apply(self, record: dict[str, Any], pending=None) -> None:
+        self.begin_step()
         for b, (space, g) in enumerate(zip(self.blocks, record["grads"])):
-            space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)
             space.transition(None, None, self.update_for([(self.block_seed(b), g)], record))
         self.trajectory.append(record)
         self.steps += 1

@@ -27,6 +27,8 @@ class ForwardGrad(ZOOptimizer):
     """
 
     name = "forward-grad"
+    summary: ClassVar[str] = "directional derivative ∇L·v by one forward-mode JVP"
+    forwards: ClassVar[str] = "1 (with tangents)"
     wired: ClassVar[tuple[str, ...]] = ("model",)
 
     def __init__(

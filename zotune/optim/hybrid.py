@@ -26,6 +26,8 @@ class HybridZOFO(ZOOptimizer):
     """
 
     name = "hybrid-zo-fo"
+    summary: ClassVar[str] = "ZO-SGD on the lower layers, backprop SGD on the top layers and head"
+    forwards: ClassVar[str] = "3 + a partial backward"
     replayable = False
     backprop = True
     wired: ClassVar[tuple[str, ...]] = ("fo_params",)

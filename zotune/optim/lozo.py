@@ -87,6 +87,10 @@ class LOZO(LowRankZO):
     """
 
     name = "lozo"
+    summary: ClassVar[str] = (
+        "LOZO: two-sided SPSA along low-rank z = U·Vᵀ per matrix (V kept ν steps), SGD"
+    )
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,
@@ -146,6 +150,10 @@ class LOZOM(LowRankZO):
     """
 
     name = "lozo-m"
+    summary: ClassVar[str] = (
+        "LOZO-M: LOZO with momentum kept on the m×r factor, not the full matrix"
+    )
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,

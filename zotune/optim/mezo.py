@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..engine.rules import SGD
 from .base import ZOOptimizer
@@ -23,6 +23,8 @@ class MeZO(ZOOptimizer):
     """
 
     name = "mezo"
+    summary: ClassVar[str] = "MeZO: two-sided SPSA and SGD, in place from a seed (= zo-sgd)"
+    forwards: ClassVar[str] = "2"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any):
         super().__init__(params, SGD(), lr=lr, eps=eps, **kwargs)

@@ -11,10 +11,13 @@ from typing import Any
 
 import torch
 
+from .adamezo import AdaMeZO
 from .base import ZOOptimizer
 from .blockwise import BlockwiseZO
 from .fo import FOSGD, FOAdam
 from .forward_grad import ForwardGrad
+from .fzoo import FZOO
+from .hizoo import HiZOO
 from .hparams import Hyperparameter, check
 from .hparams import hyperparameters as _of_class
 from .hybrid import HybridZOFO
@@ -47,10 +50,20 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     # -- end low-rank --
 }
 
+# -- newer methods (issue 21: FZOO, HiZOO, AdaMeZO) --
+OPTIMIZERS.update({"fzoo": FZOO, "hizoo": HiZOO, "adamezo": AdaMeZO})
+# -- end newer methods --
+
 
 def available() -> list[str]:
     """Names accepted by `build`."""
     return sorted(OPTIMIZERS)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(name, forward passes per step at the defaults, one-line description) of every
+    registered method, by name: read from the classes (`summary`, `forwards`)."""
+    return [(n, OPTIMIZERS[n].forwards, OPTIMIZERS[n].summary) for n in available()]  # type: ignore[attr-defined]
 
 
 def _method(name: str) -> type[torch.optim.Optimizer]:

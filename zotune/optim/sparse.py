@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from .mezo import MeZO
 
@@ -19,6 +19,8 @@ class SparseMeZO(MeZO):
     """
 
     name = "sparse-mezo"
+    summary: ClassVar[str] = "MeZO perturbing only each tensor's smallest-|θ| entries"
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,
@@ -34,10 +36,16 @@ class SparseMeZO(MeZO):
 
 
 class RMeZO(MeZO):
-    """R-MeZO: MeZO with a random mask of the same sparsity, drawn afresh every step
-    (the Sparse MeZO paper's baseline). Costs as MeZO."""
+    """R-MeZO: MeZO with a random mask of the same sparsity, drawn afresh every `resample`
+    steps (1: every step; the Sparse MeZO paper's baseline; ZO-Bench's
+    `--sparse_gradient_resample_steps`): steps t with the same t − t mod `resample` share a
+    mask. Costs as MeZO."""
 
     name = "r-mezo"
+    summary: ClassVar[str] = (
+        "MeZO with a random mask of the same sparsity, redrawn every `resample` steps"
+    )
+    forwards: ClassVar[str] = "2"
 
     def __init__(
         self,
@@ -45,8 +53,16 @@ class RMeZO(MeZO):
         lr: float = 1e-6,
         sparsity: float = 0.8,
         mask: str = "random",
+        resample: int = 1,
         **kw: Any,
     ):
         if mask != "random":
             raise ValueError(f"r-mezo's mask is 'random', got '{mask}'")
-        super().__init__(params, lr=lr, mask=mask, sparsity=sparsity, **kw)
+        if int(resample) != resample or resample < 1:
+            raise ValueError(f"resample must be an integer >= 1 (steps), got {resample}")
+        config = {"resample": int(resample)} if resample != 1 else {}
+        super().__init__(params, lr=lr, mask=mask, sparsity=sparsity, config=config, **kw)
+        self.resample = int(resample)
+
+    def mask_step(self) -> int:
+        return self.steps - self.steps % self.resample

@@ -4,7 +4,7 @@ low-rank perturbations in random orthonormal subspaces."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from ..engine.rules import SGD, Momentum
 from .lozo import LowRankZO
@@ -29,6 +29,10 @@ class SubZero(LowRankZO):
     """
 
     name = "subzero"
+    summary: ClassVar[str] = (
+        "SubZero: low-rank z in per-layer random orthonormal subspaces (refreshed every F steps)"
+    )
+    forwards: ClassVar[str] = "2"
     orthonormal = True
     squeeze = True
 

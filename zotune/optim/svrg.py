@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..engine.directions import derive_seed
 from ..engine.estimators import Closure, two_sided
 from ..engine.rules import SGD
 from .base import ZOOptimizer
@@ -30,9 +29,22 @@ class MeZOSVRG(ZOOptimizer):
     θ̄ is evaluated, and the update restores it; the official code needs 5 forwards). Memory:
     one copy of the trainable parameters (θ̄).
     `lr` is η₂ (minibatch), `lr_full` is η₁.
+
+    `anneal` (off by default; the released scripts use 3–5) adds the official scripts'
+    learning-rate heuristic, with `anneal_every` = their batches per epoch, n: at the start of
+    every n-th step, once more than 4n minibatch losses were seen, if the mean of the last n
+    is over 1.05 × the mean of those 3n to 2n back, η₁ ← max(η₁/anneal, 1e-5) and
+    η₂ ← max(η₂/anneal, 1e-6) (their floors, which raise a rate that starts below them). The
+    rates in force are recorded each step, so a replay follows them (use it with a constant
+    schedule: a torch LR scheduler sets η₂ at every step). The official code's
+    anchor is not the control variate this class computes (a shallow copy that follows the
+    live weights, and independent seeds for the two estimates: a minibatch step there is
+    η₂·g_F plus two independent SPSA noise terms); this class keeps the paper's.
     """
 
     name = "mezo-svrg"
+    summary: ClassVar[str] = "MeZO with an SVRG control variate at a stored anchor"
+    forwards: ClassVar[str] = "4 (full-batch step: 2)"
     wired: ClassVar[tuple[str, ...]] = ("full_closure",)
 
     def __init__(
@@ -41,16 +53,27 @@ class MeZOSVRG(ZOOptimizer):
         lr: float = 1e-6,
         lr_full: float = 1e-5,
         refresh: int = 2,
+        anneal: float = 0.0,
+        anneal_every: int = 0,
         full_closure: Callable[[], Any] | None = None,
         **kw: Any,
     ):
         if int(refresh) != refresh or refresh < 1:
             raise ValueError(f"refresh must be an integer >= 1, got {refresh}")
+        if anneal and (anneal <= 1 or int(anneal_every) != anneal_every or anneal_every < 1):
+            raise ValueError(
+                f"anneal (a factor > 1) needs anneal_every >= 1 steps, got {anneal}, {anneal_every}"
+            )
         if kw.get("queries", 1) != 1 or kw.get("estimator", "two-sided") != "two-sided":
             raise ValueError("mezo-svrg uses one two-sided query per estimate")
         config = dict(lr_full=lr_full, refresh=int(refresh))
+        if anneal:
+            config.update(anneal=anneal, anneal_every=int(anneal_every))
         super().__init__(params, SGD(), lr=lr, config=config, **kw)
         self.lr_full, self.refresh = lr_full, int(refresh)
+        self.anneal, self.anneal_every = anneal, int(anneal_every)
+        self.minibatch_losses: list[float] = []  # the last 3n (anneal), and how many in all
+        self.minibatch_count = 0
         self.full_closure = full_closure
         self.anchor: list[torch.Tensor] | None = None
         self.full: tuple[int, float] | None = None  # (s_F, g_F) of the last full-batch step
@@ -71,7 +94,14 @@ class MeZOSVRG(ZOOptimizer):
 
     def extra_state(self) -> dict[str, Any]:
         """The anchor θ̄ (the optimizer's own tensors, as torch's state) and (s_F, g_F)."""
-        return {**super().extra_state(), "anchor": self.anchor, "full": self.full}
+        return {
+            **super().extra_state(),
+            "anchor": self.anchor,
+            "full": self.full,
+            "lr_full": self.lr_full,
+            "minibatch_losses": list(self.minibatch_losses),
+            "minibatch_count": self.minibatch_count,
+        }
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         super().load_extra_state(extra)
@@ -89,6 +119,21 @@ class MeZOSVRG(ZOOptimizer):
             ]
         )
         self.full = None if full is None else (int(full[0]), float(full[1]))
+        self.lr_full = float(extra.get("lr_full", self.lr_full))
+        self.minibatch_losses = [float(x) for x in extra.get("minibatch_losses", [])]
+        self.minibatch_count = int(extra.get("minibatch_count", 0))
+
+    def _anneal(self) -> None:
+        """The official scripts' heuristic (class doc), at the start of a step."""
+        n = self.anneal_every
+        if not self.anneal or self.steps % n or self.minibatch_count <= 4 * n:
+            return
+        recent = sum(self.minibatch_losses[-n:]) / n
+        earlier = sum(self.minibatch_losses[-3 * n : -2 * n]) / n
+        if recent / earlier > 1.05:
+            self.lr_full = max(self.lr_full / self.anneal, 1e-5)
+            for group in self.param_groups:
+                group["lr"] = max(group["lr"] / self.anneal, 1e-6)
 
     def coefficients(self, record: dict[str, Any]) -> list[tuple[int, float]]:
         (s,) = self.seeds_of(record)
@@ -102,9 +147,10 @@ class MeZOSVRG(ZOOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]
+        self._anneal()
         seeds = self.step_seeds(1)
         groups = self.param_groups
-        self.space.mask_seed = derive_seed(self.seed, self.steps, 0x4D41534B)  # as `apply`
+        self.begin_step()
         if self.steps % self.refresh == 0:
             if self.full_closure is None:
                 raise ValueError(
@@ -138,4 +184,7 @@ class MeZOSVRG(ZOOptimizer):
         }
         self.apply(record, est.pending)
         self.forward_passes += est.forward_passes + at_anchor.forward_passes
+        if self.anneal:
+            self.minibatch_count += 1
+            self.minibatch_losses = [*self.minibatch_losses, est.loss][-3 * self.anneal_every :]
         return est.loss

@@ -9,6 +9,7 @@
 #include <math.h>
 #include "zotune_types.h"
 #define ZT_SUB 1024  /* elements per inner chunk: its z, z' and theta stay in L1 with the table */
+#define ZT_ALL_TIES (1ll << 32)  /* a magnitude mask keeping every element at |theta| = h (MagnitudeMask.ALL) */
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -257,8 +258,27 @@ static void zt_fill(int law, float *out, int64_t n, uint64_t key, int64_t start,
 /* Masks as bits (bit k of byte j: element 8j + k kept), one function per kind. */
 
 /* Sparse MeZO: keep |theta| <= h, from the unperturbed weights (ordered compares: a NaN weight
-   is never kept). */
-static void zt_bits_range(uint8_t *bits, const float *theta, float h, int64_t n) {
+   is never kept). A tied tensor (tie_limit < ZT_ALL_TIES: MagnitudeMask.ties) keeps |theta| < h
+   and, of the elements at |theta| = h, those whose hash under tie_key is below tie_limit
+   (n <= ZT_SUB: a chunk). */
+static void zt_bits_random(uint8_t *bits, uint64_t key, int64_t start, int64_t limit, int64_t n);
+
+static void zt_bits_range(uint8_t *bits, const float *theta, float h, uint64_t tie_key,
+                          int64_t start, int64_t tie_limit, int64_t n) {
+    if (tie_limit < ZT_ALL_TIES) {
+        uint8_t hashed[ZT_SUB / 8];
+        zt_bits_random(hashed, tie_key, start, tie_limit, n);
+        for (int64_t j = 0; j < n; j += 8) {
+            uint32_t byte = 0;
+            for (int64_t k = 0; k < 8 && j + k < n; k++) {
+                float t = theta[j + k];
+                int below = t < h && t > -h, at = t == h || t == -h;
+                byte |= (uint32_t)(below | (at & (hashed[j >> 3] >> k & 1))) << k;
+            }
+            bits[j >> 3] = (uint8_t)byte;
+        }
+        return;
+    }
     int64_t j0 = 0;
 #ifdef __AVX2__
     const __m256 hi = _mm256_set1_ps(h), lo = _mm256_set1_ps(-h);
@@ -537,7 +557,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 uint64_t mask_key, int64_t mask_limit, int flip) {
     /* flip: the caller's zt_flips for these arguments (zt_run then keeps the record in place,
        so the decision is made once, by the caller).
-       has_mask: 1 = magnitude |theta| <= mask_h; 2 = random (R-MeZO): hash under mask_key
+       has_mask: 1 = magnitude |theta| <= mask_h (ties at mask_h hashed under mask_key below
+       mask_limit, unless mask_limit is ZT_ALL_TIES); 2 = random (R-MeZO): hash under mask_key
        below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
        depend on theta is the same for the whole step: no hash per element) */
     float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
@@ -588,7 +609,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         }
         if (mode && !fused) {
             const uint8_t *b = 0;  /* the update's mask, from the weights before the update */
-            if (has_mask == ZT_MASK_MAGNITUDE) { zt_bits_range(ub, theta, mask_h, cm); b = ub; }
+            if (has_mask == ZT_MASK_MAGNITUDE) { zt_bits_range(ub, theta, mask_h, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_RANDOM) { zt_bits_random(ub, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_KEPT) b = mask_in + (j0 >> 3);
             const float *z = zt_draw(uses, &nu, zb, law, cells, key_upd, b, cm, at);
@@ -603,7 +624,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         }
         if (!has_tgt) continue;
         uint8_t *tb = has_mask ? mask_out + (j0 >> 3) : 0;  /* the target's mask, kept */
-        if (has_mask == ZT_MASK_MAGNITUDE) zt_bits_range(tb, theta, mask_h, cm);
+        if (has_mask == ZT_MASK_MAGNITUDE) zt_bits_range(tb, theta, mask_h, mask_key, at, mask_limit, cm);
         if (has_mask == ZT_MASK_RANDOM) zt_bits_random(tb, mask_key, at, mask_limit, cm);
         if (has_mask == ZT_MASK_KEPT) memcpy(tb, mask_in + (j0 >> 3), (size_t)((cm + 7) >> 3));
         const float *z = zt_draw(uses, &nu, zd, law, cells, key_tgt, tb, cm, at);
@@ -638,6 +659,9 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
         int cur = p->has_cur && u->offsets, tgt = p->has_tgt && u->offsets;
         int kind = (int)p->mask_kind;
         uint64_t mask_key = 0;
+        int64_t mask_limit = kind == ZT_MASK_MAGNITUDE ? u->mask_tie : p->mask_limit;
+        if (kind == ZT_MASK_MAGNITUDE && mask_limit < ZT_ALL_TIES)  /* a tied tensor's ties */
+            mask_key = zt_splitmix(zt_splitmix(p->mask_s ^ u->key) ^ ZT_MASK_SALT) >> 1;
         if (kind == ZT_MASK_RANDOM) {
             mask_key = zt_splitmix(zt_splitmix(p->mask_s ^ u->key) ^ ZT_MASK_SALT) >> 1;
             if (cur && r->mask && r->mask_key == mask_key)
@@ -682,7 +706,7 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
             (float)t->h[5], (float)t->h[6],
             (int)t->has_upd2, zt_splitmix(t->upd2_s ^ u->key) >> 1, (float)t->upd_c2,
             tgt, key_tgt, (float)p->tgt_scale, bits, aside_out,
-            kind, (float)u->mask_h, mask_in, mask, mask_key, p->mask_limit, keep);
+            kind, (float)u->mask_h, mask_in, mask, mask_key, mask_limit, keep);
         if (keep) continue;
         if (cur) {  /* what the move read is spent */
             free(r->aside);

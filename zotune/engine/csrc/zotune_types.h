@@ -45,6 +45,7 @@ typedef struct {
     uint64_t key;
     int64_t offsets;            /* 0: a row-lazy table's unit, at theta0 through every pass */
     double mask_h;              /* the magnitude mask's threshold */
+    int64_t mask_tie;           /* its tie limit (MagnitudeMask.tie_limit; 2^32: all ties) */
     const zt_terms *terms;
     float *m;
     float *v;
@@ -116,13 +117,14 @@ typedef struct {
     ZT_FIELD(zt_terms, has_upd2), \
     ZT_FIELD(zt_terms, upd2_s), \
     ZT_FIELD(zt_terms, upd_c2), \
-    (int64_t)sizeof(zt_unit), 9, \
+    (int64_t)sizeof(zt_unit), 10, \
     ZT_FIELD(zt_unit, flat), \
     ZT_FIELD(zt_unit, n), \
     ZT_FIELD(zt_unit, start), \
     ZT_FIELD(zt_unit, key), \
     ZT_FIELD(zt_unit, offsets), \
     ZT_FIELD(zt_unit, mask_h), \
+    ZT_FIELD(zt_unit, mask_tie), \
     ZT_FIELD(zt_unit, terms), \
     ZT_FIELD(zt_unit, m), \
     ZT_FIELD(zt_unit, v), \
@@ -167,7 +169,7 @@ typedef struct {
 #define ZT_LAYOUT_NAMES \
     "zt_rec zt_rec.bits zt_rec.aside zt_rec.mask zt_rec.mask_key zt_rec.count " \
     "zt_terms zt_terms.mode zt_terms.upd_s zt_terms.upd_c zt_terms.upd_lr zt_terms.has_decay zt_terms.upd_decay zt_terms.h zt_terms.has_upd2 zt_terms.upd2_s zt_terms.upd_c2 " \
-    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.terms zt_unit.m zt_unit.v " \
+    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.mask_tie zt_unit.terms zt_unit.m zt_unit.v " \
     "zt_pass zt_pass.law zt_pass.cells zt_pass.has_cur zt_pass.cur_s zt_pass.cur_scale zt_pass.update zt_pass.has_tgt zt_pass.tgt_s zt_pass.tgt_scale zt_pass.mask_kind zt_pass.mask_s zt_pass.mask_limit " \
     "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit " \
     ""
