@@ -240,13 +240,13 @@ def _join(parts: list[tuple[tuple, int]]) -> tuple:
         if all(kept[j] is None for kept, _ in parts):
             joined.append(None)
             continue
-        fill = torch.zeros if j != 1 else torch.empty
         pieces = []
+        device = next(kept[j].device for kept, _ in parts if kept[j] is not None)
         for kept, n in parts:
             if kept[j] is not None:
                 pieces.append(kept[j])
-            elif j != 1:
-                pieces.append(fill((n + 7) // 8, dtype=torch.uint8))
+            elif j != 1:  # bits: a block with nothing kept aside has all of them clear
+                pieces.append(torch.zeros((n + 7) // 8, dtype=torch.uint8, device=device))
         joined.append(torch.cat(pieces))
     return tuple(joined)
 
