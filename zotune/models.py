@@ -566,7 +566,9 @@ def _placement(
     if device_map is None and quantize == "none":
         return {}
     if importlib.util.find_spec("accelerate") is None:
-        raise ModelError("--device-map and --quantize need accelerate: pip install accelerate")
+        raise ModelError(
+            "--device-map and --quantize need accelerate: pip install accelerate (or zotune[devices])"
+        )
     placed: dict[str, Any] = {"device_map": device_map or {"": str(device)}}
     if max_memory is not None:
         placed["max_memory"] = max_memory

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import native
+from . import fused, native
 from .directions import MASK_SALT, RandomMask, derive_seed
 from .moves import Block
 
@@ -162,8 +162,22 @@ class TorchPath:
         n = flat.numel()
         theta = self.buffer("theta", n, flat.device)
         block = Block(self.space, index, lo, theta)
+        space = self.space
+        fuse = (
+            lib is None
+            and space.mask is None
+            and fused.enabled(flat.device)
+            and fused.supports(space.direction)
+        )
         if current is None:
             theta.copy_(flat)
+        elif fuse:  # z drawn inside one compiled kernel (fused.py)
+            inexact, aside, _ = kept
+            draw = fused.Draw(derive_seed(current.seed, block.key), space.direction, flat.device)
+            theta = block.theta = fused.restore(flat, lo, draw, current.scale)
+            block.draws += 1
+            if aside is not None:
+                theta[_unpack(inexact, n)] = aside
         else:
             inexact, aside, mask = kept
             z = block.raw_z(current.seed)
@@ -190,6 +204,13 @@ class TorchPath:
         if target is None:
             flat.copy_(theta)
             return block.draws, None
+        if fuse:
+            draw = fused.Draw(derive_seed(target.seed, block.key), space.direction, flat.device)
+            moved, flags = fused.perturb(theta, lo, draw, target.scale, flat.dtype)
+            block.draws += 1
+            aside = theta[flags] if bool(flags.any()) else None
+            flat.copy_(moved)
+            return block.draws, (_pack(flags) if aside is not None else None, aside, None)
         z = block.z(target.seed)
         mask = block.mask()
         if lib is not None:
