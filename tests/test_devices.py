@@ -309,3 +309,40 @@ def test_cuda_training_run_reports_the_allocators_peak(tiny_model_dir, tmp_path)
     summary = train(cfg, quiet=True)
     assert summary["status"] == "completed"
     assert 0 < summary["peak_memory_mb"] < 2000  # max_memory_allocated, not the process's RSS
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+@needs_bnb
+def test_memory_bench_measures_lora_on_a_quantized_base(tiny_model_dir):
+    from zotune.bench.memory import measure
+
+    row = measure(tiny_model_dir, "mezo", 2, 8, 1, device="cpu", peft="lora", quantize="4bit")
+    assert row["quantize"] == "4bit" and row["dtype"] == "float32" and row["device"] == "cpu"
+    assert row["peak_mb"] > 0 and row["loaded_mb"] > 0
+
+
+def test_frozen_base_table_reads_finished_cells_and_names_failures(tmp_path):
+    """The memory suite's last table (cells measured before are read back, not measured)."""
+    import json
+
+    from zotune.bench.memory import frozen_base
+
+    cells = [
+        dict(method=m, dtype="float32", quantize=q, peak_mb=p, loaded_mb=90.0)
+        for m, q, p in [("forward", "none", 200.0), ("mezo", "none", 210.0)]
+    ] + [dict(method="forward", dtype="float32", quantize="4bit", error="no bitsandbytes")]
+    cells.append(dict(cells[-1], method="mezo"))
+    (tmp_path / "frozen_base.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cells))
+    lines = frozen_base(tmp_path, "m", bases=(("float32", "none"), ("float32", "4bit")))
+    assert "| float32 | 90 MB | 200 MB | 210 MB | 1.05 |" in lines
+    assert "| 4bit (bitsandbytes) | failed: no bitsandbytes | | | |" in lines
+
+
+def test_bench_runs_every_run_of_a_suite_on_the_device_given(tmp_path, capsys):
+    from zotune.bench import run_suite
+
+    run_suite("smoke", tmp_path, dry_run=True, device="cpu")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines and all('"device": "cpu"' in line for line in lines)

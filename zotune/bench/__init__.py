@@ -397,9 +397,9 @@ def run_suite(
     `device` (auto, cpu, cuda, cuda:N, mps) where every run computes (default: auto)."""
     out = Path(out)
     if name == "memory":
-        from .memory import memory_suite
+        from .memory import BASES, memory_suite
 
-        return memory_suite(out, device=device or "auto")
+        return memory_suite(out, device=device or "auto", bases=BASES)
     runs = suite(name, out)
     if device is not None:
         runs = [{**run, "device": device} for run in runs]

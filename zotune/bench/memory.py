@@ -140,10 +140,12 @@ def memory_suite(
     seqs=(64, 256),
     methods=METHODS,
     device: str = "auto",
+    bases: tuple[tuple[str, str], ...] = (),
 ) -> list[dict]:
     """Inference vs every listed method at each batch size and sequence length (the shape of
-    MeZO's and MeZO-SVRG's memory tables), then a frozen base's precisions under LoRA
-    (`frozen_base`); finished cells are not redone."""
+    MeZO's and MeZO-SVRG's memory tables), then, with `bases` ((dtype, quantize) pairs, e.g.
+    BASES), a frozen base's precisions under LoRA (`frozen_base`); finished cells are not
+    redone."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
@@ -180,7 +182,8 @@ def memory_suite(
                 else:
                     cells.append(f"{r['peak_mb']:.0f} MB (×{r['peak_mb'] / fwd:.2f})")
             lines.append(f"| {seq} | {batch} | " + " | ".join(cells) + " |")
-    lines += ["", *frozen_base(out, model, device=device)]
+    if bases:
+        lines += ["", *frozen_base(out, model, bases=bases, device=device)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _table_and_plot(rows, out, model, methods)
     return rows
@@ -191,10 +194,16 @@ BASES = (("float32", "none"), ("bfloat16", "none"), ("float32", "8bit"), ("float
 
 
 def frozen_base(
-    out: Path, model: str, peft: str = "lora", batch: int = 8, seq: int = 64, device: str = "auto"
+    out: Path,
+    model: str,
+    peft: str = "lora",
+    batch: int = 8,
+    seq: int = 64,
+    device: str = "auto",
+    bases: tuple[tuple[str, str], ...] = BASES,
 ) -> list[str]:
     """Peak memory of inference and of a MeZO step with `peft` on a base loaded in each of
-    BASES (bitsandbytes for 8/4 bit: cells fail where it is not installed); returns the
+    `bases` (bitsandbytes for 8/4 bit: cells fail where it is not installed); returns the
     report's lines. Finished cells (in frozen_base.jsonl) are not redone."""
     path = out / "frozen_base.jsonl"
     done = {}
@@ -204,7 +213,7 @@ def frozen_base(
             done[(r["method"], r["dtype"], r["quantize"])] = r
     lines = [f"## Frozen base under {peft}, batch {batch} x seq {seq}", "",
              "| base | loaded | forward peak | mezo peak | mezo / forward |", "|---|---|---|---|---|"]  # fmt: skip
-    for dtype, quantize in BASES:
+    for dtype, quantize in bases:
         cells = []
         for method in ("forward", "mezo"):
             key = (method, dtype, quantize)
