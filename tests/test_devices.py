@@ -181,7 +181,7 @@ def test_prefix_tuning_on_a_4bit_base_is_a_training_run(tiny_model_dir, tmp_path
     from zotune.train import train
 
     cfg = TrainConfig(
-        model=tiny_model_dir, task="sst2", peft="prefix", quantize="4bit", steps=2,
+        model=tiny_model_dir, task="sst2", peft="prefix", quantize="4bit", device="cpu", steps=2,
         eval_every=2, batch_size=2, num_train=8, num_dev=4, num_test=4, lr=1e-2, eps=1e-1,
         out=str(tmp_path / "run"),
     )  # fmt: skip
@@ -243,6 +243,26 @@ def test_the_torch_path_draws_the_kernels_bits_in_any_dtype(monkeypatch):
         assert not torch.equal(t, w.to(dtype))
         space.transition(Offset(7, 1e-2), None)
         assert torch.equal(t, w.to(dtype))
+
+
+@pytest.mark.parametrize(
+    "method,extra", [("mezo", {}), ("sparse-mezo", {"sparsity": 0.7}), ("zo-adam", {})]
+)
+def test_gpu_sized_blocks_give_the_cpu_blocks_bits(method, extra, monkeypatch):
+    """A GPU moves a whole unit per torch-path block (fewer launches and syncs): the same bits
+    as 2^16-element blocks, checked on the CPU in bf16 (the torch path) with a mask and Adam."""
+    from zotune.engine import torch_path
+
+    runs = []
+    for size in (torch_path.BLOCK, torch_path.UNIT):
+        monkeypatch.setattr(torch_path, "block_size", lambda device, size=size: size)
+        torch.manual_seed(0)
+        params = [nn.Parameter((torch.randn(2 * torch_path.BLOCK + 77) * 0.02).bfloat16())]
+        opt = build(method, params, lr=1e-2, eps=1e-2, **extra)
+        for _ in range(2):
+            opt.step(lambda p=params[0]: (p.float() ** 2).sum())
+        runs.append(params[0].detach().clone())
+    assert torch.equal(*runs)
 
 
 @pytest.mark.compile
