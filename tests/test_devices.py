@@ -6,6 +6,7 @@ What needs a GPU is marked `cuda` and skipped without one; what runs torch.compi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -292,6 +293,41 @@ def test_the_fused_path_agrees_bit_for_bit_with_the_kernel_and_the_plain_path(
         runs.append(params[0].detach().clone())
         assert fused.enabled(params[0].device) == (mode == "on")
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize(
+    "dtype,direction", [(torch.float32, "gaussian"), (torch.bfloat16, "gaussian")]
+)
+def test_a_fused_path_that_cannot_compile_warns_and_runs_its_ops_uncompiled(
+    dtype, direction, monkeypatch
+):
+    """The fused functions' arithmetic itself (uncompiled: no compile time) against the C
+    kernel (float32) and the plain path (bf16), and the fallback when compiling fails."""
+    from zotune.engine import fused
+
+    def broken(name):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_failed", [])
+    runs = []
+    for native, mode in (("1", "off"), ("0", "off"), ("0", "on")):
+        monkeypatch.setenv("ZOTUNE_NATIVE", native)
+        monkeypatch.setenv("ZOTUNE_FUSED", mode)
+        torch.manual_seed(0)
+        params = [nn.Parameter((torch.randn(3000) * 0.02).to(dtype))]
+        opt = build("mezo", params, lr=1e-2, eps=1e-3, direction=direction)
+        with (
+            pytest.warns(UserWarning, match="no Triton here")
+            if mode == "on"
+            else contextlib.nullcontext()
+        ):
+            for _ in range(3):
+                opt.step(lambda p=params[0]: (p.float() ** 2).sum())
+        runs.append(params[0].detach().clone())
+    assert fused._failed and torch.equal(runs[1], runs[2])
+    if dtype == torch.float32:
+        assert torch.equal(runs[0], runs[2])
 
 
 def test_fused_mode_is_read_from_the_environment(monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -85,6 +86,13 @@ def _perturb(theta, start, k1, k0, scale, law: str, table, delta, dtype: torch.d
 # Inductor settings that keep the bits (module doc); dynamic shapes: a unit's last block is
 # shorter, and every key and offset is a tensor argument, so nothing recompiles per step.
 _OPTIONS = {"emulate_precision_casts": True}
+# One compiled variant per law, dtype and kind of input (a view or not): up to 24 (Dynamo's
+# default limit of 8 recompiles per function would fall back to eager, or fail with fullgraph).
+_VARIANTS = 64
+
+
+_EAGER = {"restore": _restore, "perturb": _perturb}
+_failed: list[str] = []  # why compiling failed, once: the eager functions run from then on
 
 
 @functools.cache
@@ -96,8 +104,28 @@ def _compiled(name: str):
             "zotune's fused path needs Inductor's -ffp-contract=off (unset "
             "TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG) or ZOTUNE_FUSED=off"
         )
-    fn = {"restore": _restore, "perturb": _perturb}[name]
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
+    return torch.compile(_EAGER[name], dynamic=True, fullgraph=True, options=_OPTIONS)
+
+
+def _call(name: str, *args):
+    """The compiled kernel; if compiling fails (no Triton, no C++ compiler), a warning and the
+    same function uncompiled: the same ops, so the same bits, only slower."""
+    if not _failed:
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
+                return _compiled(name)(*args)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:
+            if "ffp-contract" in str(err):
+                raise
+            _failed.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
+            warnings.warn(
+                f"zotune: the fused path could not compile ({_failed[0]}); running its "
+                "kernels uncompiled (same bits). ZOTUNE_FUSED=off silences this.",
+                stacklevel=3,
+            )
+    return _EAGER[name](*args)
 
 
 class Draw:
@@ -115,29 +143,22 @@ class Draw:
             self.table = self.delta = self.k1
 
 
-# One compiled variant per law, dtype and kind of input (a view or not): up to 24 (Dynamo's
-# default limit of 8 recompiles per function would fall back to eager, or fail with fullgraph).
-_VARIANTS = 64
-
-
 def restore(flat: torch.Tensor, start: int, draw: Draw, scale: float) -> torch.Tensor:
     """θ0 (float32) of a block at θ0 + scale·z, before its kept-aside values are put back."""
-    with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
-        return _compiled("restore")(
-            flat, _scalar(start, flat), draw.k1, draw.k0, _scale(scale, flat),
-            draw.law, draw.table, draw.delta,
-        )  # fmt: skip
+    return _call(
+        "restore", flat, _scalar(start, flat), draw.k1, draw.k0, _scale(scale, flat),
+        draw.law, draw.table, draw.delta,
+    )  # fmt: skip
 
 
 def perturb(
     theta: torch.Tensor, start: int, draw: Draw, scale: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(θ0 + scale·z rounded to `dtype`, the bool flags of the elements it cannot undo)."""
-    with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
-        return _compiled("perturb")(
-            theta, _scalar(start, theta), draw.k1, draw.k0, _scale(scale, theta),
-            draw.law, draw.table, draw.delta, dtype,
-        )  # fmt: skip
+    return _call(
+        "perturb", theta, _scalar(start, theta), draw.k1, draw.k0, _scale(scale, theta),
+        draw.law, draw.table, draw.delta, dtype,
+    )  # fmt: skip
 
 
 def _scalar(value: int, like: torch.Tensor) -> torch.Tensor:
