@@ -136,13 +136,26 @@ def _resumed_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+# where a model is loaded and computes (docs/hardware.md): settings of train, eval and bench
+_PLACEMENT = ("device", "dtype", "device_map", "max_memory", "quantize")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train import icl_objective, load_for
 
     step = None
     overrides = {
         name: getattr(args, name)
-        for name in ("model", "task", "gguf_file", "data_dir", "num_dev", "num_test", "seed")
+        for name in (
+            "model",
+            "task",
+            "gguf_file",
+            "data_dir",
+            "num_dev",
+            "num_test",
+            "seed",
+            *_PLACEMENT,
+        )
         if getattr(args, name, None) is not None
     }
     if args.run:
@@ -214,6 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         dry_run=args.dry_run,
         report_only=args.report_only,
+        device=args.device,
     )
     failed = [r for r in results if "error" in r]
     if not args.dry_run:
@@ -285,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
         "--run", help="a `zotune train` output directory (its settings are the defaults)"
     )
     _add_setting_flag(e, settings["peft"], help="scheme to wrap the base model in (default: full)")
-    for name in ("gguf_file", "data_dir", "num_dev", "num_test", "seed"):
+    for name in ("gguf_file", "data_dir", "num_dev", "num_test", "seed", *_PLACEMENT):
         _add_setting_flag(e, settings[name])
     e.add_argument(
         "--demos",
@@ -324,6 +338,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="results folder (default bench-out/SUITE)")
     b.add_argument("--data-dir")
     b.add_argument("--dry-run", action="store_true", help="list the runs without running them")
+    b.add_argument(
+        "--device",
+        default=None,
+        help="where every run computes: auto, cpu, cuda, cuda:N or mps (default: auto)",
+    )
     b.add_argument(
         "--report-only",
         action="store_true",

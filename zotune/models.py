@@ -77,6 +77,8 @@ class LoadedModel:
     kind: str  # "causal" | "masked" | "classifier"
     name: str
     scheme: str = "full"  # which apply_peft scheme produced `model`
+    dtype: str = "float32"  # the dtype it was loaded in ("auto" resolved)
+    quantize: str = "none"  # "8bit" / "4bit": its linear layers are bitsandbytes-quantized
 
 
 # ----------------------------------------------------------------------------- resolving sources
@@ -337,11 +339,34 @@ def _strip_gguf_quantizer(model: torch.nn.Module) -> None:
         model.is_quantized = False
 
 
-def _load_gguf(src: _Source, dtype: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def _load_gguf(
+    src: _Source, dtype: str, placed: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A GGUF model, dequantized (through the cache). With `placed` (a device map, a
+    bitsandbytes quantization), it is loaded from the cache's safetensors that way: the cache
+    is built first if needed, so the dequantized copy is never kept beside the placed one."""
     torch_dtype = DTYPES[dtype]
     root = cache_root()
     directory = os.path.join(root, f"{src.cache_name}-{dtype}") if root else None
     marker = _source_marker(src, dtype)
+    if placed and not directory:
+        raise ModelError(
+            f"model '{src.name}' is a GGUF file: --device-map and --quantize load it from the "
+            "dequantized cache, which $ZOTUNE_CACHE turns off: unset it"
+        )
+    if placed:
+        if not _cache_valid(directory, marker):
+            model, _ = _load_gguf(src, dtype)  # builds the cache entry
+            del model
+        if not _cache_valid(directory, marker):
+            raise ModelError(
+                f"model '{src.name}' is a GGUF file: --device-map and --quantize load it from "
+                f"the dequantized cache, which could not be written under {directory}"
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, local_files_only=True, **placed
+        )
+        return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if directory and _cache_valid(directory, marker):
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -423,17 +448,34 @@ def load_model(
     num_labels: int = 2,
     seed: int = 0,
     device: str = "cpu",
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a built-in, a local HF/GGUF directory, or a hub id, ready for forward-only training.
 
     kind "auto" picks causal for decoders, masked when the checkpoint has MLM head weights, else a
     classifier with a `num_labels`-way head initialized from `seed`. GGUF files are dequantized
     once and cached as safetensors under `cache_root()` ($ZOTUNE_CACHE=off disables the cache).
+
+    Placement (docs/hardware.md): `device` is auto, cpu, cuda, cuda:N or mps; `dtype` "auto" is
+    bfloat16 on a GPU that supports it, else float32. `device_map` ("auto", "balanced",
+    "sequential" or accelerate's dict) spreads the model over the GPUs within `max_memory`
+    ("0=20GiB,1=20GiB"); weights it would offload to the CPU or disk are refused. `quantize`
+    "8bit"/"4bit" loads the linear layers through bitsandbytes (a frozen base for LoRA, prefix
+    or prompt tuning; its weights cannot be trained).
     """
+    from .devices import QUANTIZE, check_placed, parse_max_memory, resolve_device, resolve_dtype
+
     if kind not in ("auto", *KINDS):
         raise ModelError(f"unknown model kind '{kind}': use one of auto, {', '.join(KINDS)}")
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+    if dtype not in (*DTYPES, "auto"):
+        raise ModelError(f"unknown dtype '{dtype}': use one of auto, {', '.join(DTYPES)}")
+    if quantize not in QUANTIZE:
+        raise ModelError(f"unknown quantize '{quantize}': use one of {', '.join(QUANTIZE)}")
+    target = resolve_device(device if device_map is None else "auto")
+    dtype = resolve_dtype(dtype, target)
+    placed = _placement(target, dtype, device_map, parse_max_memory(max_memory), quantize)
     src = _resolve(name_or_path, gguf_file)
 
     if src.gguf_file is not None:
@@ -441,7 +483,11 @@ def load_model(
             raise ModelError(
                 f"model '{src.name}' is a GGUF decoder: it loads as kind causal only, not {kind}"
             )
-        model, tokenizer = _load_gguf(src, dtype)
+        with _loading(
+            f"cannot place model '{src.name}'",
+            "check --device-map / --max-memory / --quantize (docs/hardware.md)",
+        ):
+            model, tokenizer = _load_gguf(src, dtype, placed)
         kind = "causal"
     else:
         with _loading(
@@ -476,7 +522,9 @@ def load_model(
         with (
             _loading(
                 f"cannot load the weights of model '{src.name}' as kind {kind}",
-                f"the checkpoint in {src.path} is missing, damaged or incomplete "
+                "check --device-map / --max-memory / --quantize (docs/hardware.md)"
+                if placed
+                else f"the checkpoint in {src.path} is missing, damaged or incomplete "
                 "(model.safetensors or pytorch_model.bin): download it again",
             ),
             warnings.catch_warnings(),
@@ -489,6 +537,7 @@ def load_model(
                 local_files_only=True,
                 output_loading_info=True,
                 **extra,
+                **placed,
             )
         if kind == "classifier":  # a fresh head: make it depend on `seed` alone
             _init_missing(model, list(info.get("missing_keys", [])), seed)
@@ -502,10 +551,58 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    model.to(device)
+    if not placed:
+        model.to(target)
+    check_placed(model, src.name)
     model.eval()
-    model.requires_grad_(True)
-    return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, name=src.name)
+    for p in model.parameters():  # a quantized layer's integer weights cannot require grad
+        p.requires_grad_(p.is_floating_point())
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, kind=kind, name=src.name, dtype=dtype, quantize=quantize
+    )
+
+
+def _placement(
+    device: torch.device,
+    dtype: str,
+    device_map: str | dict | None,
+    max_memory: dict | None,
+    quantize: str,
+) -> dict[str, Any]:
+    """from_pretrained's placement arguments: none for a plain load (moved to `device` after),
+    else a device map (accelerate) and a bitsandbytes quantization config."""
+    if max_memory is not None and device_map is None:
+        raise ModelError("--max-memory applies with --device-map only: add --device-map auto")
+    if device_map is None and quantize == "none":
+        return {}
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModelError(
+            "--device-map and --quantize need accelerate: pip install accelerate (or zotune[devices])"
+        )
+    placed: dict[str, Any] = {"device_map": device_map or {"": str(device)}}
+    if max_memory is not None:
+        placed["max_memory"] = max_memory
+    if quantize != "none":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError(
+                f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes "
+                "(or zotune[quantize])"
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise ModelError(
+                f"--quantize {quantize}: bitsandbytes runs on CUDA and the CPU, not {device.type}"
+            )
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES[dtype]
+        placed["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantize == "8bit"
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+        )
+    return placed
 
 
 def _first_line(err: BaseException) -> str:

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from . import checkpoint, distributed, optim, recipes
+from .devices import describe_placement
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
 from .optim.hparams import check as check_hyperparameters
 from .reporting import open_reporters, provenance
@@ -77,7 +78,25 @@ class TrainConfig:
         None, "virtual tokens of prefix/prompt tuning (default: prefix 5, prompt 10)"
     )
     objective: str = setting("loss", "loss, or a non-differentiable objective: accuracy or f1")
-    dtype: str = setting("float32", "float32, bfloat16 or float16")
+    dtype: str = setting(
+        "auto",
+        "auto (bfloat16 on a GPU that supports it, else float32; fixed when the run starts), float32, bfloat16 or float16",
+    )
+    device: str = setting(
+        "auto",
+        "where to train and evaluate: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps",
+    )
+    device_map: str | None = setting(
+        None,
+        "spread a model too large for one device over the GPUs: auto, balanced or sequential (accelerate; docs/hardware.md)",
+    )
+    max_memory: str | None = setting(
+        None, "with --device-map: memory per device, e.g. 0=20GiB,1=20GiB"
+    )
+    quantize: str = setting(
+        "none",
+        "load the frozen base in 8bit or 4bit (bitsandbytes) to train --peft lora, prefix or prompt on it",
+    )
     gguf_file: str | None = setting(
         None, "which .gguf file to load from a model folder holding several (default: the only one)"
     )
@@ -214,10 +233,7 @@ class TrainConfig:
             raise ConfigError(
                 f"--objective {self.objective} has no gradient: use a zeroth-order method with it"
             )
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(
-                f"unknown --dtype '{self.dtype}': choose float32, bfloat16 or float16"
-            )
+        self._check_placement()
         if self.lr_scheduler not in SCHEDULES:
             raise ConfigError(
                 f"unknown --lr-scheduler '{self.lr_scheduler}': choose {', '.join(SCHEDULES)}"
@@ -244,6 +260,38 @@ class TrainConfig:
             raise ConfigError(f"--report-to: {e}") from None
         if self.lora_targets and self.peft != "lora":
             raise ConfigError(f"--lora-targets applies to --peft lora only, not --peft {self.peft}")
+
+    def _check_placement(self) -> None:
+        """--device, --dtype, --device-map, --max-memory, --quantize; an "auto" dtype becomes
+        the device's (so config.yaml, --resume and replay use the dtype the run trained in)."""
+        from .devices import QUANTIZE, DeviceError, default_dtype, parse_max_memory, resolve_device
+
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"unknown --dtype '{self.dtype}': choose auto, float32, bfloat16 or float16"
+            )
+        if self.device_map is not None and self.device != "auto":
+            raise ConfigError("give --device or --device-map, not both")
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            raise ConfigError(
+                f"unknown --device-map '{self.device_map}': choose auto, balanced or sequential"
+            )
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"unknown --quantize '{self.quantize}': choose 8bit or 4bit")
+        if self.quantize != "none" and self.peft == "full" and self.method not in BASELINES:
+            raise ConfigError(
+                f"--quantize {self.quantize} freezes the base (its integer weights cannot be "
+                "perturbed): add --peft lora, prefix or prompt"
+            )
+        try:
+            parse_max_memory(self.max_memory)
+            if self.max_memory is not None and self.device_map is None:
+                raise DeviceError("--max-memory applies with --device-map only")
+            device = resolve_device(self.device)
+        except DeviceError as e:
+            raise ConfigError(str(e)) from None
+        if self.dtype == "auto":
+            self.dtype = default_dtype(device)
 
     def _checked_extra(self) -> dict[str, Any]:
         """`extra` (--set) checked against the method's hyperparameters, values converted to
@@ -333,6 +381,10 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
         gguf_file=cfg.gguf_file,
         num_labels=max(task.num_labels, 2),
         seed=cfg.seed,
+        device=cfg.device,
+        device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        quantize=cfg.quantize,
     )
     if cfg.init_head == "linear-probe":
         _linear_probe_head(cfg, task, loaded)
@@ -520,6 +572,7 @@ def _train(cfg: TrainConfig, *, quiet: bool, resume: bool) -> dict[str, Any]:
     start = time.time()
     if not resume:
         print(recipes.describe(cfg), flush=True)
+        print(describe_placement(cfg), flush=True)
     task, loaded, objective = load_for(cfg)
     model = loaded.model
 

@@ -621,15 +621,19 @@ def run_suite(
     data_dir: str | None = None,
     dry_run: bool = False,
     report_only: bool = False,
+    device: str | None = None,
 ) -> list[dict]:
     """Run a named suite into `out` and write its results; returns one dict per run.
-    `report_only` writes the report from the runs finished so far (an interrupted grid)."""
+    `report_only` writes the report from the runs finished so far (an interrupted grid);
+    `device` (auto, cpu, cuda, cuda:N, mps) where every run computes (default: auto)."""
     out = Path(out)
     if name == "memory":
-        from .memory import memory_suite
+        from .memory import BASES, memory_suite
 
-        return memory_suite(out)
+        return memory_suite(out, device=device or "auto", bases=BASES)
     runs = suite(name, out)
+    if device is not None:
+        runs = [{**run, "device": device} for run in runs]
     if dry_run:
         for run in runs:
             print(run_id(run), json.dumps(run, default=str))

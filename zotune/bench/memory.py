@@ -1,6 +1,7 @@
 """Peak memory of inference vs ZO vs FO training steps, each measured in its own process.
 
     python -m zotune.bench.memory MODEL METHOD BATCH SEQ STEPS    # one measurement, prints JSON
+        [--device auto] [--dtype auto] [--peft full] [--quantize none|8bit|4bit]
 
 CPU: peak resident memory of the process while it runs the steps (the peak is reset after the
 model is loaded), with the resident size right after loading noted as the baseline. CUDA: `max_memory_allocated`, reset before the first step.
@@ -64,20 +65,31 @@ def make_optimizer(method: str, model: torch.nn.Module, loss_fn, threads: int | 
     return optim.build_for(model, method, full_loss=loss_fn, **hp)
 
 
-def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
-    """Load, then run `steps` training steps (or 2·steps forward passes for "forward")."""
-    from ..models import load_model
+def measure(
+    model: str,
+    method: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    peft: str = "full",
+    quantize: str = "none",
+) -> dict[str, Any]:
+    """Load (on `device`, in `dtype`, the base quantized or not, wrapped in `peft`), then run
+    `steps` training steps (or 2·steps forward passes for "forward")."""
+    from ..memory_usage import cuda_peak_mb, reset_cuda_peak
+    from ..models import apply_peft, load_model
 
-    loaded = load_model(
-        model, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu"
-    )
+    loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
+    if peft != "full":
+        loaded = apply_peft(loaded, peft)
     loss_fn = random_batch_loss(loaded, batch, seq)
-    cuda = torch.cuda.is_available()
+    cuda = next(loaded.model.parameters()).device.type == "cuda"
     loaded_mb = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak()
+    reset_cuda_peak()
+    reset_peak()
     t = time.perf_counter()
     if method == "forward":
         with torch.no_grad():
@@ -87,8 +99,10 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[s
         opt = make_optimizer(method, loaded.model, loss_fn)
         for _ in range(steps):
             opt.step(loss_fn)  # every optimizer: a closure that returns the loss
+    if cuda:
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    peak = cuda_peak_mb() if cuda else peak_rss_mb()
     return dict(
         model=model,
         method=method,
@@ -97,28 +111,25 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int) -> dict[s
         peak_mb=round(peak, 1),
         loaded_mb=round(loaded_mb, 1),
         seconds_per_step=round(seconds, 3),
-        device="cuda" if cuda else "cpu",
+        device=str(next(loaded.model.parameters()).device),
+        dtype=loaded.dtype,
+        peft=peft,
+        quantize=quantize,
     )
 
 
 def measure_in_process(
-    model: str, method: str, batch: int, seq: int, steps: int = 2
+    model: str, method: str, batch: int, seq: int, steps: int = 2, **placement: str
 ) -> dict[str, Any]:
-    """`measure` in a fresh interpreter, so one measurement's peak never leaks into another."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "zotune.bench.memory",
-        model,
-        method,
-        str(batch),
-        str(seq),
-        str(steps),
-    ]
+    """`measure` in a fresh interpreter, so one measurement's peak never leaks into another;
+    `placement`: measure's device, dtype, peft and quantize."""
+    cmd = [sys.executable, "-m", "zotune.bench.memory", model, method]
+    cmd += [str(batch), str(seq), str(steps)]
+    cmd += [f"--{k}={v}" for k, v in placement.items()]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         err = (done.stderr.strip().splitlines() or ["failed"])[-1]
-        return dict(model=model, method=method, batch=batch, seq=seq, error=err)
+        return dict(model=model, method=method, batch=batch, seq=seq, error=err, **placement)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -128,9 +139,13 @@ def memory_suite(
     batches=(1, 8, 32),
     seqs=(64, 256),
     methods=METHODS,
+    device: str = "auto",
+    bases: tuple[tuple[str, str], ...] = (),
 ) -> list[dict]:
     """Inference vs every listed method at each batch size and sequence length (the shape of
-    MeZO's and MeZO-SVRG's memory tables); finished cells are not redone."""
+    MeZO's and MeZO-SVRG's memory tables), then, with `bases` ((dtype, quantize) pairs, e.g.
+    BASES), a frozen base's precisions under LoRA (`frozen_base`); finished cells are not
+    redone."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
@@ -149,11 +164,12 @@ def memory_suite(
                     # stateful methods allocate their state (moments, gradients, anchor) in
                     # the first step: the second step's forward passes run beside it
                     steps = 2 if method in STATEFUL else 1
-                    done[key] = measure_in_process(model, method, batch, seq, steps)
+                    done[key] = measure_in_process(model, method, batch, seq, steps, device=device)
                     with open(path, "a", encoding="utf-8") as f:
                         f.write(json.dumps(done[key]) + "\n")
                 rows.append(done[key])
-    lines = [f"# Peak memory, {model}, fp32 ({rows[0].get('device', 'cpu') if rows else 'cpu'})", "",
+    where = f"{rows[0].get('dtype', 'float32')} ({rows[0].get('device', 'cpu')})" if rows else ""
+    lines = [f"# Peak memory, {model}, {where}", "",
              "| seq | batch | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]  # fmt: skip
     for seq in seqs:
         for batch in batches:
@@ -166,9 +182,60 @@ def memory_suite(
                 else:
                     cells.append(f"{r['peak_mb']:.0f} MB (×{r['peak_mb'] / fwd:.2f})")
             lines.append(f"| {seq} | {batch} | " + " | ".join(cells) + " |")
+    if bases:
+        lines += ["", *frozen_base(out, model, bases=bases, device=device)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _table_and_plot(rows, out, model, methods)
     return rows
+
+
+# A frozen base's precisions (docs/hardware.md): what LoRA, prefix and prompt tuning pay for it.
+BASES = (("float32", "none"), ("bfloat16", "none"), ("float32", "8bit"), ("float32", "4bit"))
+
+
+def frozen_base(
+    out: Path,
+    model: str,
+    peft: str = "lora",
+    batch: int = 8,
+    seq: int = 64,
+    device: str = "auto",
+    bases: tuple[tuple[str, str], ...] = BASES,
+) -> list[str]:
+    """Peak memory of inference and of a MeZO step with `peft` on a base loaded in each of
+    `bases` (bitsandbytes for 8/4 bit: cells fail where it is not installed); returns the
+    report's lines. Finished cells (in frozen_base.jsonl) are not redone."""
+    path = out / "frozen_base.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["method"], r["dtype"], r["quantize"])] = r
+    lines = [f"## Frozen base under {peft}, batch {batch} x seq {seq}", "",
+             "| base | loaded | forward peak | mezo peak | mezo / forward |", "|---|---|---|---|---|"]  # fmt: skip
+    for dtype, quantize in bases:
+        cells = []
+        for method in ("forward", "mezo"):
+            key = (method, dtype, quantize)
+            if key not in done:
+                print(f"memory: {peft} on a {dtype}/{quantize} base, {method}", flush=True)
+                r = measure_in_process(model, method, batch, seq, 1, device=device, dtype=dtype, peft=peft, quantize=quantize)  # fmt: skip
+                done[key] = {**r, "dtype": dtype, "quantize": quantize}
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+            cells.append(done[key])
+        name = dtype if quantize == "none" else f"{quantize} (bitsandbytes)"
+        if any("error" in c for c in cells):
+            lines.append(
+                f"| {name} | failed: {next(c['error'] for c in cells if 'error' in c)} | | | |"
+            )
+            continue
+        fwd, step = cells
+        lines.append(
+            f"| {name} | {fwd['loaded_mb']:.0f} MB | {fwd['peak_mb']:.0f} MB | "
+            f"{step['peak_mb']:.0f} MB | {step['peak_mb'] / fwd['peak_mb']:.2f} |"
+        )
+    return lines
 
 
 def _table_and_plot(rows: list[dict], out: Path, model: str, methods) -> None:
@@ -203,5 +270,15 @@ def _table_and_plot(rows: list[dict], out: Path, model: str, methods) -> None:
 
 
 if __name__ == "__main__":
-    m, meth, b, s, n = sys.argv[1:6]
-    print(json.dumps(measure(m, meth, int(b), int(s), int(n))))
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m zotune.bench.memory")
+    for name in ("model", "method"):
+        p.add_argument(name)
+    for name in ("batch", "seq", "steps"):
+        p.add_argument(name, type=int)
+    for name, default in (("device", "auto"), ("dtype", "auto"), ("peft", "full")):
+        p.add_argument(f"--{name}", default=default)
+    p.add_argument("--quantize", default="none")
+    a = vars(p.parse_args())
+    print(json.dumps(measure(**a)))

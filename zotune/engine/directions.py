@@ -129,13 +129,17 @@ class Gaussian(Direction):
                 _native.ptr(self.cells),
             )
             return out
-        if out.device not in self._on:
-            self._on[out.device] = (self.table.to(out.device), self.delta.to(out.device))
-        table, delta = self._on[out.device]
+        table, delta = self.on(out.device)
         u = hash32(key, start, out.numel(), out.device)
         cell = u >> 20
         frac = (u & 0xFFFFF).to(torch.float32).mul_(2.0**-20)
         return out.copy_(frac.mul_(delta[cell]).add_(table[cell]))
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table's nodes and slopes on `device` (copied there once)."""
+        if device not in self._on:
+            self._on[device] = (self.table.to(device), self.delta.to(device))
+        return self._on[device]
 
 
 class Rademacher(Direction):

@@ -4,7 +4,7 @@ It covers what the C kernel does not: tensors that are not float32 on the CPU (b
 GPU), custom masks, and updates without a kernel form (three or more terms, a custom rule). The
 arithmetic is the kernel's, op for op, so the two agree bit for bit (tests check this). Each
 unit is moved BLOCK elements at a time through per-thread float32 buffers: only one block of
-z exists per thread.
+z exists per thread (a whole unit per block on a GPU: `block_size`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import native
+from . import fused, native
 from .directions import MASK_SALT, RandomMask, derive_seed
 from .moves import Block
 
@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 _CPU = torch.device("cpu")
+
+
+def block_size(device: torch.device) -> int:
+    """Elements per torch-path block: BLOCK on the CPU (caches); a whole unit on a GPU, where
+    each block costs kernel launches and a host sync (counting its kept-aside values)."""
+    return BLOCK if device.type == "cpu" else UNIT
 
 
 class TorchPath:
@@ -107,8 +113,9 @@ class TorchPath:
         flat = tensor.detach().view(-1)[lo:hi]
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
-        for start in range(lo, hi, BLOCK):
-            n = min(BLOCK, hi - start)
+        size = block_size(tensor.device)
+        for start in range(lo, hi, size):
+            n = min(size, hi - start)
             a, b = (start - lo) // 8, (start - lo + n + 7) // 8
             sub = (inexact[a:b] if inexact is not None else None, None, None)
             if sub[0] is not None:
@@ -162,8 +169,22 @@ class TorchPath:
         n = flat.numel()
         theta = self.buffer("theta", n, flat.device)
         block = Block(self.space, index, lo, theta)
+        space = self.space
+        fuse = (
+            lib is None
+            and space.mask is None
+            and fused.enabled(flat.device)
+            and fused.supports(space.direction)
+        )
         if current is None:
             theta.copy_(flat)
+        elif fuse:  # z drawn inside one compiled kernel (fused.py)
+            inexact, aside, _ = kept
+            draw = fused.Draw(derive_seed(current.seed, block.key), space.direction, flat.device)
+            theta = block.theta = fused.restore(flat, lo, draw, current.scale)
+            block.draws += 1
+            if aside is not None:
+                theta[_unpack(inexact, n)] = aside
         else:
             inexact, aside, mask = kept
             z = block.raw_z(current.seed)
@@ -192,6 +213,13 @@ class TorchPath:
         if target is None:
             flat.copy_(theta)
             return block.draws, None
+        if fuse:
+            draw = fused.Draw(derive_seed(target.seed, block.key), space.direction, flat.device)
+            moved, flags = fused.perturb(theta, lo, draw, target.scale, flat.dtype)
+            block.draws += 1
+            aside = theta[flags] if bool(flags.any()) else None
+            flat.copy_(moved)
+            return block.draws, (_pack(flags) if aside is not None else None, aside, None)
         z = block.z(target.seed)
         mask = block.mask()
         if lib is not None:
@@ -215,13 +243,15 @@ class TorchPath:
     def scratch(self) -> torch.Tensor:
         return self.buffer("scratch", BLOCK, _CPU, BLOCK + native.PAD)
 
-    def buffer(self, name: str, n: int, device: torch.device, size: int = BLOCK) -> torch.Tensor:
-        """Per-thread float32 buffers (of BLOCK elements by default), reused block after block
-        (allocating fresh ones per block made glibc hold on to hundreds of MB)."""
+    def buffer(
+        self, name: str, n: int, device: torch.device, size: int | None = None
+    ) -> torch.Tensor:
+        """Per-thread float32 buffers (of a block's elements by default), reused block after
+        block (allocating fresh ones per block made glibc hold on to hundreds of MB)."""
         bufs = self._local.__dict__.setdefault("buffers", {})
         key = (name, device)
         if key not in bufs:
-            bufs[key] = torch.empty(size, dtype=torch.float32, device=device)
+            bufs[key] = torch.empty(size or block_size(device), dtype=torch.float32, device=device)
         return bufs[key][:n]
 
 
@@ -242,13 +272,13 @@ def _join(parts: list[tuple[tuple, int]]) -> tuple:
         if all(kept[j] is None for kept, _ in parts):
             joined.append(None)
             continue
-        fill = torch.zeros if j != 1 else torch.empty
         pieces = []
+        device = next(kept[j].device for kept, _ in parts if kept[j] is not None)
         for kept, n in parts:
             if kept[j] is not None:
                 pieces.append(kept[j])
-            elif j != 1:
-                pieces.append(fill((n + 7) // 8, dtype=torch.uint8))
+            elif j != 1:  # bits: a block with nothing kept aside has all of them clear
+                pieces.append(torch.zeros((n + 7) // 8, dtype=torch.uint8, device=device))
         joined.append(torch.cat(pieces))
     return tuple(joined)
 
