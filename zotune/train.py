@@ -31,6 +31,7 @@ from .reporting import open_reporters, provenance
 from .reporting import parse_targets as parse_report_targets
 from .settings import ConfigError, coerce_all, setting
 from .tasks import Task, load_task
+from .tasks.base import better, show
 
 
 @dataclass
@@ -281,12 +282,13 @@ def batches(n: int, batch_size: int, seed: int):
             yield order[i : i + batch_size].tolist()
 
 
-def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
-    """The task, the (PEFT-wrapped) model and the objective a config names."""
+def load_for(cfg: TrainConfig, task: Task | None = None) -> tuple[Task, Any, Any]:
+    """The task, the (PEFT-wrapped) model and the objective a config names (`task`: one
+    already loaded, e.g. from a `datasets` object, instead of cfg.task)."""
     from .models import apply_peft, load_model
     from .objectives import make_objective
 
-    task = load_task(
+    task = task or load_task(
         cfg.task,
         cfg.data_dir,
         num_train=cfg.num_train,
@@ -321,7 +323,7 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
             num_virtual_tokens=cfg.num_virtual_tokens,
             seed=cfg.seed,
         )
-    objective = make_objective(loaded, task.kind, max_length=cfg.max_length)
+    objective = make_objective(loaded, task.kind, max_length=cfg.max_length, metric=task.metric)
     return task, loaded, objective
 
 
@@ -403,7 +405,7 @@ class _Progress:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+    return show(metrics)
 
 
 # Methods that train no weights: baselines measured with the same loading, data and summary.
@@ -419,7 +421,12 @@ def icl_objective(cfg: TrainConfig, task: Task, loaded: Any, demos: int) -> Any:
     rng = np.random.RandomState(cfg.seed)
     picked = [task.train[i] for i in rng.permutation(len(task.train))[:demos]]
     return make_objective(
-        loaded, task.kind, max_length=cfg.max_length, demos=picked, cache_demos=True
+        loaded,
+        task.kind,
+        max_length=cfg.max_length,
+        demos=picked,
+        cache_demos=True,
+        metric=task.metric,
     )
 
 
@@ -458,11 +465,17 @@ def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, quiet: bool = False, resume: bool = False, task: Task | None = None
+) -> dict[str, Any]:
     """Run one fine-tuning job in `cfg.out`; returns the summary. The run directory is written
     in place as the run goes (config, metrics, checkpoints, summary with its status); with
     `resume`, an interrupted run in `cfg.out` goes on from its last checkpoint, bit for bit as
-    if it had never stopped."""
+    if it had never stopped. `task`: a task already loaded, e.g.
+    `load_task(dataset, spec=..., num_train=...)` of a `datasets` object; cfg.task then only
+    names it (pass the same task again to resume)."""
+    if task is not None:
+        cfg.task = task.name
     cfg.validate()
     if cfg.out is None:
         cfg.out = f"runs/{Path(cfg.model).name}-{Path(cfg.task).stem}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -481,7 +494,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dic
     start = time.time()
     if not resume:
         print(recipes.describe(cfg), flush=True)
-    task, loaded, objective = load_for(cfg)
+    task, loaded, objective = load_for(cfg, task)
     model = loaded.model
 
     if cfg.method == "linear-probe":
@@ -725,7 +738,7 @@ def _run(
                 with torch.no_grad():
                     dev = evaluate(task.dev)
                 row["dev"] = state.last_dev = dev
-                if dev[metric] > state.best["dev"][metric]:
+                if better(metric, dev[metric], state.best["dev"][metric]):
                     # Test is measured at each new best-on-dev step, never used to choose one.
                     with torch.no_grad():
                         test = evaluate(task.test) if task.test else {}
