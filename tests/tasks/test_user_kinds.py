@@ -314,19 +314,31 @@ def test_completion_trains_and_evaluates(tiny_model_dir, tmp_path, metric) -> No
         assert summary["dev"]["loss"] == min(losses) > 0
 
 
-def test_multiple_choice_and_qa_train_from_saved_datasets(tiny_model_dir, tmp_path) -> None:
-    saved(tmp_path / "mc", MC_ROWS)
-    spec = write(
-        tmp_path / "mc.yaml",
-        "kind: multiple-choice\ndataset: mc\ntemplate: '{premise} so'\nchoices: options\n"
-        "label_column: gold\n",
-    )
-    summary = cli_train(tiny_model_dir, str(spec), tmp_path / "mc-run")
-    assert summary["metric"] == "accuracy" and 0 <= summary["test"]["accuracy"] <= 1
-
-    saved(tmp_path / "qa", QA_ROWS)
-    summary = cli_train(tiny_model_dir, str(tmp_path / "qa"), tmp_path / "qa-run")
-    assert summary["metric"] == "f1" and set(summary["dev"]) == {"f1", "em"}
+@pytest.mark.parametrize(
+    ("rows", "yaml_text", "metric"),
+    [
+        (
+            [{"text": f"text {i}", "label": i % 2} for i in range(8)],
+            "dataset: data\ntemplate: '{text} It was'\nlabel_column: label\n"
+            "label_words: {0: bad, 1: good}\n",
+            "accuracy",
+        ),
+        (
+            MC_ROWS,
+            "kind: multiple-choice\ndataset: data\ntemplate: '{premise} so'\nchoices: options\n"
+            "label_column: gold\n",
+            "accuracy",
+        ),
+        (QA_ROWS, None, "f1"),  # the saved folder itself is the task: its columns say qa
+    ],
+    ids=["classification", "multiple-choice", "qa"],
+)
+def test_other_kinds_train_from_saved_datasets(tiny_model_dir, tmp_path, rows, yaml_text, metric):
+    folder = saved(tmp_path / "data", rows)
+    task = str(write(tmp_path / "t.yaml", yaml_text)) if yaml_text else str(folder)
+    summary = cli_train(tiny_model_dir, task, tmp_path / "run")
+    assert summary["metric"] == metric and 0 <= summary["test"][metric] <= 1
+    assert metric in summary["dev"] and summary["forward_passes"] == 4
 
 
 def test_train_accepts_a_task_from_a_dataset_object(tiny_model_dir, tmp_path) -> None:

@@ -20,7 +20,7 @@ from zotune.tasks.base import TaskError
 Rows = list[tuple[str, dict]]  # (where, row)
 SPLIT_KEYS = ("train", "dev", "test")
 _DEV_NAMES = ("validation", "dev")
-_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".jsonl": "json"}
+_FORMATS = {".json": "json", ".parquet": "parquet"}
 
 
 def _datasets() -> Any:
@@ -59,7 +59,7 @@ def load_file(file: Path) -> Any:
     """A .json (JSON lines or an array of objects) or .parquet file, as one Dataset."""
     fmt = _FORMATS.get(file.suffix.lower())
     if fmt is None:
-        raise TaskError(f"unsupported data file {file}: use .json, .jsonl, .csv or .parquet")
+        raise TaskError(f"{file}: `datasets` reads .json and .parquet files here")
     try:
         return _datasets().load_dataset(fmt, data_files=str(file), split="train")
     except Exception as e:  # pyarrow and datasets raise many types for a damaged file
@@ -125,13 +125,3 @@ def split_rows(
         )
     out = {key: _rows(data[split], f"split {split!r} of {source}") for key, split in chosen.items()}
     return out, notes
-
-
-def columns(data: Any) -> list[str]:
-    """Column names of a Dataset, or of a DatasetDict's train split (else its first)."""
-    if hasattr(data, "keys"):
-        names = list(data.keys())
-        if not names:
-            return []
-        data = data["train" if "train" in names else names[0]]
-    return list(data.column_names)
