@@ -44,7 +44,11 @@ class TrainConfig:
     model: str = setting(
         "smollm2-135m", "built-in name (smollm2-135m, minilm-l6), local path or hub id"
     )
-    task: str = setting("sst2", "built-in task name (see `zotune tasks`) or path to a task .yaml")
+    task: str = setting(
+        "sst2",
+        "built-in task name (see `zotune tasks`), path to a task .yaml, or a dataset: a "
+        "save_to_disk folder or a .jsonl/.csv/.parquet/.json file (docs/tasks.md)",
+    )
     method: str = setting("mezo", "optimizer name (see `zotune methods`)")
     out: str | None = setting(
         None, "output directory, must not exist or be empty (default: runs/MODEL-TASK-METHOD-TIME)"
