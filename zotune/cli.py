@@ -88,7 +88,9 @@ def config_from_args(args: argparse.Namespace, demo: bool = False) -> TrainConfi
 
 
 def _pct(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items()) or "-"
+    from .tasks.base import show
+
+    return show(metrics) or "-"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -102,12 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, quiet=args.quiet, resume=bool(args.resume))
     if launched_rank() != 0:  # under torchrun, rank 0 reports the run
         return 0
-    metric = next(iter(summary["dev"]), None)
+    metric = summary.get("metric") or next(iter(summary["dev"]), None)
     if metric:
+        from .tasks.base import show_value
+
+        before, after = (show_value(metric, summary[k][metric]) for k in ("zero_shot", "dev"))
         print(
             f"{summary['model']} on {summary['task']} with {summary['method']} ({summary['peft']}): "
-            f"dev {metric} zero-shot {100 * summary['zero_shot'][metric]:.1f}% -> "
-            f"fine-tuned {100 * summary['dev'][metric]:.1f}% (step {summary['best_step']}); "
+            f"dev {metric} zero-shot {before} -> fine-tuned {after} (step {summary['best_step']}); "
             f"test zero-shot {_pct(summary['zero_shot_test'])} -> {_pct(summary['test'])}"
         )
     print(

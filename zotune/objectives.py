@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import math
 import re
 import string
 import time
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from zotune.models import LoadedModel, ModelError
-from zotune.tasks.base import KINDS, Example
+from zotune.tasks.base import KINDS, LOWER_IS_BETTER, Example
 
 __all__ = ["Objective", "make_objective", "squad_f1", "exact_match", "normalize_answer"]
 
@@ -81,9 +82,11 @@ class Objective:
         max_new_tokens: int = 50,
         demos: Sequence[Example] = (),
         cache_demos: bool = False,
+        metric: str | None = None,
     ) -> None:
         self.loaded = loaded
         self.task_kind = task_kind
+        self.metric = metric
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.demos = tuple(demos)
@@ -139,8 +142,17 @@ class Objective:
         return torch.tensor(-sum(scores) / max(len(scores), 1), dtype=torch.float32)
 
     def evaluate(self, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
-        """{"accuracy": ..} or {"f1": .., "em": ..}, each in [0, 1]."""
+        """{"accuracy": ..} or {"f1": .., "em": ..}, each in [0, 1]; with metric "loss", the
+        mean per-token loss of the targets and its perplexity, {"loss": .., "perplexity": ..}."""
         examples = list(examples)
+        if self.metric in LOWER_IS_BETTER:
+            total, tokens = 0.0, 0
+            with torch.no_grad():
+                for i in range(0, len(examples), batch_size):
+                    summed, count = self.target_loss_sum(examples[i : i + batch_size])
+                    total, tokens = total + float(summed), tokens + count
+            loss = total / max(tokens, 1)
+            return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
         preds: list = []
         with torch.no_grad():
             for i in range(0, len(examples), batch_size):
@@ -156,6 +168,10 @@ class Objective:
             em = sum(exact_match(p, ex.answers) for p, ex in zip(preds, examples)) / n
             return {"f1": f1, "em": em}
         return {"accuracy": sum(self._scores(examples, preds)) / n}
+
+    def target_loss_sum(self, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
+        """Summed LM loss of the batch's training targets and their token count (decoders)."""
+        raise ModelError(f"{type(self).__name__} cannot score a task by its loss: use a decoder")
 
     @staticmethod
     def _labels(batch: Sequence[Example]) -> list[int]:
@@ -402,10 +418,26 @@ class CausalObjective(Objective):
         return _pad_candidates(rows)
 
     def _lm_loss(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+        # token-level mean over the batch, as HF's CE with -100 labels (MeZO's only_train_option)
+        summed, count = self._lm_loss_sum(pairs)
+        return summed / count
+
+    def _lm_loss_sum(self, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, int]:
         seqs, counts = self._continuations(pairs)
         lp, valid = self._tail_logprobs(seqs, counts)
-        # token-level mean over the batch, as HF's CE with -100 labels (MeZO's only_train_option)
-        return -(lp.sum() / valid.sum())
+        return -lp.sum(), int(valid.sum())
+
+    def _targets(self, batch: Sequence[Example]) -> list[tuple[str, str]]:
+        """(context, continuation) pairs the LM loss is on: the gold choice, or the answer."""
+        if self.task_kind == "multiple_choice":
+            self._labels(batch)
+            return [(self._context(ex), ex.candidates[ex.label]) for ex in batch]
+        return [(self._context(ex), self._target(ex)) for ex in batch]
+
+    def target_loss_sum(self, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
+        if self.task_kind == "classification":
+            raise ValueError("a classification task is scored by accuracy, not by its loss")
+        return self._lm_loss_sum(self._targets(batch))
 
     def loss(self, batch: Sequence[Example]) -> torch.Tensor:
         if not batch:
@@ -414,10 +446,7 @@ class CausalObjective(Objective):
             scores = self.candidate_scores(batch)
             labels = torch.tensor(self._labels(batch), device=scores.device)
             return F.cross_entropy(scores, labels)
-        if self.task_kind == "multiple_choice":
-            self._labels(batch)
-            return self._lm_loss([(self._context(ex), ex.candidates[ex.label]) for ex in batch])
-        return self._lm_loss([(self._context(ex), self._target(ex)) for ex in batch])
+        return self._lm_loss(self._targets(batch))
 
     def _predict(self, batch: Sequence[Example]) -> list:
         if self.task_kind != "generation":
@@ -608,12 +637,20 @@ def make_objective(
     max_new_tokens: int = 50,
     demos: Sequence[Example] = (),
     cache_demos: bool = False,
+    metric: str | None = None,
 ) -> Objective:
     """The objective for this model kind and task kind (demos: in-context examples, decoders
     only). `cache_demos` computes the demonstrations' keys and values once and reuses them for
-    every prompt: for evaluation only (the cache would go stale once the weights change)."""
+    every prompt: for evaluation only (the cache would go stale once the weights change).
+    `metric` "loss" makes `evaluate` report the targets' loss (a task's `metric`); otherwise it
+    reports the kind's usual scores."""
     if task_kind not in KINDS:
         raise ValueError(f"unknown task kind '{task_kind}': use one of {', '.join(KINDS)}")
+    if metric in LOWER_IS_BETTER and (task_kind == "classification" or loaded.kind != "causal"):
+        raise ModelError(
+            f"metric {metric} scores generation or multiple-choice targets with a decoder "
+            f"(got a {loaded.kind} model on a {task_kind} task)"
+        )
     if demos and loaded.kind != "causal":
         raise ModelError("in-context demonstrations need a causal (decoder) model")
     cls = {"causal": CausalObjective, "masked": MaskedObjective, "classifier": ClassifierObjective}[
@@ -626,4 +663,5 @@ def make_objective(
         max_new_tokens=max_new_tokens,
         demos=demos,
         cache_demos=cache_demos,
+        metric=metric,
     )

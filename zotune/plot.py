@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .settings import ConfigError
+from .tasks.base import LOWER_IS_BETTER
 
 
 def read_run(run: str | os.PathLike) -> dict[str, Any]:
@@ -108,13 +109,14 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     colors = plt.cm.tab20.colors if len(loaded) > 10 else plt.cm.tab10.colors
     for i, run in enumerate(loaded):
         color, label, metric = colors[i % len(colors)], run["label"], primary_metric(run)
+        scale = 1 if metric in LOWER_IS_BETTER else 100  # fractions in %, losses as they are
         rows, summary = run["rows"], run["summary"]
         trained = [r for r in rows if r["step"] > 0]
         if metric is not None:
             if not trained:  # a baseline: one score, drawn as a level
                 score = next((r["dev"][metric] for r in rows if metric in r.get("dev", {})), None)
                 if score is not None:
-                    dev_ax.axhline(100 * score, ls="--", lw=1, color=color, label=label)
+                    dev_ax.axhline(scale * score, ls="--", lw=1, color=color, label=label)
             else:
                 points = [
                     (r.get("forward_passes", r["step"]), r["dev"][metric])
@@ -126,7 +128,7 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
                 if points:
                     dev_ax.plot(
                         [p[0] for p in points],
-                        [100 * p[1] for p in points],
+                        [scale * p[1] for p in points],
                         marker="o",
                         ms=3,
                         color=color,
@@ -138,7 +140,8 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
             loss_ax.plot(steps, values, color=color, alpha=0.2, lw=0.8)
             loss_ax.plot(steps, smooth(values), color=color, lw=1.6, label=label)
     dev_ax.set_xlabel("training forward passes")
-    dev_ax.set_ylabel(f"dev {' / '.join(sorted(metrics)) or 'metric'} (%)")
+    unit = "" if metrics and metrics <= set(LOWER_IS_BETTER) else " (%)"
+    dev_ax.set_ylabel(f"dev {' / '.join(sorted(metrics)) or 'metric'}{unit}")
     dev_ax.set_title("dev metric vs forward passes")
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("training loss (moving average)")

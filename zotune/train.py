@@ -31,6 +31,7 @@ from .reporting import open_reporters, provenance
 from .reporting import parse_targets as parse_report_targets
 from .settings import ConfigError, coerce_all, setting
 from .tasks import Task, load_task
+from .tasks.base import better, show
 
 
 @dataclass
@@ -43,7 +44,11 @@ class TrainConfig:
     model: str = setting(
         "smollm2-135m", "built-in name (smollm2-135m, minilm-l6), local path or hub id"
     )
-    task: str = setting("sst2", "built-in task name (see `zotune tasks`) or path to a task .yaml")
+    task: str = setting(
+        "sst2",
+        "built-in task name (see `zotune tasks`), path to a task .yaml, or a dataset: a "
+        "save_to_disk folder or a .jsonl/.csv/.parquet/.json file (docs/tasks.md)",
+    )
     method: str = setting("mezo", "optimizer name (see `zotune methods`)")
     out: str | None = setting(
         None, "output directory, must not exist or be empty (default: runs/MODEL-TASK-METHOD-TIME)"
@@ -354,12 +359,13 @@ def batches(n: int, batch_size: int, seed: int):
             yield order[i : i + batch_size].tolist()
 
 
-def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
-    """The task, the (PEFT-wrapped) model and the objective a config names."""
+def load_for(cfg: TrainConfig, task: Task | None = None) -> tuple[Task, Any, Any]:
+    """The task, the (PEFT-wrapped) model and the objective a config names (`task`: one
+    already loaded, e.g. from a `datasets` object, instead of cfg.task)."""
     from .models import apply_peft, load_model
     from .objectives import make_objective
 
-    task = load_task(
+    task = task or load_task(
         cfg.task,
         cfg.data_dir,
         num_train=cfg.num_train,
@@ -398,7 +404,7 @@ def load_for(cfg: TrainConfig) -> tuple[Task, Any, Any]:
             num_virtual_tokens=cfg.num_virtual_tokens,
             seed=cfg.seed,
         )
-    objective = make_objective(loaded, task.kind, max_length=cfg.max_length)
+    objective = make_objective(loaded, task.kind, max_length=cfg.max_length, metric=task.metric)
     return task, loaded, objective
 
 
@@ -487,7 +493,7 @@ class _Progress:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in metrics.items())
+    return show(metrics)
 
 
 # Methods that train no weights: baselines measured with the same loading, data and summary.
@@ -503,7 +509,12 @@ def icl_objective(cfg: TrainConfig, task: Task, loaded: Any, demos: int) -> Any:
     rng = np.random.RandomState(cfg.seed)
     picked = [task.train[i] for i in rng.permutation(len(task.train))[:demos]]
     return make_objective(
-        loaded, task.kind, max_length=cfg.max_length, demos=picked, cache_demos=True
+        loaded,
+        task.kind,
+        max_length=cfg.max_length,
+        demos=picked,
+        cache_demos=True,
+        metric=task.metric,
     )
 
 
@@ -542,16 +553,22 @@ def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train(cfg: TrainConfig, *, quiet: bool = False, resume: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, *, quiet: bool = False, resume: bool = False, task: Task | None = None
+) -> dict[str, Any]:
     """Run one fine-tuning job in `cfg.out`; returns the summary. The run directory is written
     in place as the run goes (config, metrics, checkpoints, summary with its status); with
     `resume`, an interrupted run in `cfg.out` goes on from its last checkpoint, bit for bit as
-    if it had never stopped. Under torchrun, the ranks share each step (`zotune.distributed`)."""
+    if it had never stopped. Under torchrun, the ranks share each step (`zotune.distributed`).
+    `task`: a task already loaded, e.g. `load_task(dataset, spec=..., num_train=...)` of a
+    `datasets` object; cfg.task then only names it (pass the same task again to resume)."""
+    if task is not None:
+        cfg.task = task.name
     with distributed.launched(cfg) as world:
-        return _train(cfg, quiet=quiet or not world.writes, resume=resume)
+        return _train(cfg, quiet=quiet or not world.writes, resume=resume, task=task)
 
 
-def _train(cfg: TrainConfig, *, quiet: bool, resume: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, *, quiet: bool, resume: bool, task: Task | None) -> dict[str, Any]:
     cfg.validate()
     if cfg.out is None:
         cfg.out = distributed.world().same(
@@ -573,7 +590,7 @@ def _train(cfg: TrainConfig, *, quiet: bool, resume: bool) -> dict[str, Any]:
     if not resume:
         print(recipes.describe(cfg), flush=True)
         print(describe_placement(cfg), flush=True)
-    task, loaded, objective = load_for(cfg)
+    task, loaded, objective = load_for(cfg, task)
     model = loaded.model
 
     if cfg.method == "linear-probe":
@@ -820,7 +837,7 @@ def _run(
                 with torch.no_grad():
                     dev = evaluate(task.dev)
                 row["dev"] = state.last_dev = dev
-                if dev[metric] > state.best["dev"][metric]:
+                if better(metric, dev[metric], state.best["dev"][metric]):
                     # Test is measured at each new best-on-dev step, never used to choose one.
                     with torch.no_grad():
                         test = evaluate(task.test) if task.test else {}

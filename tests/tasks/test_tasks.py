@@ -622,7 +622,7 @@ GOOD = "train: d.csv\ntest: d.csv\ntemplate: '{text} It was'\nlabel_column: labe
         ),
         (
             lambda tmp: load_task(_custom(tmp, GOOD.replace("d.csv", "d.xlsx"), file="d.xlsx")),
-            "use .csv, .tsv or .jsonl",
+            "use .csv, .tsv, .jsonl, .json or .parquet",
         ),
         (
             lambda tmp: load_task(_custom(tmp, GOOD.replace("test: d.csv", "test: e.csv"))),

@@ -13,6 +13,26 @@ from dataclasses import dataclass, field
 KINDS = ("classification", "multiple_choice", "generation")
 
 
+# Metrics where lower is better (a completion task scored by its held-out loss); all others
+# (accuracy, f1, em) are fractions where higher is better.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def better(metric: str, new: float, old: float) -> bool:
+    """Whether `new` beats `old` on `metric`."""
+    return new < old if metric in LOWER_IS_BETTER else new > old
+
+
+def show_value(metric: str, value: float) -> str:
+    """A metric's value for people: a fraction as a percentage, a loss as a plain number."""
+    return f"{value:.4g}" if metric in LOWER_IS_BETTER else f"{100 * value:.1f}%"
+
+
+def show(metrics: dict[str, float]) -> str:
+    """Metrics for people, e.g. "f1 61.2%, em 50.0%" or "loss 1.234, perplexity 3.435"."""
+    return ", ".join(f"{k} {show_value(k, v)}" for k, v in metrics.items())
+
+
 class TaskError(ValueError):
     """Bad task input (unknown name, missing file, malformed row); the message says what to fix."""
 
@@ -45,7 +65,7 @@ class Task:
 
     name: str
     kind: str  # one of KINDS
-    metric: str  # "accuracy" or "f1"
+    metric: str  # "accuracy", "f1", "em" or "loss" (generation scored by its target's loss)
     train: list[Example]
     dev: list[Example]
     test: list[Example]
