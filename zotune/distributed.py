@@ -194,13 +194,14 @@ class World:
         return [gathered[i % self.size][i // self.size] for i in range(len(items))]
 
     def evaluate(self, objective: Any, examples: Sequence[Any], batch_size: int) -> dict:
-        """`objective.evaluate(examples, batch_size)`, its batches predicted on all ranks."""
+        """`objective.evaluate(examples, batch_size)`, its batches computed on all ranks."""
         if self.size == 1:
             return objective.evaluate(examples, batch_size=batch_size)
         examples = list(examples)
         batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-        preds = [p for batch in self.map(objective.predict, batches, "evaluation") for p in batch]
-        return objective.metrics(examples, preds)
+        return objective.combine(
+            examples, self.map(objective.evaluate_batch, batches, "evaluation")
+        )
 
     # -- communication ----------------------------------------------------------------------
     def _gather(self, values: torch.Tensor, what: str) -> torch.Tensor:

@@ -145,23 +145,30 @@ class Objective:
         """{"accuracy": ..} or {"f1": .., "em": ..}, each in [0, 1]; with metric "loss", the
         mean per-token loss of the targets and its perplexity, {"loss": .., "perplexity": ..}."""
         examples = list(examples)
+        batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+        return self.combine(examples, [self.evaluate_batch(b) for b in batches])
+
+    def evaluate_batch(self, batch: Sequence[Example]) -> Any:
+        """What evaluation computes per batch (a data-parallel run computes its batches on
+        several ranks, then `combine`s them): predictions, or (target loss sum, tokens)."""
+        if self.metric in LOWER_IS_BETTER:
+            with torch.no_grad():
+                summed, count = self.target_loss_sum(batch)
+            return float(summed), count
+        return self.predict(batch)
+
+    def combine(self, examples: Sequence[Example], parts: list) -> dict[str, float]:
+        """`evaluate`'s metrics from the `evaluate_batch` results of `examples`' batches."""
         if self.metric in LOWER_IS_BETTER:
             total, tokens = 0.0, 0
-            with torch.no_grad():
-                for i in range(0, len(examples), batch_size):
-                    summed, count = self.target_loss_sum(examples[i : i + batch_size])
-                    total, tokens = total + float(summed), tokens + count
+            for summed, count in parts:
+                total, tokens = total + summed, tokens + count
             loss = total / max(tokens, 1)
             return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-        preds: list = []
-        with torch.no_grad():
-            for i in range(0, len(examples), batch_size):
-                preds.extend(self.predict(examples[i : i + batch_size]))
-        return self.metrics(examples, preds)
+        return self.metrics(examples, [p for part in parts for p in part])
 
     def metrics(self, examples: Sequence[Example], preds: list) -> dict[str, float]:
-        """`evaluate`'s metrics from the predictions of `examples`, in order (a data-parallel
-        run predicts its batches on several ranks, then scores them here)."""
+        """The metrics of `examples` from their predictions, in order."""
         n = max(len(examples), 1)
         if self.task_kind == "generation":
             f1 = sum(squad_f1(p, ex.answers) for p, ex in zip(preds, examples)) / n
