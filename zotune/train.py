@@ -816,8 +816,11 @@ def _run(
             seconds = time.perf_counter() - t0
             state.step_seconds += seconds
             state.forward_seconds += objective.forward_seconds - before_s
-            state.train_forwards += world.step_end(stop, objective.forward_passes - before)
-            state.train_tokens += objective.forward_tokens - before_tokens  # (this rank's)
+            forwards, tokens = world.step_end(
+                stop, objective.forward_passes - before, objective.forward_tokens - before_tokens
+            )
+            state.train_forwards += forwards
+            state.train_tokens += tokens
             state.step = step
             row: dict[str, Any] = {
                 "step": step,
