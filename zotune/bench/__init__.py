@@ -106,29 +106,41 @@ CONVERGENCE_METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
     # the ablation: the same MeZO from a fresh (random) head instead of the linear probe's
     "mezo/fresh-head": (dict(init_head="fresh"), (1e-5, 1e-4)),
 }  # fmt: skip
+# After those: the FO baselines as MeZO's fine-tuning baseline runs them (linear decay,
+# clipping at norm 1; 1,000 steps), then the newer methods with the strongest claims, FZOO at
+# MeZO's budget of forward passes (9 a step: 1,111 steps), LOZO and HiZOO at MeZO's steps.
+CONVERGENCE_LATER: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
+    "fo-adam": (dict(steps=FO_STEPS, eval_every=50, lr_scheduler="linear", extra={"max_grad_norm": 1.0}), (1e-5, 3e-5)),
+    "fo-sgd": (dict(steps=FO_STEPS, eval_every=50, lr_scheduler="linear", extra={"max_grad_norm": 1.0}), (1e-3, 1e-2)),
+    "fzoo": (dict(steps=2 * ZO_STEPS // 9, eval_every=50), (1e-6, 1e-5)),
+    "lozo": ({}, (3e-6, 1e-5)),
+    "hizoo": ({}, (3e-6, 1e-5)),
+}  # fmt: skip
 SEEDS = (0, 1, 2)
 
 
 def _convergence(out: Path) -> list[dict[str, Any]]:
     """Per task: the linear probe, every method's grid, then the seeds of the grids that have
-    finished (so a run that is interrupted and resumed fills the grids first)."""
+    finished (so a run that is interrupted and resumed fills the grids first); then the same
+    for the FO baselines and the newer methods."""
     runs: list[dict[str, Any]] = []
     for task, sizes in CONVERGENCE_TASKS.items():
         base = dict(CONVERGENCE, task=task, **sizes)
-        grids = []
-        for label, (settings, lrs) in CONVERGENCE_METHODS.items():
-            method = label.split("/")[0]
-            grid = []
-            for lr in lrs:
-                run = dict(base, method=method, lr=lr, steps=ZO_STEPS, eval_every=250, seed=0)
-                run.update(settings)
-                if method == "mezo-svrg":  # the full-batch step: 10x the minibatch rate
-                    run["extra"] = dict(run["extra"], lr_full=10 * lr)
-                grid.append(run)
-            grids.append(grid)
         runs.append(dict(base, method="linear-probe"))
-        runs += [run for grid in grids for run in grid]
-        runs += [run for grid in grids for run in _seeds_at_best(grid, out)]
+        for methods in (CONVERGENCE_METHODS, CONVERGENCE_LATER):
+            grids = []
+            for label, (settings, lrs) in methods.items():
+                method = label.split("/")[0]
+                grid = []
+                for lr in lrs:
+                    run = dict(base, method=method, lr=lr, steps=ZO_STEPS, eval_every=250, seed=0)
+                    run.update(settings)
+                    if method == "mezo-svrg":  # the full-batch step: 10x the minibatch rate
+                        run["extra"] = dict(run["extra"], lr_full=10 * lr)
+                    grid.append(run)
+                grids.append(grid)
+            runs += [run for grid in grids for run in grid]
+            runs += [run for grid in grids for run in _seeds_at_best(grid, out)]
     return runs
 
 
