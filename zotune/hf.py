@@ -69,8 +69,9 @@ class ZOArguments:
     Args:
         method: a zotune method (`zotune.optim.available()`), first-order ones excepted.
         eps: the perturbation scale ε.
-        queries: q, random directions averaged per step.
-        direction: the law of z, "gaussian" or "rademacher".
+        queries: q, random directions averaged per step (default: the method's own, e.g. 1
+            for MeZO, 8 for FZOO).
+        direction: the law of z, "gaussian" or "rademacher" (default: the method's own).
         hparams: the method's other hyperparameters (`zotune.optim.hyperparameters(method,
             for_model=True)`), e.g. {"betas": (0.9, 0.999)} for zo-adam, {"sparsity": 0.8,
             "mask": "magnitude"} for sparse-mezo; values may be text ("0.9,0.999"), and the
@@ -79,8 +80,8 @@ class ZOArguments:
 
     method: str = "mezo"
     eps: float = 1e-3
-    queries: int = 1
-    direction: str = "gaussian"
+    queries: int | None = None
+    direction: str | None = None
     # (or a JSON object as text, as HfArgumentParser passes it from a command line)
     hparams: dict[str, Any] | str | None = field(default_factory=dict)
 
@@ -92,6 +93,10 @@ class ZOArguments:
             )
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float, str)):
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}")
+        if self.queries is None:
+            self.queries = spec["queries"].default
+        if self.direction is None:
+            self.direction = spec["direction"].default
         known = {"eps": self.eps, "queries": self.queries, "direction": self.direction}
         given = check(self.method, spec, known)
         self.eps, self.queries, self.direction = given["eps"], given["queries"], given["direction"]
