@@ -31,6 +31,8 @@ TRAIN_KEYS = set(TrainConfig.__dataclass_fields__)
 
 # Forward passes a step costs, to give every method the same budget of forward passes.
 FORWARDS = {
+    "fzoo": 9,
+    "hizoo": 3,
     "zo-sgd-cons": 5,
     "mezo-svrg": 4,
     "forward-grad": 1,
@@ -51,7 +53,7 @@ EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1, "prompt": 1e-2}
 def family(method: str) -> str:
     if method.startswith("fo-"):
         return "fo"
-    return "adaptive" if method in ("zo-adam", "zo-sgd-sign") else "zo"
+    return "adaptive" if method in ("zo-adam", "zo-sgd-sign", "adamezo", "fzoo") else "zo"
 
 
 def equal_budget(method: str, peft: str, budget: int, evals: int = 5) -> dict[str, Any]:
@@ -73,6 +75,8 @@ ZO_BENCH = [
     "fo-sgd",
     "fo-adam",
 ]
+# the newer methods (issue 21) on the same budget, after ZO-Bench's own
+NEWER = ["fzoo", "hizoo", "adamezo", "lozo", "subzero"]
 # Sized for a 2-core CPU: every suite finishes in well under an hour there (see docs/RESULTS.md).
 BASE = dict(
     model="smollm2-135m", task="sst2", batch_size=8, num_train=1000, num_dev=100, num_test=200
@@ -228,6 +232,10 @@ def suite(name: str, out: Path) -> list[dict[str, Any]]:
         ]
         empty = dict(BASE, num_dev=50, num_test=50, template="empty")
         runs += [dict(empty, **equal_budget("zo-sgd", "prefix", 20, evals=1))]
+        runs += [
+            dict(BASE, num_dev=50, num_test=50, **equal_budget(m, s, 20, evals=1))
+            for s, m in product(["prefix", "lora"], NEWER)
+        ]
         return runs
     if name == "mezo-svrg":
         runs = []
