@@ -251,6 +251,7 @@ def test_bench_smoke_suite(tmp_path, capsys):
     )
     trained = [r for r in rows if r["method"] != "icl"]
     assert all(r["step_to_forward_ratio"] > 1 for r in trained)  # a step contains its forwards
+    assert all(r["tokens_per_second"] > 0 for r in trained)  # the tokens the steps read
     header = (out / "results.csv").read_text().splitlines()[0]
     assert "dev.accuracy" in header and "seconds_per_step" in header
     report = (out / "report.md").read_text()

@@ -127,3 +127,26 @@ def test_linear_probe_run_replays_and_resumes(tiny_bert_dir, tmp_path):
     done = json.loads((out / "summary.json").read_text())
     for key in ("status", "zero_shot", "dev", "test", "best_step", "final_dev"):
         assert done[key] == summary[key], key
+
+
+def test_linear_probe_features_are_cached_across_runs(tiny_bert_dir, tmp_path, monkeypatch):
+    """A grid of LP-then-ZO runs computes the frozen encoder's features once: the second load
+    reads them from ZOTUNE_CACHE and fits the same head; ZOTUNE_CACHE=off keeps nothing."""
+    import zotune.probe as probe
+
+    monkeypatch.setenv("ZOTUNE_CACHE", str(tmp_path))
+    _, first, _ = load_for(config(tiny_bert_dir, init_head="linear-probe"))
+    assert len(list((tmp_path / "probe").glob("*.pt"))) == 2  # train and dev
+
+    def no_forward(*args, **kw):
+        raise AssertionError("the features were computed again")
+
+    monkeypatch.setattr(probe, "head_inputs", no_forward)
+    _, again, _ = load_for(config(tiny_bert_dir, init_head="linear-probe"))
+    assert all(torch.equal(head_of(first)[k], head_of(again)[k]) for k in ("weight", "bias"))
+    monkeypatch.undo()
+    monkeypatch.setenv("ZOTUNE_CACHE", "off")
+    other = tmp_path / "elsewhere"
+    monkeypatch.setenv("HOME", str(other))
+    load_for(config(tiny_bert_dir, init_head="linear-probe", seed=1))
+    assert not other.exists()
