@@ -427,6 +427,12 @@ def model_kind(name_or_path: str, gguf_file: str | None = None) -> str:
     src = _resolve(name_or_path, gguf_file)
     if src.gguf_file is not None:
         return "causal"
+    return _kind_of(src)
+
+
+def _kind_of(src: Any) -> str:
+    """The kind a local model's config (and checkpoint keys) give it, each unreadable file a
+    one-line error."""
     with _loading(
         f"cannot read the config of model '{src.name}'",
         f"fix or download again {os.path.join(src.path, 'config.json')}",
@@ -490,16 +496,7 @@ def load_model(
             model, tokenizer = _load_gguf(src, dtype, placed)
         kind = "causal"
     else:
-        with _loading(
-            f"cannot read the config of model '{src.name}'",
-            f"fix or download again {os.path.join(src.path, 'config.json')}",
-        ):
-            config = AutoConfig.from_pretrained(src.path, local_files_only=True)
-        with _loading(
-            f"cannot read the weights of model '{src.name}'",
-            f"the checkpoint files in {src.path} are damaged or incomplete: download them again",
-        ):
-            detected = _detect_kind(config, src.path)
+        detected = _kind_of(src)
         if kind == "auto":
             kind = detected
         elif kind == "masked" and detected != "masked":

@@ -71,6 +71,18 @@ def _view(state: dict[str, torch.Tensor], name: str, block: Block) -> torch.Tens
     return state[name].view(-1)[block.start : block.start + block.theta.numel()]
 
 
+def _moments(
+    block: Block, coeffs: Coeffs, state: dict[str, torch.Tensor], beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments of the block, updated in place with ĝ: m ← β1·m + (1 − β1)·ĝ,
+    v ← β2·v + (1 − β2)·ĝ² (Adam and HF AdamW alike)."""
+    g = estimate(block, coeffs)
+    m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
+    m.mul_(beta1).add_(g * (1 - beta1))
+    v.mul_(beta2).add_(g.mul_(g).mul_(1 - beta2))
+    return m, v
+
+
 class SGD(Rule):
     name = "sgd"
 
@@ -140,10 +152,7 @@ class Adam(Rule):
         return KernelTerms(UpdateMode.ADAM, c, state["exp_avg"], state["exp_avg_sq"], consts)
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
-        g = estimate(block, coeffs)
-        m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
-        m.mul_(self.beta1).add_(g * (1 - self.beta1))
-        v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
+        m, v = _moments(block, coeffs, state, self.beta1, self.beta2)
         t = step + 1
         # v times the reciprocal of the bias correction (a division per element costs more);
         # sqrt through float64: correctly rounded on every device, as the C kernel's sqrtf
@@ -166,10 +175,7 @@ class HFAdamW(Rule):
     buffers = ("exp_avg", "exp_avg_sq")
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
-        g = estimate(block, coeffs)
-        m, v = _view(state, "exp_avg", block), _view(state, "exp_avg_sq", block)
-        m.mul_(self.beta1).add_(g * (1 - self.beta1))
-        v.mul_(self.beta2).add_(g.mul_(g).mul_(1 - self.beta2))
+        m, v = _moments(block, coeffs, state, self.beta1, self.beta2)
         t = step + 1
         size = lr * (1 - self.beta2**t) ** 0.5 / (1 - self.beta1**t)
         denom = v.double().sqrt_().float().add_(self.delta)
