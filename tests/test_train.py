@@ -79,8 +79,27 @@ def test_first_order_accumulation_backpropagates_each_micro_batch():
     assert (results[0][2], results[1][2]) == (1, 2)
 
 
+def test_patience_stops_on_a_plateau_with_the_same_steps(tiny_model_dir, tmp_path):
+    """With lr 0 dev never beats the start: --patience 2 at --eval-every 2 stops after step 4
+    (two evaluations with no new best), having run exactly the steps a run without it runs."""
+    settings = ("--batch-size", "4", "--lr", "0", "--eval-every", "2")
+    stopped = run(tiny_model_dir, tmp_path / "p", *settings, "--patience", "2")
+    full = run(tiny_model_dir, tmp_path / "f", *settings)
+    assert [r["step"] for r in stopped] == [1, 2, 3, 4] and len(full) == 10
+    assert stopped == [
+        dict(r, elapsed=s["elapsed"], seconds=s["seconds"]) for r, s in zip(full, stopped)
+    ]
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    assert "2 evaluations" in summary["stopped_early"] and summary["best_step"] == 0
+    assert "stopped_early" not in json.loads((tmp_path / "f" / "summary.json").read_text())
+
+
 def test_bad_loop_settings_exit_2(tiny_model_dir, tmp_path, capsys):
-    for bad in (["--lr-scheduler", "step"], ["--grad-accum", "0"], ["--keep", "last"]):
+    bad_settings = (
+        ["--lr-scheduler", "step"], ["--grad-accum", "0"], ["--keep", "last"], ["--patience", "0"],
+    )  # fmt: skip
+    for bad in bad_settings:
         out = tmp_path / bad[0].strip("-")
         assert main(["train", "--model", tiny_model_dir, "--out", str(out), *bad]) == 2
         assert not out.exists()

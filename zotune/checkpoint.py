@@ -37,6 +37,7 @@ class LoopState:
     zero_shot_test: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=dict)  # {"step", "dev", "test"}
     last_dev: dict[str, float] | None = None
+    stopped: int = 0  # the step a plateau stopped the run at (--patience), 0 while it goes on
 
 
 def trained_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -119,6 +119,11 @@ class TrainConfig:
     kshot_seed: int = setting(42, "seed of the LM-BFF k-shot split (folder <k>-<seed>)")
     eval_every: int = setting(100, "steps between dev evaluations")
     eval_batch_size: int = setting(16, "examples per evaluation forward pass")
+    patience: int | None = setting(
+        None,
+        "stop once this many dev evaluations in a row bring no new best (early stopping on a "
+        "plateau; default: run every step)",
+    )
     max_length: int = setting(256, "longest input in tokens (longer prompts keep their end)")
     save_weights: bool = setting(False, "also write the trained tensors as weights.safetensors")
     threads: int | None = setting(
@@ -249,6 +254,8 @@ class TrainConfig:
             )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ConfigError(f"--patience must be a positive integer, got {self.patience}")
         if self.save_every is not None and (
             not isinstance(self.save_every, int) or self.save_every < 1
         ):
@@ -848,6 +855,8 @@ def _run(
                     if cfg.keep == "best" and not getattr(opt, "replayable", False):
                         _save_weights(model, opt, out / "best.safetensors", step)
                 progress.write(f"step {step}: dev {_fmt(dev)}")
+                if plateaued(cfg, step, state.best["step"]):
+                    state.stopped = step
             log.log(step, row)
             progress.update(step, loss, state.train_forwards)
             due = (
@@ -855,10 +864,15 @@ def _run(
                 if cfg.save_every
                 else time.time() - saved_at >= max(SAVE_SECONDS, 99 * save_cost)
             )
-            if "signal" in stop or (due and step < cfg.steps):
+            if "signal" in stop or (due and step < cfg.steps and not state.stopped):
                 save()
             if "signal" in stop:
                 raise interrupted(stop["signal"])
+            if state.stopped:
+                progress.write(
+                    f"step {step}: no new best on dev for {cfg.patience} evaluations: stopping"
+                )
+                break
     except KeyboardInterrupt:
         raise interrupted(signal.SIGINT) from None
     except distributed.RankFailed as e:
@@ -875,7 +889,8 @@ def _run(
     best = dict(state.best)
     if "test" not in best:  # no step beat zero-shot on dev: report the initial model
         best["test"] = state.zero_shot_test
-    kept = best["step"] if cfg.keep == "best" else cfg.steps
+    last = state.step  # cfg.steps, or where a plateau stopped the run
+    kept = best["step"] if cfg.keep == "best" else last
     if cfg.save_weights and world.writes:
         _keep_weights(cfg, model, opt, out, kept)
     shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # the run is complete
@@ -886,7 +901,12 @@ def _run(
         "task": cfg.task,
         "method": cfg.method,
         "peft": cfg.peft,
-        "steps": cfg.steps,
+        "steps": last,
+        **(
+            {"stopped_early": f"no new best on dev for {cfg.patience} evaluations"}
+            if last < cfg.steps
+            else {}
+        ),
         "forward_passes": state.train_forwards,
         "zero_shot": state.zero_shot,
         "zero_shot_test": state.zero_shot_test,
@@ -898,7 +918,7 @@ def _run(
         "final_dev": state.last_dev,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "wall_seconds": round(state.wall_seconds, 2),
-        "seconds_per_step": round(state.step_seconds / max(cfg.steps, 1), 4),
+        "seconds_per_step": round(state.step_seconds / max(last, 1), 4),
         # step time over the time its forward passes took inside it (FO: forward only, so the
         # backward pass counts as overhead)
         "step_to_forward_ratio": round(state.step_seconds / max(state.forward_seconds, 1e-9), 3),
@@ -907,6 +927,14 @@ def _run(
         "tokens_per_second": round(state.train_tokens / max(state.step_seconds, 1e-9), 1),
         "notes": task.notes,
     }
+
+
+def plateaued(cfg: TrainConfig, step: int, best_step: int) -> bool:
+    """Whether `cfg.patience` dev evaluations in a row, up to the one at `step`, brought no new
+    best (the best may be the starting model, at step 0)."""
+    if cfg.patience is None:
+        return False
+    return step < cfg.steps and step - best_step >= cfg.patience * cfg.eval_every
 
 
 def _save_weights(
