@@ -61,3 +61,10 @@ def test_a_suite_adds_seeds_at_the_rate_chosen_on_dev(tiny_model_dir, tmp_path, 
     assert "Mean ± standard deviation over seeds" in report and "| 3 |" in report
     for png in ("dev_vs_forward_passes_seeds.png", "dev_vs_wall_time_seeds.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_run_ids_leave_out_where_and_when_a_run_stops_but_not_what_it_computes():
+    run = tiny_run("m")
+    same = [dict(run, data_dir="/elsewhere"), dict(run, device="cuda"), dict(run, patience=3)]
+    assert {run_id(r) for r in same} == {run_id(run)}
+    assert run_id(dict(run, lr=2e-3)) != run_id(run) and run_id(dict(run, seed=1)) != run_id(run)

@@ -320,10 +320,11 @@ SUITES = (
 
 def run_id(run: dict[str, Any]) -> str:
     """The run's folder name: what it runs (model, task, method, scheme) and a hash of its
-    settings; where the data lives (`data_dir`) and when a plateau stops it (`patience`: the
-    steps it does run are the same) are not part of it."""
+    settings; where the data lives (`data_dir`), where it computes (`device`: a run begun on a
+    CPU can go on on a GPU) and when a plateau stops it (`patience`: the steps it does run are
+    the same) are not part of it."""
     text = json.dumps(
-        {k: v for k, v in run.items() if k not in ("data_dir", "patience")},
+        {k: v for k, v in run.items() if k not in ("data_dir", "device", "patience")},
         sort_keys=True,
         default=str,
     )
