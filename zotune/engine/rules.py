@@ -51,8 +51,8 @@ class Rule:
     def kernel(
         self, c: float, lr: float, state: dict[str, torch.Tensor], step: int
     ) -> KernelTerms | None:
-        """This rule's step for ĝ = c·z in the fused kernel's terms (for ĝ = c1·z1 + c2·z2 it
-        is asked once per coefficient), or None when the rule runs as torch ops only."""
+        """This rule's step for ĝ = c·z in the fused kernel's terms (for ĝ = Σ_k c_k·z_k it is
+        asked once per coefficient), or None when the rule runs as torch ops only."""
         return None
 
     def apply(
@@ -245,14 +245,11 @@ class Update:
         )
 
     def kernel(self, key: int) -> KernelUpdate | None:
-        if len(self.coeffs) > 2:  # the kernel takes ĝ = c·z or c1·z1 + c2·z2
-            return None
         g, state = self.group_of[key], self._state(key)
-        (seed, c), *second = self.coeffs
-        terms = self.rule.kernel(c, self.lr[g], state, self.step)
-        if terms is None:
+        lr = self.lr[g]
+        # the rule maps each coefficient alike (the official sign rule: c -> sign c)
+        each = [(seed, self.rule.kernel(c, lr, state, self.step)) for seed, c in self.coeffs]
+        if each[0][1] is None:
             return None
-        seed2, c2 = None, 0.0
-        if second:  # the rule maps each coefficient alike (official sign: c -> sign c)
-            seed2, c2 = second[0][0], self.rule.kernel(second[0][1], self.lr[g], state, self.step).c
-        return KernelUpdate(seed, self.lr[g], self.weight_decay[g], terms, seed2, c2)
+        coeffs = tuple((seed, terms.c) for seed, terms in each)
+        return KernelUpdate(coeffs, lr, self.weight_decay[g], each[0][1])
