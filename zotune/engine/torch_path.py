@@ -1,7 +1,7 @@
 """The torch path: move units of a space with torch ops, block by block.
 
 It covers what the C kernel does not: tensors that are not float32 on the CPU (bf16, fp16, a
-GPU), custom masks, and updates without a kernel form (three or more terms, a custom rule). The
+GPU), custom masks, and updates without a kernel form (a rule without one). The
 arithmetic is the kernel's, op for op, so the two agree bit for bit (tests check this). Each
 unit is moved BLOCK elements at a time through per-thread float32 buffers: only one block of
 z exists per thread (a whole unit per block on a GPU: `block_size`).
