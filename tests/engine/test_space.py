@@ -50,6 +50,8 @@ class TorchOnly:
         ("gaussian", "mezo", {"queries": 3}),  # three terms
         ("rademacher", "mezo", {"queries": 8, "estimator": "one-sided"}),  # FZOO's eight
         ("gaussian", "zo-adam", {"queries": 5}),
+        ("gaussian", "adamezo", {"window": 2}),  # moments from the window's terms
+        ("rademacher", "adamezo", {"window": 3, "mask": "random", "sparsity": 0.5}),
         ("gaussian", "mezo-svrg", {"refresh": 2}),
     ],
 )

@@ -90,6 +90,7 @@ class UpdateMode(enum.IntEnum):
     MOMENTUM = 3
     ADAM = 4
     HESSIAN = 5
+    WINDOW_ADAM = 6
 
 
 # each enum's C prefix, in the header's order

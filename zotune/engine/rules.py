@@ -189,12 +189,18 @@ class WindowAdam(Rule):
     with coefficients (seed_i, g_i) oldest first, i = 0 .. n-1,
         m = Σ_i β1^(n-1-i)·g_i·z_i,   v = Σ_i β2^(n-1-i)·g_i²·z_i²,
         θ ← θ - η(m/(√v + δ) + λθ).
-    No state: each step regenerates the window's n directions. Torch ops only."""
+    No state: each step regenerates the window's n directions. The kernel's WINDOW_ADAM mode
+    computes the same weights c_i·β^(n-1-i) from the terms' positions, and the same sums."""
 
     beta1: float = 0.7
     beta2: float = 0.9
     delta: float = 1e-5
     name = "window-adam"
+
+    def kernel(self, c, lr, state, step):
+        return KernelTerms(
+            UpdateMode.WINDOW_ADAM, c, constants=(self.beta1, self.beta2, self.delta)
+        )
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         n = len(coeffs)

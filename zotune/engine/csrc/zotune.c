@@ -582,6 +582,42 @@ static inline uint64_t zt_splitmix(uint64_t x) {
     return x ^ (x >> 31);
 }
 
+/* AdaMeZO's window-adam step for one chunk, as rules.WindowAdam.apply operation for operation:
+   with the n terms (s_k, c_k) oldest first, m = Σ_k z_k·(c_k·β1^(n-1-k)) and
+   v = Σ_k (z_k·z_k)·(c_k·c_k·β2^(n-1-k)) summed from 0 in order (the weights in double, with
+   libm's pow as Python's **, then narrowed), then after decay theta -= (m/(sqrt(v) + delta))·lr.
+   z is the first term's draw; the second keeps its draw in zc, later ones share ze. */
+static void zt_window_adam(float *theta, const float *z, int64_t cm, const zt_terms *t,
+                           uint64_t unit_key, zt_use *uses, int *nu, float *zc, float *ze,
+                           float *mw, float *vw, int law, const float *cells, const uint8_t *b,
+                           int64_t at, int has_decay, float upd_decay, float upd_lr, float delta) {
+    int64_t nc = t->ncoeffs;
+    for (int64_t j = 0; j < cm; j++) { mw[j] = 0.0f; vw[j] = 0.0f; }
+    for (int64_t k = 0; k < nc; k++) {
+        double ck = t->coeffs[k].c;
+        float a = (float)(ck * pow(t->h[0], (double)(nc - 1 - k)));
+        float bk = (float)(ck * ck * pow(t->h[1], (double)(nc - 1 - k)));
+        const float *zk = z;
+        if (k) zk = zt_draw(uses, nu, k == 1 ? zc : ze, law, cells,
+                            zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1, b, cm, at, k == 1);
+        for (int64_t j = 0; j < cm; j++) {
+            float x = zk[j] * a, y = zk[j] * zk[j];
+            mw[j] = mw[j] + x;
+            y = y * bk;
+            vw[j] = vw[j] + y;
+        }
+    }
+    if (has_decay)
+        for (int64_t j = 0; j < cm; j++) { float d = theta[j] * upd_decay; theta[j] = theta[j] - d; }
+    for (int64_t j = 0; j < cm; j++) {
+        float d = sqrtf(vw[j]);
+        d = d + delta;
+        float r = mw[j] / d;
+        r = r * upd_lr;
+        theta[j] = theta[j] - r;
+    }
+}
+
 static const zt_terms zt_no_terms = {0};  /* a move without an update */
 
 /* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
@@ -606,7 +642,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
        mask_limit, unless mask_limit is ZT_ALL_TIES); 2 = random (R-MeZO): hash under mask_key
        below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
        depend on theta is the same for the whole step: no hash per element) */
-    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], ze[ZT_SUB], zs[ZT_SUB], g[ZT_SUB];
+    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], ze[ZT_SUB], zs[ZT_SUB];
+    float g[ZT_SUB], gv[ZT_SUB];  /* the update's sums */
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
     /* the rule's numbers, narrowed from double as ctypes narrows the torch code's scalars */
     int mode = (int)t->mode, has_decay = (int)t->has_decay;
@@ -658,8 +695,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         }
         /* (not Adam: its three streams and its square root and division ran slower with the
            draws in the same loop, 8.9 against 7.4 ms over an 11.7M-weight table) */
-        if (mode && mode != ZT_UPD_ADAM && mode != ZT_UPD_HESSIAN && !has_cur && !has_tgt &&
-            !has_mask && nc == 1) {
+        if ((mode == ZT_UPD_SGD || mode == ZT_UPD_SIGN || mode == ZT_UPD_MOMENTUM) && !has_cur &&
+            !has_tgt && !has_mask && nc == 1) {
             zt_draw_update(mode, p, cm, law, cells, key_upd, at, has_decay, upd_decay, upd_c,
                            upd_lr, m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
             continue;
@@ -670,21 +707,26 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             if (has_mask == ZT_MASK_RANDOM) { zt_bits_random(ub, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_KEPT) b = mask_in + (j0 >> 3);
             const float *z = zt_draw(uses, &nu, zb, law, cells, key_upd, b, cm, at, 1);
-            float c = upd_c;
-            if (nc > 1) {  /* g = c1·z1, then g += ck·zk, in rules.estimate's order */
-                for (int64_t j = 0; j < cm; j++) g[j] = z[j] * upd_c;
-                for (int64_t k = 1; k < nc; k++) {
-                    uint64_t key = zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1;
-                    float ck = (float)t->coeffs[k].c;
-                    /* the second term keeps its draw (zc), later ones share ze */
-                    const float *zk = zt_draw(uses, &nu, k == 1 ? zc : ze, law, cells, key, b,
-                                              cm, at, k == 1);
-                    for (int64_t j = 0; j < cm; j++) { float e = zk[j] * ck; g[j] = g[j] + e; }
+            if (mode == ZT_UPD_WINDOW_ADAM) {  /* its own sums of the terms */
+                zt_window_adam(theta, z, cm, t, unit_key, uses, &nu, zc, ze, g, gv, law, cells, b,
+                               at, has_decay, upd_decay, upd_lr, h3);
+            } else {
+                float c = upd_c;
+                if (nc > 1) {  /* g = c1·z1, then g += ck·zk, in rules.estimate's order */
+                    for (int64_t j = 0; j < cm; j++) g[j] = z[j] * upd_c;
+                    for (int64_t k = 1; k < nc; k++) {
+                        uint64_t key = zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1;
+                        float ck = (float)t->coeffs[k].c;
+                        /* the second term keeps its draw (zc), later ones share ze */
+                        const float *zk = zt_draw(uses, &nu, k == 1 ? zc : ze, law, cells, key, b,
+                                                  cm, at, k == 1);
+                        for (int64_t j = 0; j < cm; j++) { float e = zk[j] * ck; g[j] = g[j] + e; }
+                    }
+                    z = g; c = 1.0f;  /* g·1 is g exactly */
                 }
-                z = g; c = 1.0f;  /* g·1 is g exactly */
+                zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
+                          m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
             }
-            zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
-                      m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
         }
         if (!has_tgt) continue;
         uint8_t *tb = has_mask ? mask_out + (j0 >> 3) : 0;  /* the target's mask, kept */

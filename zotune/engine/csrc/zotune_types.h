@@ -8,7 +8,7 @@
 
 enum { ZT_LAW_GAUSSIAN = 0, ZT_LAW_RADEMACHER = 1 };  /* Law */
 enum { ZT_MASK_NONE = 0, ZT_MASK_MAGNITUDE = 1, ZT_MASK_RANDOM = 2, ZT_MASK_KEPT = 3 };  /* MaskKind */
-enum { ZT_UPD_NONE = 0, ZT_UPD_SGD = 1, ZT_UPD_SIGN = 2, ZT_UPD_MOMENTUM = 3, ZT_UPD_ADAM = 4, ZT_UPD_HESSIAN = 5 };  /* UpdateMode */
+enum { ZT_UPD_NONE = 0, ZT_UPD_SGD = 1, ZT_UPD_SIGN = 2, ZT_UPD_MOMENTUM = 3, ZT_UPD_ADAM = 4, ZT_UPD_HESSIAN = 5, ZT_UPD_WINDOW_ADAM = 6 };  /* UpdateMode */
 
 /* What keeps a perturbed unit invertible, owned by the kernel from the move that perturbs the
    unit to the move that restores it (Python only swaps whole tables: MeZO-SVRG's anchor). */
