@@ -226,3 +226,25 @@ def test_the_stated_forwards_are_what_a_step_costs():
             assert opt.forward_passes == 2 * len(opt.blocks) and opt.forwards == "2 × blocks"
             continue
         assert str(opt.forward_passes) in opt.forwards, (name, opt.forward_passes, opt.forwards)
+
+
+def test_hizoo_reads_the_hessian_a_state_dict_brings():
+    """Loading a state dict gives H new buffers: the kernel's table must read those (it holds
+    H's addresses), so going back to step 2 and stepping again repeats the same steps."""
+    ws, loss = quadratic(6)
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    opt = build("hizoo", params, lr=1e-2, smooth=0.3)
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    state, at_2 = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    first = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, at_2):
+            p.copy_(w)
+    opt.load_state_dict(state)
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    assert all(torch.equal(a, p) for a, p in zip(first, params))
+    assert not torch.equal(opt.state[params[0]]["hessian"], torch.ones(12))
