@@ -152,7 +152,7 @@ class Terms(ctypes.Structure):
     c_name = "zt_terms"
     c_doc = """An update's terms, shared by the units whose rule arguments agree (typically a
 param group's): the rule (mode, constants) and g = c_1·z(s_1) + ... + c_n·z(s_n), summed in that
-order (rules.estimate's)."""
+order (rules.estimate's; the window-adam mode weighs each term by its place instead)."""
     c_fields = (
         ("mode", _I, "int64_t", "an UpdateMode (ZT_UPD_*)"),
         ("upd_lr", _D, "double"),

@@ -622,11 +622,12 @@ static const zt_terms zt_no_terms = {0};  /* a move without an update */
 
 /* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
    undo the current offset (decode), apply the update `t` to g = c_1·z_1 + ... + c_n·z_n (the
-   rules' SGD, sign, momentum, Adam or HiZOO's, operation for operation as their torch code),
-   then perturb to the target (encode), chunk by chunk. The terms' seeds are mixed with the
-   unit's key here; each z is drawn once per chunk even when seeds repeat (up to ZT_USES of
-   them). With `hess` (HiZOO), the offsets move by z/sqrt(H) (the update by its rule), with H
-   as it is at each offset's turn. Returns the target's kept-aside count (0 without a target). */
+   rules' SGD, sign, momentum, Adam, HiZOO's or window-adam, operation for operation as their
+   torch code), then perturb to the target (encode), chunk by chunk. The terms' seeds are mixed
+   with the unit's key here; each z is drawn once per chunk even when seeds repeat (up to
+   ZT_USES of them). With `hess` (HiZOO), the offsets move by z/sqrt(H) (the update by its
+   rule), with H as it is at each offset's turn. Returns the target's kept-aside count (0
+   without a target). */
 int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 const float *cells,
                 int has_cur, uint64_t key_cur, float cur_scale,

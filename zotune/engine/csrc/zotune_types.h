@@ -29,7 +29,7 @@ typedef struct {
 
 /* An update's terms, shared by the units whose rule arguments agree (typically a param
    group's): the rule (mode, constants) and g = c_1·z(s_1) + ... + c_n·z(s_n), summed in that
-   order (rules.estimate's). */
+   order (rules.estimate's; the window-adam mode weighs each term by its place instead). */
 typedef struct {
     int64_t mode;               /* an UpdateMode (ZT_UPD_*) */
     double upd_lr;
