@@ -74,8 +74,9 @@ def test_the_enums():
         ("RANDOM", 2),
         ("KEPT", 3),
     ]
-    assert [m.name for m in native.UpdateMode] == ["NONE", "SGD", "SIGN", "MOMENTUM", "ADAM"]
-    assert [m.value for m in native.UpdateMode] == [0, 1, 2, 3, 4]
+    modes = ["NONE", "SGD", "SIGN", "MOMENTUM", "ADAM", "HESSIAN", "WINDOW_ADAM"]
+    assert [m.name for m in native.UpdateMode] == modes
+    assert [m.value for m in native.UpdateMode] == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_a_moved_field_is_reported_by_name():

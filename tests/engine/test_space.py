@@ -47,7 +47,11 @@ class TorchOnly:
         ("gaussian", "r-mezo", {"sparsity": 1e-12}),  # keeps every hash: limit 2^32 - 1
         ("gaussian", "zo-adam", {"queries": 2}),
         ("gaussian", "zo-sgd-sign", {"official": True, "queries": 2}),
-        ("gaussian", "mezo", {"queries": 3}),  # three terms run as torch blocks
+        ("gaussian", "mezo", {"queries": 3}),  # three terms
+        ("rademacher", "mezo", {"queries": 8, "estimator": "one-sided"}),  # FZOO's eight
+        ("gaussian", "zo-adam", {"queries": 5}),
+        ("gaussian", "adamezo", {"window": 2}),  # moments from the window's terms
+        ("rademacher", "adamezo", {"window": 3, "mask": "random", "sparsity": 0.5}),
         ("gaussian", "mezo-svrg", {"refresh": 2}),
     ],
 )
@@ -74,8 +78,8 @@ def test_c_kernel_and_torch_code_agree_bit_for_bit(direction, method, extra, mon
         moved = {k: opt.space.units_moved[k] + space.units_moved[k] for k in ("kernel", "torch")}
         if native == "1" and not extra.get("queries") and method != "mezo-svrg":  # 3 a step
             assert moved == {"kernel": 3 * 3 * 2 + 2, "torch": 0}
-        if native == "1":  # every move of one or two terms runs in the kernel; three do not
-            assert (moved["torch"] > 0) == (extra.get("queries") == 3)
+        if native == "1":  # every move runs in the kernel, whatever its number of terms
+            assert moved["torch"] == 0 and moved["kernel"] > 0
         else:
             assert moved["kernel"] == 0
     for a, b in zip(*runs):
@@ -148,7 +152,7 @@ def test_a_move_that_fails_before_the_kernel_runs_leaves_the_weights_restorable(
         def kernel(self, key):  # the second tensor's terms fail, after the first's were taken
             if key == 1:
                 raise RuntimeError("bad rule arguments")
-            return KernelUpdate(2, 1e-3, 0.0, KernelTerms(UpdateMode.SGD, 1.0))
+            return KernelUpdate(((2, 1.0),), 1e-3, 0.0, KernelTerms(UpdateMode.SGD, 1.0))
 
     update = Failing()
     with pytest.raises(RuntimeError, match="bad rule"):
@@ -313,3 +317,47 @@ def test_failing_closure_leaves_weights_restored():
     with pytest.raises(RuntimeError):
         opt.step(closure)
     assert torch.equal(w.detach(), before)
+
+
+@pytest.mark.skipif(_native.lib() is None, reason="no C compiler")
+@pytest.mark.parametrize("rule", ["hessian-informed", "sgd"])
+def test_z_scaled_by_a_hessian_moves_the_same_bits_in_the_kernel_and_torch(rule, monkeypatch):
+    """A space whose z is scaled by 1/√H (HiZOO): offsets, an update of H and θ, and a target
+    after it (at the updated H) agree bit for bit between the kernel and the torch path. The
+    kernel takes HiZOO's update; another rule's estimate of z/√H runs as torch ops."""
+    from zotune.engine.rules import SGD, Update
+    from zotune.optim.hizoo import HessianInformed
+
+    torch.manual_seed(0)
+    weights = [torch.randn(2 * BLOCK + 77) * 0.02, torch.randn(33, 9)]
+    hessians = [torch.rand(2 * BLOCK + 77) * 3 + 0.05, torch.rand(33, 9) + 0.5]
+    runs = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("ZOTUNE_NATIVE", native)
+        ts, hs = [w.clone() for w in weights], [h.clone() for h in hessians]
+        space = ParameterSpace(ts)
+        space.z_scale = lambda i, hs=hs: hs[i]
+        kind = HessianInformed(0.3, 2.7) if rule == "hessian-informed" else SGD()
+        update = Update(kind, ((4, -0.8),), 0, (1e-2, 1e-2), (0.1, 0.0), [0, 1], [
+            {"hessian": h} for h in hs
+        ])  # fmt: skip
+        space.transition(None, Offset(4, 1e-3))
+        runs.append([t.clone() for t in ts])
+        space.transition(Offset(4, 1e-3), Offset(4, -1e-3))
+        runs[-1] += [t.clone() for t in ts]
+        space.transition(Offset(4, -1e-3), Offset(9, 1e-3), update)
+        runs[-1] += [t.clone() for t in ts] + [h.clone() for h in hs]
+        space.transition(Offset(9, 1e-3), None)
+        assert space.at_rest()
+        runs[-1] += [t.clone() for t in ts]
+        moved = space.units_moved
+        if native == "0":
+            assert moved["kernel"] == 0
+        elif rule == "hessian-informed":
+            assert moved["torch"] == 0 and moved["kernel"] == 4 * len(space.units)
+        else:  # the update pass only
+            assert moved["torch"] == len(space.units)
+    updated = runs[0][6:8]  # H after the update
+    assert all(torch.equal(h, h0) == (rule == "sgd") for h, h0 in zip(updated, hessians))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

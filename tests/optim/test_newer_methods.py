@@ -150,12 +150,19 @@ def test_new_methods_move_the_same_bits_with_and_without_the_kernel(method, monk
     for native in ("1", "0"):
         monkeypatch.setenv("ZOTUNE_NATIVE", native)
         params = [torch.nn.Parameter(w.clone()) for w in (*ws, big)]
-        opt = build(method, params, lr=1e-2, eps=1e-3)
-        for _ in range(3):
+        hp = {"hizoo": {"smooth": 0.3}, "adamezo": {"window": 3}}.get(method, {})  # (H moves)
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:]}]
+        opt = build(method, groups, lr=1e-2, eps=1e-3, **hp)
+        for _ in range(4):  # (adamezo: past its window of 3, with a masked one below)
             opt.step(lambda ps=params: loss(ps[:2]) + (ps[2] ** 2).sum())
         runs.append([p.detach().clone() for p in params])
-        kernel = opt.space.units_moved["kernel"]
-        assert (kernel > 0) == (native == "1" and method != "hizoo")  # hizoo: torch path
+        runs[-1] += [s.clone() for p in params for s in opt.state[p].values()]  # (H)
+        moved = opt.space.units_moved
+        if native == "0":
+            assert moved["kernel"] == 0
+        else:  # perturbations and updates alike (fzoo: 8 terms; hizoo: z/√H and H's update;
+            # adamezo: the window's moments)
+            assert moved["kernel"] > 0 and moved["torch"] == 0
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -219,3 +226,25 @@ def test_the_stated_forwards_are_what_a_step_costs():
             assert opt.forward_passes == 2 * len(opt.blocks) and opt.forwards == "2 × blocks"
             continue
         assert str(opt.forward_passes) in opt.forwards, (name, opt.forward_passes, opt.forwards)
+
+
+def test_hizoo_reads_the_hessian_a_state_dict_brings():
+    """Loading a state dict gives H new buffers: the kernel's table must read those (it holds
+    H's addresses), so going back to step 2 and stepping again repeats the same steps."""
+    ws, loss = quadratic(6)
+    params = [torch.nn.Parameter(w.clone()) for w in ws]
+    opt = build("hizoo", params, lr=1e-2, smooth=0.3)
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    state, at_2 = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    first = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, at_2):
+            p.copy_(w)
+    opt.load_state_dict(state)
+    for _ in range(2):
+        opt.step(lambda: loss(params))
+    assert all(torch.equal(a, p) for a, p in zip(first, params))
+    assert not torch.equal(opt.state[params[0]]["hessian"], torch.ones(12))

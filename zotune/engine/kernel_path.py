@@ -18,6 +18,7 @@ import torch
 
 from . import native
 from .directions import Gaussian, MagnitudeMask, Rademacher, RandomMask, seed_state
+from .native import UpdateMode
 
 if TYPE_CHECKING:
     from .moves import KernelUpdate, Offset, Space, Update
@@ -37,13 +38,14 @@ class KernelPath:
 
     def moves(self) -> bool:
         """Whether the kernel moves the space's float32 CPU units: the direction is a law it
-        draws (not a low-rank one), the mask, if any, is one it computes, and z is not scaled
-        per element (HiZOO's preconditioner: torch path)."""
+        draws (not a low-rank one), and the mask, if any, is one it computes (and not with a
+        per-element scale of z, HiZOO's preconditioner, which takes no mask)."""
         mask = self.space.mask
         if not isinstance(self.space.direction, (Gaussian, Rademacher)):
             return False
-        known = mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
-        return known and self.space.z_scale is None
+        if mask is not None and self.space.z_scale is not None:
+            return False
+        return mask is None or isinstance(mask, (MagnitudeMask, RandomMask))
 
     def empty(self) -> bool:
         return self.records.empty()
@@ -62,15 +64,17 @@ class KernelPath:
         self.records, self._table = kept
 
     def table(self, at_rest: bool = False) -> KernelTable:
-        """The kernel's table, built again if a tensor was given new storage (`p.data = ...`),
-        which is checked when the weights are at θ0: the only time user code may do that
-        (MeZO-SVRG's anchor swaps storage while the perturbation is set aside)."""
+        """The kernel's table, built again if a tensor (or its H) was given new storage
+        (`p.data = ...`, a state dict loaded), which is checked when the weights are at θ0: the
+        only time user code may do that (MeZO-SVRG's anchor swaps storage while the
+        perturbation is set aside)."""
         space, table = self.space, self._table
         if (
             table is None
             or table.mask is not space.mask  # (the table holds its thresholds)
             or table.mask_version != getattr(space.mask, "version", 0)
-            or (at_rest and [t.data_ptr() for t in space.tensors] != table.ptrs)
+            or table.z_scale is not space.z_scale  # (it holds H's addresses)
+            or (at_rest and (_ptrs(space.tensors) != table.ptrs or _hess(space) != table.hess))
         ):
             table = self._table = KernelTable(space)
         return table
@@ -100,6 +104,8 @@ class KernelPath:
             index, lo, _ = space.units[k]
             if index not in per_tensor:
                 found = update.kernel(space.keys[index])
+                if found and space.z_scale is not None and found.terms.mode != UpdateMode.HESSIAN:
+                    found = None  # (an estimate of z/√H: the kernel's terms are of z)
                 per_tensor[index] = found and _terms(found, shared, offsets)
             found = per_tensor[index]
             if found is None:
@@ -110,7 +116,7 @@ class KernelPath:
             unit.terms, unit.m, unit.v = terms, m and m + 4 * lo, v and v + 4 * lo
             drawn += (draws if unit.offsets else draws_lazy) * unit.n
             order.append(k)
-        table.terms = [terms for terms, _, _ in shared.values()]  # alive until the next update
+        table.terms = list(shared.values())  # (their C structs: alive until the next update)
         return order, drawn, work(sorted(table.other + skipped), current, target, update)
 
     def run(
@@ -170,34 +176,25 @@ def _terms(found: KernelUpdate, shared: dict, offsets: set) -> tuple:
     arguments agree), its state buffers' addresses, and the passes of z its units draw: one per
     distinct seed among the offsets and update terms (without the offsets for a row-lazy
     table)."""
-    terms, seed, seed2 = found.terms, found.seed, found.seed2
-    key = (
-        seed,
-        found.lr,
-        found.weight_decay,
-        terms.mode,
-        terms.c,
-        terms.constants,
-        seed2,
-        found.c2,
-    )
+    terms = found.terms
+    key = (found.coeffs, found.lr, found.weight_decay, terms.mode, terms.constants)
     if key not in shared:
         consts = terms.constants
+        coeffs = (native.Coeff * len(found.coeffs))(
+            *((seed_state(seed), c) for seed, c in found.coeffs)
+        )
         c_terms = native.Terms(
             mode=terms.mode,
-            upd_s=seed_state(seed),
-            upd_c=terms.c,
             upd_lr=found.lr,
             has_decay=bool(found.weight_decay),
             upd_decay=found.lr * found.weight_decay,
             h=(ctypes.c_double * 7)(*consts, *_ZEROS[len(consts) :]),
-            has_upd2=seed2 is not None,
-            upd2_s=seed_state(seed2) if seed2 is not None else 0,
-            upd_c2=found.c2,
+            coeffs=ctypes.addressof(coeffs),
+            ncoeffs=len(found.coeffs),
         )
-        seeds = {seed} | ({seed2} - {None})
-        shared[key] = (c_terms, len(seeds | offsets), len(seeds))
-    c_terms, draws, draws_lazy = shared[key]
+        seeds = {seed for seed, _ in found.coeffs}
+        shared[key] = (c_terms, coeffs, len(seeds | offsets), len(seeds))
+    c_terms, _, draws, draws_lazy = shared[key]
     m, v = terms.m, terms.v
     return (
         ctypes.addressof(c_terms),
@@ -208,13 +205,24 @@ def _terms(found: KernelUpdate, shared: dict, offsets: set) -> tuple:
     )
 
 
+def _ptrs(tensors: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def _hess(space: Space) -> list[int] | None:
+    """The addresses of the space's H (its `z_scale`), one per tensor, or None."""
+    if space.z_scale is None:
+        return None
+    return _ptrs([space.z_scale(i) for i in range(len(space.tensors))])
+
+
 class KernelTable:
     """A space's units as the C kernel sees them (`native.Unit`), built once, with the orders
     a pass runs them in (largest first: the threads end close together)."""
 
     def __init__(self, space: Space):
-        self.ptrs = [t.data_ptr() for t in space.tensors]
-        self.mask = space.mask
+        self.ptrs, self.hess = _ptrs(space.tensors), _hess(space)
+        self.mask, self.z_scale = space.mask, space.z_scale
         self.mask_version = getattr(space.mask, "version", 0)
         units, mask = space.units, space.mask
         self.table = (native.Unit * len(units))()
@@ -226,14 +234,19 @@ class KernelTable:
             magnitude = isinstance(mask, MagnitudeMask)
             unit.mask_h = mask.thresholds[key] if magnitude else 0.0
             unit.mask_tie = mask.tie_limit(key) if magnitude else 0
-            self.native.append(t.dtype == torch.float32 and t.is_cpu)
+            native_unit = t.dtype == torch.float32 and t.is_cpu
+            if space.z_scale is not None:  # (z/√H: H must be float32 on the CPU too)
+                h = space.z_scale(index)
+                native_unit &= h.dtype == torch.float32 and h.is_cpu and h.is_contiguous()
+                unit.hess = h.data_ptr() + 4 * lo
+            self.native.append(native_unit)
         by_size = sorted(range(len(units)), key=lambda k: units[k][1] - units[k][2])
         self.every = [k for k in by_size if self.native[k]]  # a pass that updates
         self.moving = [k for k in self.every if self.table[k].offsets]  # one that does not
         self.moving_n = sum(self.table[k].n for k in self.moving)
         self.other = [k for k in range(len(units)) if not self.native[k]]  # the torch path's
         self._arrays: dict[tuple[int, ...], ctypes.Array] = {}
-        self.terms: list[native.Terms] = []  # what the units' terms point to
+        self.terms: list[tuple] = []  # what the units' terms point to (zt_terms, zt_coeff[])
 
     def array(self, order: list[int]) -> ctypes.Array:
         """`order` as a C array (a space's passes use a few orders: each is made once)."""

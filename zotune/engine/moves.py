@@ -19,10 +19,17 @@ import torch
 from .directions import Direction, Mask
 from .native import UpdateMode
 
-# A per-element scale of z (a diagonal preconditioner, HiZOO's Σ^1/2): called with (tensor key,
-# block start, block length), it returns the float32 factors of those elements of z. Read at
-# every use, like a mask; a space with one moves every unit through the torch path.
-ZScale = Callable[[int, int, int], torch.Tensor]
+# A per-element preconditioner of z (HiZOO's diagonal Hessian estimate H): called with a tensor's
+# index in the space, it returns that tensor's H (float32, as many elements, positive), and the
+# offsets move by z/√H element-wise (`inverse_sqrt`). Read at every use, like a mask: H may
+# change in an update (HiZOO's does), and the C kernel reads it in place (`zt_unit.hess`).
+ZScale = Callable[[int], torch.Tensor]
+
+
+def inverse_sqrt(h: torch.Tensor) -> torch.Tensor:
+    """1/√h in float32, the square root correctly rounded (through float64: torch's float32
+    CPU sqrt is not, in the last bit) as the C kernel's, then the reciprocal."""
+    return h.double().sqrt_().float().reciprocal_()
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class Block:
 
     def z(self, seed: int) -> torch.Tensor:
         """z at `seed`, masked by the space's mask evaluated at the current θ0 and scaled by
-        the space's `z_scale` (both optional)."""
+        1/√H of the space's `z_scale` (both optional)."""
         m, scale = self.mask(), self._space.z_scale
         if m is None and scale is None:
             return self.raw_z(seed)
@@ -62,7 +69,8 @@ class Block:
             if m is not None:
                 out.masked_fill_(m.logical_not(), 0.0)  # no float temporary
             if scale is not None:
-                out.mul_(scale(self.key, self.start, out.numel()))
+                h = scale(self.index).view(-1)[self.start : self.start + out.numel()]
+                out.mul_(inverse_sqrt(h))
             self._z[seed] = out
         return self._z[seed]
 
@@ -88,7 +96,8 @@ class Block:
 class KernelTerms:
     """A rule's step for ĝ = c·z in the C kernel's terms: the kernel repeats the rule's torch
     arithmetic operation for operation in `mode` (tests check they agree bit for bit), reading
-    the state buffers m, v and the mode's constants."""
+    the state buffers m, v and the mode's constants; `c` is the coefficient as the rule takes
+    it (the official sign rule's is sign c)."""
 
     mode: UpdateMode
     c: float
@@ -99,15 +108,13 @@ class KernelTerms:
 
 @dataclass(frozen=True)
 class KernelUpdate:
-    """One tensor's update in the kernel's terms: ĝ = c·z(seed) [+ c2·z(seed2)], the rule's
-    terms for the first coefficient (the second maps through the rule alike)."""
+    """One tensor's update in the kernel's terms: ĝ = Σ_k c_k·z(seed_k) over `coeffs` (as the
+    rule maps them), summed in order, and the rule's `terms` (mode, state, constants)."""
 
-    seed: int
+    coeffs: tuple[tuple[int, float], ...]
     lr: float
     weight_decay: float
     terms: KernelTerms
-    seed2: int | None = None
-    c2: float = 0.0
 
 
 class Update(Protocol):

@@ -89,6 +89,8 @@ class UpdateMode(enum.IntEnum):
     SIGN = 2
     MOMENTUM = 3
     ADAM = 4
+    HESSIAN = 5
+    WINDOW_ADAM = 6
 
 
 # each enum's C prefix, in the header's order
@@ -131,24 +133,34 @@ anchor)."""
     _fields_ = _ctypes(c_fields)
 
 
+class Coeff(ctypes.Structure):
+    """zt_coeff: one term c·z(seed) of an update's estimate."""
+
+    c_name = "zt_coeff"
+    c_doc = """One term c·z(seed) of an update's estimate g, its seed entered as derive_seed's state
+after it (see zt_pass)."""
+    c_fields = (
+        ("s", _U, "uint64_t"),
+        ("c", _D, "double"),
+    )
+    _fields_ = _ctypes(c_fields)
+
+
 class Terms(ctypes.Structure):
     """zt_terms: an update's rule and coefficients, shared by units whose arguments agree."""
 
     c_name = "zt_terms"
     c_doc = """An update's terms, shared by the units whose rule arguments agree (typically a
-param group's): the rule (mode, constants), g = c·z(seed) [+ c2·z(seed2)], its seeds entered as
-derive_seed's state after them (see zt_pass)."""
+param group's): the rule (mode, constants) and g = c_1·z(s_1) + ... + c_n·z(s_n), summed in that
+order (rules.estimate's; the window-adam mode weighs each term by its place instead)."""
     c_fields = (
         ("mode", _I, "int64_t", "an UpdateMode (ZT_UPD_*)"),
-        ("upd_s", _U, "uint64_t"),
-        ("upd_c", _D, "double"),
         ("upd_lr", _D, "double"),
         ("has_decay", _I, "int64_t"),
         ("upd_decay", _D, "double"),
         ("h", _D * 7, "double", "the rule's constants"),
-        ("has_upd2", _I, "int64_t"),
-        ("upd2_s", _U, "uint64_t"),
-        ("upd_c2", _D, "double"),
+        ("coeffs", _P, "const zt_coeff *", "the n terms of g, in order"),
+        ("ncoeffs", _I, "int64_t", "n (0 without an update)"),
     )
     _fields_ = _ctypes(c_fields)
 
@@ -157,8 +169,9 @@ class Unit(ctypes.Structure):
     """zt_unit: one unit of a space, and the update terms and state a pass gives it."""
 
     c_name = "zt_unit"
-    c_doc = """One unit (elements start .. start + n of a tensor), built once per space; its
-terms and state buffers are set before each pass that updates."""
+    c_doc = """One unit (elements start .. start + n of a tensor), built once per space (with its
+view of the space's H, when z is scaled by one); its terms and state buffers are set before
+each pass that updates."""
     c_fields = (
         ("flat", _P, "float *"),
         ("n", _I, "int64_t"),
@@ -170,6 +183,7 @@ terms and state buffers are set before each pass that updates."""
         ("terms", _P, "const zt_terms *"),
         ("m", _P, "float *"),
         ("v", _P, "float *"),
+        ("hess", _P, "const float *", "z's per-element H (z/sqrt(H): HiZOO), or NULL"),
     )
     _fields_ = _ctypes(c_fields)
 
@@ -232,7 +246,7 @@ flat, moved from the current offset to the target without an update; keys are th
     _fields_ = _ctypes(c_fields)
 
 
-MIRRORS = (Record, Terms, Unit, Pass, RowMove)  # the header's order (zt_unit points to zt_terms)
+MIRRORS = (Record, Coeff, Terms, Unit, Pass, RowMove)  # the header's order (pointees first)
 
 
 def _comment(text: str) -> str:

@@ -51,8 +51,8 @@ class Rule:
     def kernel(
         self, c: float, lr: float, state: dict[str, torch.Tensor], step: int
     ) -> KernelTerms | None:
-        """This rule's step for ĝ = c·z in the fused kernel's terms (for ĝ = c1·z1 + c2·z2 it
-        is asked once per coefficient), or None when the rule runs as torch ops only."""
+        """This rule's step for ĝ = c·z in the fused kernel's terms (for ĝ = Σ_k c_k·z_k it is
+        asked once per coefficient), or None when the rule runs as torch ops only."""
         return None
 
     def apply(
@@ -189,12 +189,18 @@ class WindowAdam(Rule):
     with coefficients (seed_i, g_i) oldest first, i = 0 .. n-1,
         m = Σ_i β1^(n-1-i)·g_i·z_i,   v = Σ_i β2^(n-1-i)·g_i²·z_i²,
         θ ← θ - η(m/(√v + δ) + λθ).
-    No state: each step regenerates the window's n directions. Torch ops only."""
+    No state: each step regenerates the window's n directions. The kernel's WINDOW_ADAM mode
+    computes the same weights c_i·β^(n-1-i) from the terms' positions, and the same sums."""
 
     beta1: float = 0.7
     beta2: float = 0.9
     delta: float = 1e-5
     name = "window-adam"
+
+    def kernel(self, c, lr, state, step):
+        return KernelTerms(
+            UpdateMode.WINDOW_ADAM, c, constants=(self.beta1, self.beta2, self.delta)
+        )
 
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         n = len(coeffs)
@@ -245,14 +251,11 @@ class Update:
         )
 
     def kernel(self, key: int) -> KernelUpdate | None:
-        if len(self.coeffs) > 2:  # the kernel takes ĝ = c·z or c1·z1 + c2·z2
-            return None
         g, state = self.group_of[key], self._state(key)
-        (seed, c), *second = self.coeffs
-        terms = self.rule.kernel(c, self.lr[g], state, self.step)
-        if terms is None:
+        lr = self.lr[g]
+        # the rule maps each coefficient alike (the official sign rule: c -> sign c)
+        each = [(seed, self.rule.kernel(c, lr, state, self.step)) for seed, c in self.coeffs]
+        if each[0][1] is None:
             return None
-        seed2, c2 = None, 0.0
-        if second:  # the rule maps each coefficient alike (official sign: c -> sign c)
-            seed2, c2 = second[0][0], self.rule.kernel(second[0][1], self.lr[g], state, self.step).c
-        return KernelUpdate(seed, self.lr[g], self.weight_decay[g], terms, seed2, c2)
+        coeffs = tuple((seed, terms.c) for seed, terms in each)
+        return KernelUpdate(coeffs, lr, self.weight_decay[g], each[0][1])

@@ -1,7 +1,7 @@
 """The torch path: move units of a space with torch ops, block by block.
 
 It covers what the C kernel does not: tensors that are not float32 on the CPU (bf16, fp16, a
-GPU), custom masks, and updates without a kernel form (three or more terms, a custom rule). The
+GPU), custom masks, and updates without a kernel form (a rule without one). The
 arithmetic is the kernel's, op for op, so the two agree bit for bit (tests check this). Each
 unit is moved BLOCK elements at a time through per-thread float32 buffers: only one block of
 z exists per thread (a whole unit per block on a GPU: `block_size`).
@@ -18,7 +18,7 @@ import torch
 
 from . import fused, native
 from .directions import MASK_SALT, RandomMask, derive_seed
-from .moves import Block
+from .moves import Block, inverse_sqrt
 
 if TYPE_CHECKING:
     from .moves import Offset, Space, Update
@@ -173,6 +173,7 @@ class TorchPath:
         fuse = (
             lib is None
             and space.mask is None
+            and space.z_scale is None  # (the fused kernels draw plain z)
             and fused.enabled(flat.device)
             and fused.supports(space.direction)
         )
@@ -194,8 +195,9 @@ class TorchPath:
                     .copy_(z)
                     .masked_fill_(_unpack(mask, n).logical_not(), 0.0)
                 )
-            if self.space.z_scale is not None:  # (the θ0 the perturbation was made at: same)
-                z = torch.mul(z, self.space.z_scale(block.key, lo, n), out=block.buffer("scaled"))
+            if self.space.z_scale is not None:  # (the H the perturbation was made with: same)
+                h = self.space.z_scale(index).view(-1)[lo : lo + n]
+                z = torch.mul(z, inverse_sqrt(h), out=block.buffer("scaled"))
             if lib is not None:
                 lib.zt_decode(
                     native.ptr(flat), native.ptr(z), current.scale, native.ptr(block.theta),

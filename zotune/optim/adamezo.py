@@ -27,8 +27,9 @@ class AdaMeZO(ZOOptimizer):
     m/√v makes them a constant factor, folded into η).
 
     Cost per step: 2 forward passes; 2 regenerations in the estimate and W in the update pass
-    (W + 2 in all: the cost grows with the window). The estimate runs in the C kernel, the
-    update (W terms) as torch ops. Needs queries = 1.
+    (W + 2 in all: the cost grows with the window). Every pass runs in the C kernel (the
+    update draws the W directions chunk by chunk and sums m and v as the torch code does).
+    Needs queries = 1.
     """
 
     name = "adamezo"

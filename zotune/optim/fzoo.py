@@ -32,8 +32,8 @@ class FZOO(ZOOptimizer):
 
     Cost per step: N + 1 forward passes (the paper batches the N queries into one batched
     forward on a GPU; zotune runs them one after another), 2N − 1 regenerations of u in the
-    estimate plus N in the update pass, which also restores θ (3N − 1 in all). The perturbation passes run in the C
-    kernel; the update (N terms) runs as torch ops. Memory: the weights only.
+    estimate plus N in the update pass, which also restores θ (3N − 1 in all). Every pass runs
+    in the C kernel, the N-term update included. Memory: the weights only.
     """
 
     name = "fzoo"

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..engine.estimators import Closure, evaluate, two_sided
+from ..engine.moves import KernelTerms
+from ..engine.native import UpdateMode
 from ..engine.rules import Rule, Update, _decay, _view
 from .base import ZOOptimizer
 
@@ -19,22 +21,29 @@ from .base import ZOOptimizer
 class HessianInformed(Rule):
     """HiZOO's step for one coefficient (seed, g), with the step's curvature scalar
     c = |L+ + L− − 2L0| / 2ε² and smoothing α:
-        H ← (1 − α)·H + α·c·H ⊙ z²,   θ ← θ − η(g·z/√H + λθ)   (H after its update)."""
+        H ← (1 − α)·H + α·c·H ⊙ z²,   θ ← θ − η(g·z/√H + λθ)   (H after its update),
+    z unscaled (the space scales its offsets by 1/√H), √H correctly rounded. The C kernel's
+    HESSIAN mode repeats it operation for operation."""
 
     smooth: float = 1e-8
     curvature: float = 0.0
     name = "hessian-informed"
     buffers = ("hessian",)
 
+    def kernel(self, c, lr, state, step):
+        consts = (1 - self.smooth, self.smooth * self.curvature)
+        return KernelTerms(UpdateMode.HESSIAN, c, state["hessian"], None, consts)
+
     def apply(self, block, coeffs, lr, weight_decay, state, step):
         ((seed, g),) = coeffs
-        z = block.raw_z(seed)  # the unscaled z (the space scales its uses by 1/√H)
+        z = block.raw_z(seed)
         h = _view(state, "hessian", block)
         estimate = (
             torch.mul(z, z, out=block.buffer("tmp")).mul_(h).mul_(self.smooth * self.curvature)
         )
         h.mul_(1 - self.smooth).add_(estimate)
-        step_ = torch.div(z, h.sqrt(), out=block.buffer("g")).mul_(g)
+        root = h.double().sqrt_().float()  # (correctly rounded, as the kernel's)
+        step_ = torch.div(z, root, out=block.buffer("g")).mul_(g)
         _decay(block, lr, weight_decay)
         block.theta.sub_(step_.mul_(lr))
 
@@ -50,10 +59,12 @@ class HiZOO(ZOOptimizer):
     `smooth` is α (the official `hessian_smooth_type` constant: 1e-8 in its README's example;
     α = 0 is MeZO exactly). The records keep g and the curvature scalar, so a replay rebuilds H.
 
-    Cost per step: 3 forward passes, 3 regenerations of z. Memory: one float32 buffer the size
-    of each trained tensor (H: 1 × d, "the diagonal state"). z is scaled per element by 1/√H,
-    which the C kernel does not do: every pass runs as torch ops (and no embedding rows are
-    attached), one thread's blocks at a time as usual. Masks are not supported.
+    Cost per step: 3 forward passes, 3 regenerations of z in 3 passes over the weights (the
+    last restores θ and updates H and θ), each also reading H (and the last writing it). Memory:
+    one float32 buffer the size of each trained tensor (H: 1 × d, "the diagonal state"). The C
+    kernel reads H in place and scales z by 1/√H per element (`zt_unit.hess`, the HESSIAN
+    update mode), bit for bit as the torch path; embedding rows are not attached (their path
+    has no H). Masks are not supported.
     """
 
     name = "hizoo"
@@ -71,11 +82,12 @@ class HiZOO(ZOOptimizer):
         super().__init__(params, rule, lr=lr, config=dict(smooth=smooth), **kw)
         for p in self.space.tensors:  # H starts at ones (the official code's)
             self.state[p] = {"hessian": torch.ones(p.shape, dtype=torch.float32, device=p.device)}
-        self.space.z_scale = self._inverse_sqrt_hessian
+        self.space.z_scale = self._hessian
 
-    def _inverse_sqrt_hessian(self, key: int, start: int, n: int) -> torch.Tensor:
-        h = self.state[self.space.tensors[key]]["hessian"].view(-1)[start : start + n]
-        return h.sqrt().reciprocal_()
+    def _hessian(self, index: int) -> torch.Tensor:
+        """H of the space's tensor `index` (z is scaled by 1/√H): looked up at each use, as a
+        loaded state dict replaces the buffers."""
+        return self.state[self.space.tensors[index]]["hessian"]
 
     @torch.no_grad()
     def step(self, closure: Closure) -> float:  # type: ignore[override]

@@ -365,11 +365,15 @@ static void zt_fill_sparse(int law, float *out, const uint8_t *bits, int64_t n, 
     for (; j < n; j++) out[j] = bits[j >> 3] >> (j & 7) & 1 ? val[used++] : 0.0f;
 }
 
-/* The draws made for one chunk: a later use with the same key and mask takes the same z. */
+/* The draws made for one chunk: a later use with the same key and mask takes the same z. A
+   chunk keeps at most ZT_USES (its offsets' and its first two update terms', each in a buffer of
+   its own); a draw into a buffer that is reused within the chunk (an update's third term on) is
+   looked up but not kept. */
+#define ZT_USES 4
 typedef struct { uint64_t key; const uint8_t *bits; const float *z; } zt_use;
 
 static const float *zt_draw(zt_use *uses, int *nu, float *buf, int law, const float *cells,
-                            uint64_t key, const uint8_t *bits, int64_t n, int64_t at) {
+                            uint64_t key, const uint8_t *bits, int64_t n, int64_t at, int keep) {
     for (int u = 0; u < *nu; u++) {
         const uint8_t *b = uses[u].bits;
         if (uses[u].key == key && (b == bits || (b && bits && !memcmp(b, bits, (size_t)((n + 7) >> 3)))))
@@ -377,9 +381,28 @@ static const float *zt_draw(zt_use *uses, int *nu, float *buf, int law, const fl
     }
     if (bits) zt_fill_sparse(law, buf, bits, n, key, at, cells);
     else zt_fill(law, buf, n, key, at, cells);
-    uses[*nu].key = key; uses[*nu].bits = bits; uses[*nu].z = buf;
-    (*nu)++;
+    if (keep && *nu < ZT_USES) {
+        uses[*nu].key = key; uses[*nu].bits = bits; uses[*nu].z = buf;
+        (*nu)++;
+    }
     return buf;
+}
+
+/* z scaled per element by 1/sqrt(H) (HiZOO's preconditioner), into out: the square root
+   (correctly rounded, as torch's through float64), its reciprocal, then the product, as
+   moves.inverse_sqrt and Block.z compute them. Returns z itself without an H. */
+static const float *zt_scaled(float *out, const float *z, const float *hess, int64_t n) {
+    if (!hess) return z;
+    int64_t j = 0;
+#ifdef __AVX2__
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= n; j += 8) {
+        __m256 r = _mm256_div_ps(one, _mm256_sqrt_ps(_mm256_loadu_ps(hess + j)));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(z + j), r));
+    }
+#endif
+    for (; j < n; j++) { float r = 1.0f / sqrtf(hess[j]); out[j] = z[j] * r; }
+    return out;
 }
 
 
@@ -406,6 +429,18 @@ static void zt_update(int mode, float *theta, const float *z, int64_t cm, int ha
             a = a + g;
             mm[j] = a;
             theta[j] = theta[j] - a * upd_lr;
+        }
+    } else if (mode == ZT_UPD_HESSIAN) {  /* HiZOO: mm = H, h1 = 1 - alpha, h2 = alpha·curvature */
+        for (int64_t j = 0; j < cm; j++) {
+            float zz = z[j], e = zz * zz;
+            e = e * mm[j];
+            e = e * h2;
+            float hn = mm[j] * h1;
+            hn = hn + e;
+            mm[j] = hn;
+            float s = zz / sqrtf(hn);
+            s = s * upd_c;
+            theta[j] = theta[j] - s * upd_lr;
         }
     } else {  /* ZT_UPD_ADAM: h1..h7 = b1, 1-b1, b2, 1-b2, 1/(1-b2^t), delta, lr/(1-b1^t) */
         for (int64_t j = 0; j < cm; j++) {
@@ -539,18 +574,65 @@ static inline int zt_flips(int has_cur, int has_tgt, int mode, uint64_t key_cur,
             (has_mask == ZT_MASK_MAGNITUDE && mask_in));
 }
 
+/* splitmix64, as directions._splitmix64: the kernel derives each unit's keys itself. */
+static inline uint64_t zt_splitmix(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* AdaMeZO's window-adam step for one chunk, as rules.WindowAdam.apply operation for operation:
+   with the n terms (s_k, c_k) oldest first, m = Σ_k z_k·(c_k·β1^(n-1-k)) and
+   v = Σ_k (z_k·z_k)·(c_k·c_k·β2^(n-1-k)) summed from 0 in order (the weights in double, with
+   libm's pow as Python's **, then narrowed), then after decay theta -= (m/(sqrt(v) + delta))·lr.
+   z is the first term's draw; the second keeps its draw in zc, later ones share ze. */
+static void zt_window_adam(float *theta, const float *z, int64_t cm, const zt_terms *t,
+                           uint64_t unit_key, zt_use *uses, int *nu, float *zc, float *ze,
+                           float *mw, float *vw, int law, const float *cells, const uint8_t *b,
+                           int64_t at, int has_decay, float upd_decay, float upd_lr, float delta) {
+    int64_t nc = t->ncoeffs;
+    for (int64_t j = 0; j < cm; j++) { mw[j] = 0.0f; vw[j] = 0.0f; }
+    for (int64_t k = 0; k < nc; k++) {
+        double ck = t->coeffs[k].c;
+        float a = (float)(ck * pow(t->h[0], (double)(nc - 1 - k)));
+        float bk = (float)(ck * ck * pow(t->h[1], (double)(nc - 1 - k)));
+        const float *zk = z;
+        if (k) zk = zt_draw(uses, nu, k == 1 ? zc : ze, law, cells,
+                            zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1, b, cm, at, k == 1);
+        for (int64_t j = 0; j < cm; j++) {
+            float x = zk[j] * a, y = zk[j] * zk[j];
+            mw[j] = mw[j] + x;
+            y = y * bk;
+            vw[j] = vw[j] + y;
+        }
+    }
+    if (has_decay)
+        for (int64_t j = 0; j < cm; j++) { float d = theta[j] * upd_decay; theta[j] = theta[j] - d; }
+    for (int64_t j = 0; j < cm; j++) {
+        float d = sqrtf(vw[j]);
+        d = d + delta;
+        float r = mw[j] / d;
+        r = r * upd_lr;
+        theta[j] = theta[j] - r;
+    }
+}
+
+static const zt_terms zt_no_terms = {0};  /* a move without an update */
+
 /* One unit's whole move in one call (a job of ParameterSpace.transition, fp32 on the CPU):
-   undo the current offset (decode), apply an update rule to g = z_upd*c (rules.py's SGD, sign,
-   momentum or Adam, operation for operation as their torch code), then perturb to the target
-   (encode), chunk by chunk. Each z is drawn once even when seeds repeat. Returns the target's
-   kept-aside count (0 without a target). */
+   undo the current offset (decode), apply the update `t` to g = c_1·z_1 + ... + c_n·z_n (the
+   rules' SGD, sign, momentum, Adam, HiZOO's or window-adam, operation for operation as their
+   torch code), then perturb to the target (encode), chunk by chunk. The terms' seeds are mixed
+   with the unit's key here; each z is drawn once per chunk even when seeds repeat (up to
+   ZT_USES of them). With `hess` (HiZOO), the offsets move by z/sqrt(H) (the update by its
+   rule), with H as it is at each offset's turn. Returns the target's kept-aside count (0
+   without a target). */
 int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 const float *cells,
                 int has_cur, uint64_t key_cur, float cur_scale,
                 const uint8_t *bits_in, const float *aside_in,
-                int mode, uint64_t key_upd, float upd_c, float upd_lr, int has_decay,
-                float upd_decay, float *m, float *v, float h1, float h2, float h3, float h4,
-                float h5, float h6, float h7, int has_upd2, uint64_t key_upd2, float upd_c2,
+                const zt_terms *t, uint64_t unit_key, float *m, float *v, const float *hess,
                 int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
                 int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
@@ -561,19 +643,30 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
        mask_limit, unless mask_limit is ZT_ALL_TIES); 2 = random (R-MeZO): hash under mask_key
        below mask_limit; 3 = that random mask again, read from mask_in (a mask that does not
        depend on theta is the same for the whole step: no hash per element) */
-    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], g2[ZT_SUB];
+    float za[ZT_SUB], zb[ZT_SUB], zc[ZT_SUB], zd[ZT_SUB], ze[ZT_SUB], zs[ZT_SUB];
+    float g[ZT_SUB], gv[ZT_SUB];  /* the update's sums */
     uint8_t ub[ZT_SUB / 8];  /* the update's mask */
+    /* the rule's numbers, narrowed from double as ctypes narrows the torch code's scalars */
+    int mode = (int)t->mode, has_decay = (int)t->has_decay;
+    int64_t nc = t->ncoeffs;
+    float upd_lr = (float)t->upd_lr, upd_decay = (float)t->upd_decay;
+    float h1 = (float)t->h[0], h2 = (float)t->h[1], h3 = (float)t->h[2], h4 = (float)t->h[3];
+    float h5 = (float)t->h[4], h6 = (float)t->h[5], h7 = (float)t->h[6];
+    uint64_t key_upd = nc ? zt_splitmix(t->coeffs[0].s ^ unit_key) >> 1 : 0;
+    float upd_c = nc ? (float)t->coeffs[0].c : 0.0f;
     int64_t used = 0, kept = 0;
     for (int64_t j0 = 0; j0 < n; j0 += ZT_SUB) {
         int64_t cm = n - j0 < ZT_SUB ? n - j0 : ZT_SUB, at = start + j0, nb = (cm + 7) >> 3;
         /* the chunk is moved in place: decode, update and encode each read an element before
            writing it, so p holds the unperturbed theta between them */
         float *p = flat + j0, *theta = p;
+        const float *hj = hess ? hess + j0 : 0;
         const uint8_t *cb = has_mask && mask_in ? mask_in + (j0 >> 3) : 0;  /* current's mask */
-        zt_use uses[4];
+        zt_use uses[ZT_USES];
         int nu = 0;
         if (flip) {  /* the record is the target's too: copied out, unless it is kept in place */
-            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
+            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at, 1);
+            z = zt_scaled(zs, z, hj, cm);
             const uint8_t *bi = bits_in ? bits_in + (j0 >> 3) : 0;
             uint8_t *bo = bits_out ? bits_out + (j0 >> 3) : 0;
             int64_t u0 = used;
@@ -588,21 +681,23 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         }
         int fused = 0;  /* the undo and a stateful update in one loop, with this z */
         if (has_cur) {
-            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at);
-            fused = (mode == ZT_UPD_MOMENTUM || mode == ZT_UPD_ADAM) && !has_mask && !has_upd2 &&
-                    key_upd == key_cur;
+            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at, 1);
+            fused = (mode == ZT_UPD_MOMENTUM || mode == ZT_UPD_ADAM) && !has_mask && nc == 1 &&
+                    key_upd == key_cur && !hess;
             if (fused)
                 used += zt_decode_update(mode, p, z, cur_scale, bits_in ? bits_in + (j0 >> 3) : 0,
                                          aside_in ? aside_in + used : 0, cm, has_decay, upd_decay,
                                          upd_c, upd_lr, m ? m + j0 : 0, v ? v + j0 : 0, h1, h2,
                                          h3, h4, h5, h6, h7);
             else
-                used += zt_decode(p, z, cur_scale, theta, bits_in ? bits_in + (j0 >> 3) : 0,
+                used += zt_decode(p, zt_scaled(zs, z, hj, cm), cur_scale, theta,
+                                  bits_in ? bits_in + (j0 >> 3) : 0,
                                   aside_in ? aside_in + used : 0, cm);
         }
         /* (not Adam: its three streams and its square root and division ran slower with the
            draws in the same loop, 8.9 against 7.4 ms over an 11.7M-weight table) */
-        if (mode && mode != ZT_UPD_ADAM && !has_cur && !has_tgt && !has_mask && !has_upd2) {
+        if ((mode == ZT_UPD_SGD || mode == ZT_UPD_SIGN || mode == ZT_UPD_MOMENTUM) && !has_cur &&
+            !has_tgt && !has_mask && nc == 1) {
             zt_draw_update(mode, p, cm, law, cells, key_upd, at, has_decay, upd_decay, upd_c,
                            upd_lr, m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
             continue;
@@ -612,34 +707,39 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             if (has_mask == ZT_MASK_MAGNITUDE) { zt_bits_range(ub, theta, mask_h, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_RANDOM) { zt_bits_random(ub, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_KEPT) b = mask_in + (j0 >> 3);
-            const float *z = zt_draw(uses, &nu, zb, law, cells, key_upd, b, cm, at);
-            float c = upd_c;
-            if (has_upd2) {  /* g = c1·z1 + c2·z2 (q = 2, MeZO-SVRG), in rules.estimate's order */
-                const float *z2 = zt_draw(uses, &nu, zc, law, cells, key_upd2, b, cm, at);
-                for (int64_t j = 0; j < cm; j++) { float a = z[j] * upd_c, e = z2[j] * upd_c2; g2[j] = a + e; }
-                z = g2; c = 1.0f;  /* g·1 is g exactly */
+            const float *z = zt_draw(uses, &nu, zb, law, cells, key_upd, b, cm, at, 1);
+            if (mode == ZT_UPD_WINDOW_ADAM) {  /* its own sums of the terms */
+                zt_window_adam(theta, z, cm, t, unit_key, uses, &nu, zc, ze, g, gv, law, cells, b,
+                               at, has_decay, upd_decay, upd_lr, h3);
+            } else {
+                float c = upd_c;
+                if (nc > 1) {  /* g = c1·z1, then g += ck·zk, in rules.estimate's order */
+                    for (int64_t j = 0; j < cm; j++) g[j] = z[j] * upd_c;
+                    for (int64_t k = 1; k < nc; k++) {
+                        uint64_t key = zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1;
+                        float ck = (float)t->coeffs[k].c;
+                        /* the second term keeps its draw (zc), later ones share ze */
+                        const float *zk = zt_draw(uses, &nu, k == 1 ? zc : ze, law, cells, key, b,
+                                                  cm, at, k == 1);
+                        for (int64_t j = 0; j < cm; j++) { float e = zk[j] * ck; g[j] = g[j] + e; }
+                    }
+                    z = g; c = 1.0f;  /* g·1 is g exactly */
+                }
+                zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
+                          m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
             }
-            zt_update(mode, theta, z, cm, has_decay, upd_decay, c, upd_lr,
-                      m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
         }
         if (!has_tgt) continue;
         uint8_t *tb = has_mask ? mask_out + (j0 >> 3) : 0;  /* the target's mask, kept */
         if (has_mask == ZT_MASK_MAGNITUDE) zt_bits_range(tb, theta, mask_h, mask_key, at, mask_limit, cm);
         if (has_mask == ZT_MASK_RANDOM) zt_bits_random(tb, mask_key, at, mask_limit, cm);
         if (has_mask == ZT_MASK_KEPT) memcpy(tb, mask_in + (j0 >> 3), (size_t)((cm + 7) >> 3));
-        const float *z = zt_draw(uses, &nu, zd, law, cells, key_tgt, tb, cm, at);
+        const float *z = zt_draw(uses, &nu, zd, law, cells, key_tgt, tb, cm, at, 1);
+        z = zt_scaled(zs, z, hj, cm);  /* (H after the update: the target's) */
         kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);
     }
     return kept;
 }
-/* splitmix64, as directions._splitmix64: the kernel derives each unit's keys itself. */
-static inline uint64_t zt_splitmix(uint64_t x) {
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
 #define ZT_MASK_SALT 0x4D41534Bull
 
 /* Move the units order[k] for k = (*next)++ until none is left: every thread of a pass calls
@@ -669,8 +769,7 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
         }
         uint8_t *bits_in = cur ? r->bits : 0, *mask_in = cur ? r->mask : 0, *bits = 0, *mask = 0;
         int64_t nb = (u->n + 7) >> 3;
-        static const zt_terms none = {0};
-        const zt_terms *t = p->update ? u->terms : &none;
+        const zt_terms *t = p->update ? u->terms : &zt_no_terms;
         uint64_t key_cur = cur ? zt_splitmix(p->cur_s ^ u->key) >> 1 : 0;
         uint64_t key_tgt = tgt ? zt_splitmix(p->tgt_s ^ u->key) >> 1 : 0;
         float *aside_out = 0;
@@ -700,11 +799,7 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
             u->flat, u->n, u->start, (int)p->law, p->cells,
             cur, key_cur, (float)p->cur_scale,
             bits_in, cur ? r->aside : 0,
-            (int)t->mode, zt_splitmix(t->upd_s ^ u->key) >> 1, (float)t->upd_c,
-            (float)t->upd_lr, (int)t->has_decay, (float)t->upd_decay, u->m, u->v,
-            (float)t->h[0], (float)t->h[1], (float)t->h[2], (float)t->h[3], (float)t->h[4],
-            (float)t->h[5], (float)t->h[6],
-            (int)t->has_upd2, zt_splitmix(t->upd2_s ^ u->key) >> 1, (float)t->upd_c2,
+            t, u->key, u->m, u->v, u->hess,
             tgt, key_tgt, (float)p->tgt_scale, bits, aside_out,
             kind, (float)u->mask_h, mask_in, mask, mask_key, mask_limit, keep);
         if (keep) continue;
@@ -785,9 +880,8 @@ int64_t zt_move_rows(const zt_rows *a) {
         int64_t at = a->rows[r] * width;
         const uint8_t *bi = bits_in ? bits_in + r * wb : 0;
         kept += zt_move(a->flat + at, width, at, law, a->cells, has_cur, a->key_cur, a->cur_scale,
-                        bi, a->aside_in ? a->aside_in + used : 0, ZT_UPD_NONE, 0, 0.0f, 0.0f, 0,
-                        0.0f, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0, 0, 0.0f, has_tgt,
-                        a->key_tgt, a->tgt_scale,
+                        bi, a->aside_in ? a->aside_in + used : 0, &zt_no_terms, 0, 0, 0, 0,
+                        has_tgt, a->key_tgt, a->tgt_scale,
                         a->bits_out ? a->bits_out + r * wb : 0,
                         a->aside_out ? a->aside_out + kept : 0,
                         has_mask, a->mask_h, mask_in ? mask_in + r * wb : 0,

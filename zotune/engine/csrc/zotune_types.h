@@ -8,7 +8,7 @@
 
 enum { ZT_LAW_GAUSSIAN = 0, ZT_LAW_RADEMACHER = 1 };  /* Law */
 enum { ZT_MASK_NONE = 0, ZT_MASK_MAGNITUDE = 1, ZT_MASK_RANDOM = 2, ZT_MASK_KEPT = 3 };  /* MaskKind */
-enum { ZT_UPD_NONE = 0, ZT_UPD_SGD = 1, ZT_UPD_SIGN = 2, ZT_UPD_MOMENTUM = 3, ZT_UPD_ADAM = 4 };  /* UpdateMode */
+enum { ZT_UPD_NONE = 0, ZT_UPD_SGD = 1, ZT_UPD_SIGN = 2, ZT_UPD_MOMENTUM = 3, ZT_UPD_ADAM = 4, ZT_UPD_HESSIAN = 5, ZT_UPD_WINDOW_ADAM = 6 };  /* UpdateMode */
 
 /* What keeps a perturbed unit invertible, owned by the kernel from the move that perturbs the
    unit to the move that restores it (Python only swaps whole tables: MeZO-SVRG's anchor). */
@@ -20,24 +20,29 @@ typedef struct {
     int64_t count;              /* floats in aside */
 } zt_rec;
 
+/* One term c·z(seed) of an update's estimate g, its seed entered as derive_seed's state after
+   it (see zt_pass). */
+typedef struct {
+    uint64_t s;
+    double c;
+} zt_coeff;
+
 /* An update's terms, shared by the units whose rule arguments agree (typically a param
-   group's): the rule (mode, constants), g = c·z(seed) [+ c2·z(seed2)], its seeds entered as
-   derive_seed's state after them (see zt_pass). */
+   group's): the rule (mode, constants) and g = c_1·z(s_1) + ... + c_n·z(s_n), summed in that
+   order (rules.estimate's; the window-adam mode weighs each term by its place instead). */
 typedef struct {
     int64_t mode;               /* an UpdateMode (ZT_UPD_*) */
-    uint64_t upd_s;
-    double upd_c;
     double upd_lr;
     int64_t has_decay;
     double upd_decay;
     double h[7];                /* the rule's constants */
-    int64_t has_upd2;
-    uint64_t upd2_s;
-    double upd_c2;
+    const zt_coeff *coeffs;     /* the n terms of g, in order */
+    int64_t ncoeffs;            /* n (0 without an update) */
 } zt_terms;
 
-/* One unit (elements start .. start + n of a tensor), built once per space; its terms and state
-   buffers are set before each pass that updates. */
+/* One unit (elements start .. start + n of a tensor), built once per space (with its view of
+   the space's H, when z is scaled by one); its terms and state buffers are set before each pass
+   that updates. */
 typedef struct {
     float *flat;
     int64_t n;
@@ -49,6 +54,7 @@ typedef struct {
     const zt_terms *terms;
     float *m;
     float *v;
+    const float *hess;          /* z's per-element H (z/sqrt(H): HiZOO), or NULL */
 } zt_unit;
 
 /* What a pass shares: the offsets' and the mask's seeds enter as the state of derive_seed after
@@ -106,18 +112,18 @@ typedef struct {
     ZT_FIELD(zt_rec, mask), \
     ZT_FIELD(zt_rec, mask_key), \
     ZT_FIELD(zt_rec, count), \
-    (int64_t)sizeof(zt_terms), 10, \
+    (int64_t)sizeof(zt_coeff), 2, \
+    ZT_FIELD(zt_coeff, s), \
+    ZT_FIELD(zt_coeff, c), \
+    (int64_t)sizeof(zt_terms), 7, \
     ZT_FIELD(zt_terms, mode), \
-    ZT_FIELD(zt_terms, upd_s), \
-    ZT_FIELD(zt_terms, upd_c), \
     ZT_FIELD(zt_terms, upd_lr), \
     ZT_FIELD(zt_terms, has_decay), \
     ZT_FIELD(zt_terms, upd_decay), \
     ZT_FIELD(zt_terms, h), \
-    ZT_FIELD(zt_terms, has_upd2), \
-    ZT_FIELD(zt_terms, upd2_s), \
-    ZT_FIELD(zt_terms, upd_c2), \
-    (int64_t)sizeof(zt_unit), 10, \
+    ZT_FIELD(zt_terms, coeffs), \
+    ZT_FIELD(zt_terms, ncoeffs), \
+    (int64_t)sizeof(zt_unit), 11, \
     ZT_FIELD(zt_unit, flat), \
     ZT_FIELD(zt_unit, n), \
     ZT_FIELD(zt_unit, start), \
@@ -128,6 +134,7 @@ typedef struct {
     ZT_FIELD(zt_unit, terms), \
     ZT_FIELD(zt_unit, m), \
     ZT_FIELD(zt_unit, v), \
+    ZT_FIELD(zt_unit, hess), \
     (int64_t)sizeof(zt_pass), 12, \
     ZT_FIELD(zt_pass, law), \
     ZT_FIELD(zt_pass, cells), \
@@ -168,8 +175,9 @@ typedef struct {
 /* the names of ZT_LAYOUT's pairs, one word each */
 #define ZT_LAYOUT_NAMES \
     "zt_rec zt_rec.bits zt_rec.aside zt_rec.mask zt_rec.mask_key zt_rec.count " \
-    "zt_terms zt_terms.mode zt_terms.upd_s zt_terms.upd_c zt_terms.upd_lr zt_terms.has_decay zt_terms.upd_decay zt_terms.h zt_terms.has_upd2 zt_terms.upd2_s zt_terms.upd_c2 " \
-    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.mask_tie zt_unit.terms zt_unit.m zt_unit.v " \
+    "zt_coeff zt_coeff.s zt_coeff.c " \
+    "zt_terms zt_terms.mode zt_terms.upd_lr zt_terms.has_decay zt_terms.upd_decay zt_terms.h zt_terms.coeffs zt_terms.ncoeffs " \
+    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.mask_tie zt_unit.terms zt_unit.m zt_unit.v zt_unit.hess " \
     "zt_pass zt_pass.law zt_pass.cells zt_pass.has_cur zt_pass.cur_s zt_pass.cur_scale zt_pass.update zt_pass.has_tgt zt_pass.tgt_s zt_pass.tgt_scale zt_pass.mask_kind zt_pass.mask_s zt_pass.mask_limit " \
     "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit " \
     ""
