@@ -150,3 +150,15 @@ def test_linear_probe_features_are_cached_across_runs(tiny_bert_dir, tmp_path, m
     monkeypatch.setenv("HOME", str(other))
     load_for(config(tiny_bert_dir, init_head="linear-probe", seed=1))
     assert not other.exists()
+
+
+def test_the_linear_probe_baseline_is_where_lp_then_zo_starts(tiny_bert_dir, tmp_path):
+    """`--method linear-probe` on a classifier probes the head's own inputs, so its dev and test
+    scores are an LP-then-ZO run's step 0 (before, it probed the [CLS] state, not the pooler's)."""
+    common = ("--eval-batch-size", "16", "--eval-every", "1", "--steps", "1", "--keep", "best")
+    lp, zo = tmp_path / "lp", tmp_path / "zo"
+    assert main([*train_args(tiny_bert_dir, lp, "--method", "linear-probe"), *common]) == 0
+    assert main([*train_args(tiny_bert_dir, zo, "--method", "mezo"), *common]) == 0
+    probe, start = (json.loads((d / "summary.json").read_text()) for d in (lp, zo))
+    assert probe["dev"] == pytest.approx(start["zero_shot"])
+    assert probe["test"] == pytest.approx(start["zero_shot_test"])

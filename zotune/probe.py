@@ -133,12 +133,21 @@ def linear_probe(
     dev: Sequence[Example],
     test: Sequence[Example],
     classes: int,
+    batch_size: int = 16,
+    max_length: int = 256,
 ) -> dict[str, Any]:
-    """Fit on train, choose L2 on dev, report dev and test accuracy."""
+    """Fit on train, choose L2 on dev, report dev and test accuracy. A classifier is probed on
+    what its own head receives (BERT: the pooler's output), the features `fit_head` fits, so
+    this baseline is the starting point of LP-then-ZO runs; a decoder on its last token's
+    final hidden state."""
     if not all(ex.label >= 0 for ex in [*train, *dev]):
         raise ValueError("linear probing needs a classification task")
     splits = (train, dev, test)
-    best, *_ = _select([features(loaded, s) for s in splits], [_labels(s) for s in splits], classes)
+    if loaded.kind == "classifier":
+        xs = [_cached_head_inputs(loaded, s, batch_size, max_length) for s in splits]
+    else:
+        xs = [features(loaded, s, batch_size, max_length) for s in splits]
+    best, *_ = _select(xs, [_labels(s) for s in splits], classes)
     return best
 
 

@@ -716,9 +716,12 @@ def _probe(
         raise ConfigError("linear-probe needs a classification task")
 
     def measure():
-        result = linear_probe(loaded, task.train, task.dev, task.test, max(task.num_labels, 2))
+        splits = (task.train, task.dev, task.test)
+        result = linear_probe(
+            loaded, *splits, max(task.num_labels, 2), cfg.eval_batch_size, cfg.max_length
+        )
         n = len(task.train) + len(task.dev) + len(task.test)
-        return result["dev"], result["test"], -(-n // 16), {"l2": result["l2"]}
+        return result["dev"], result["test"], -(-n // cfg.eval_batch_size), {"l2": result["l2"]}
 
     return _baseline(cfg, task, objective, work, start, measure)
 
