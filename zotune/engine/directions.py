@@ -331,6 +331,7 @@ class LowRank(Direction):
     """
 
     name = "low-rank"
+    LEFT_SEEDS = 4  # step seeds whose L is kept: a step's q seeds (q <= 4) draw it once
 
     def __init__(
         self,
@@ -345,6 +346,8 @@ class LowRank(Direction):
         self.law = make_direction(law)
         self.refresh_of: dict[int, int] = {}  # step seed -> the seed of its refreshed factors
         self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # step seed -> {(tensor, device): its whole L}, for the last LEFT_SEEDS seeds drawn
+        self._lefts: dict[int, dict[tuple, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -358,7 +361,8 @@ class LowRank(Direction):
         with self._lock:
             if any(k[0] != refresh for k in self._kept):
                 self._kept = {k: v for k, v in self._kept.items() if k[0] == refresh}
-            self.refresh_of.pop(seed, None)
+            if self.refresh_of.pop(seed, refresh) != refresh:
+                self._lefts.pop(seed, None)  # (SubZero's L is drawn in the refreshed basis)
             self.refresh_of[seed] = refresh
             while len(self.refresh_of) > 256:  # (a step binds q seeds: keep the recent ones)
                 del self.refresh_of[next(iter(self.refresh_of))]
@@ -371,7 +375,7 @@ class LowRank(Direction):
             return self.law.fill_(out, derive_seed(seed, tensor), start)
         n = self.shapes[tensor][1]
         row0, row1 = start // n, (start + out.numel() - 1) // n + 1
-        left = self._left(seed, tensor, row0, row1, out.device)
+        left = self._whole_left(seed, tensor, out.device)[row0:row1]
         return outer_(out, left, self._right(seed, tensor, out.device), start - row0 * n,
                       self._tmp(out.numel(), out.device))  # fmt: skip
 
@@ -387,11 +391,27 @@ class LowRank(Direction):
     def factors(
         self, seed: int, tensor: int, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole factors (L, R) of matrix `tensor` at step seed `seed`: z = L·Rᵀ."""
-        m = self.shapes[tensor][0]
-        return self._left(seed, tensor, 0, m, torch.device(device)), self._right(
-            seed, tensor, torch.device(device)
-        ).T
+        """The whole factors (L, R) of matrix `tensor` at step seed `seed`: z = L·Rᵀ (copies,
+        which the caller may change)."""
+        device = torch.device(device)
+        left = self._whole_left(seed, tensor, device).clone()
+        return left, self._right(seed, tensor, device).T.clone()
+
+    def _whole_left(self, seed: int, tensor: int, device: torch.device) -> torch.Tensor:
+        """L (m × r) of step seed `seed`, drawn once for every block of a pass (LOZO: m·r
+        numbers; SubZero: U·Z0 summed in order) and kept while the seed is among the last
+        LEFT_SEEDS drawn: at most LEFT_SEEDS · Σ m·r floats over the matrices."""
+        found = self._lefts.get(seed, {}).get((tensor, device))
+        if found is not None:
+            return found
+        found = self._left(seed, tensor, 0, self.shapes[tensor][0], device)
+        with self._lock:
+            if seed not in self._lefts:
+                self._lefts[seed] = {}
+                while len(self._lefts) > self.LEFT_SEEDS:
+                    del self._lefts[next(iter(self._lefts))]  # the oldest seed's
+            self._lefts[seed][(tensor, device)] = found
+        return found
 
     def _draw(self, n: int, key: int, start: int, device: torch.device) -> torch.Tensor:
         return self.law.fill_(torch.empty(n, device=device), key, start)
