@@ -287,24 +287,29 @@ def outer_(
     """Elements offset .. offset+len(out) of left · right_t, row-major (left: the rows the span
     touches, from the span's first row; right_t: r × n), into `out`: each is Σ_j left[i, j] ·
     right_t[j, c] summed for j = 0, 1, ... as separate float32 multiplies and adds, so any
-    device and any split into spans gives the same bits. `tmp`: scratch, at least len(out)."""
+    device and any split into spans gives the same bits. A span of whole rows is written in
+    place in 2r − 1 ops; one that starts or ends inside a row is computed as the whole rows it
+    touches and copied out (one op more). `tmp`: scratch of `outer_scratch(len(out), offset, n)`
+    elements (len(out) for whole rows)."""
     r, n = right_t.shape
-    pos, end = offset, offset + out.numel()
-    while pos < end:
-        row, col = divmod(pos, n)
-        if col == 0 and end - pos >= n:  # whole rows
-            rows = (end - pos) // n
-            lhs, rhs, stop = left[row : row + rows], right_t, pos + rows * n
-        else:  # part of one row
-            stop = min(end, (row + 1) * n)
-            lhs, rhs = left[row : row + 1], right_t[:, col : col + stop - pos]
-        o = out[pos - offset : stop - offset].view(lhs.shape[0], rhs.shape[1])
-        t = tmp[: o.numel()].view_as(o)
-        torch.mul(lhs[:, 0:1], rhs[0], out=o)
-        for j in range(1, r):
-            o.add_(torch.mul(lhs[:, j : j + 1], rhs[j], out=t))
-        pos = stop
+    end = offset + out.numel()
+    rows = -(-end // n)
+    whole = offset == 0 and end == rows * n
+    o = (out if whole else tmp[: rows * n]).view(rows, n)
+    t = (tmp[: rows * n] if whole else tmp[rows * n : 2 * rows * n]).view(rows, n)
+    lhs = left[:rows]
+    torch.mul(lhs[:, 0:1], right_t[0], out=o)
+    for j in range(1, r):
+        o.add_(torch.mul(lhs[:, j : j + 1], right_t[j], out=t))
+    if not whole:
+        out.copy_(o.view(-1)[offset:end])
     return out
+
+
+def outer_scratch(numel: int, offset: int, n: int) -> int:
+    """The scratch `outer_` needs for a span of numel elements from `offset` in rows of n."""
+    rows = -(-(offset + numel) // n)
+    return numel if offset == 0 and offset + numel == rows * n else 2 * rows * n
 
 
 def _orthonormal(gaussian: torch.Tensor) -> torch.Tensor:
@@ -376,8 +381,9 @@ class LowRank(Direction):
         n = self.shapes[tensor][1]
         row0, row1 = start // n, (start + out.numel() - 1) // n + 1
         left = self._whole_left(seed, tensor, out.device)[row0:row1]
-        return outer_(out, left, self._right(seed, tensor, out.device), start - row0 * n,
-                      self._tmp(out.numel(), out.device))  # fmt: skip
+        offset = start - row0 * n
+        tmp = self._tmp(outer_scratch(out.numel(), offset, n), out.device)
+        return outer_(out, left, self._right(seed, tensor, out.device), offset, tmp)
 
     def times_right_(
         self, out: torch.Tensor, left: torch.Tensor, seed: int, tensor: int, start: int
@@ -386,7 +392,8 @@ class LowRank(Direction):
         momentum factor) and the right factor of step seed `seed`, summed as in `draw_`."""
         n = self.shapes[tensor][1]
         right = self._right(seed, tensor, out.device)
-        return outer_(out, left[start // n :], right, start % n, self._tmp(out.numel(), out.device))
+        tmp = self._tmp(outer_scratch(out.numel(), start % n, n), out.device)
+        return outer_(out, left[start // n :], right, start % n, tmp)
 
     def factors(
         self, seed: int, tensor: int, device: torch.device | str = "cpu"

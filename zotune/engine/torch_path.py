@@ -25,7 +25,10 @@ from .moves import Block
 if TYPE_CHECKING:
     from .moves import Offset, Space, Update
 
-BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
+# elements a torch-path update sees at once on the CPU: 1 MB per float32 buffer (a thread
+# uses up to ~8), in L3; 4x fewer torch ops than L2-sized blocks of 2^16, which cost LOZO's and
+# SubZero's passes about 30% more CPU time in Python and dispatch. z does not depend on it.
+BLOCK = 1 << 18
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 _CPU = torch.device("cpu")
 
@@ -131,20 +134,27 @@ class TorchPath:
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
         size = block_size(tensor.device)
-        ones = _ones_per_block(inexact, hi - lo, size) if inexact is not None else None
+        # each block's share of the kept-aside values: the C decoder reads them in order and
+        # says how many it read; torch ops need the count first (a popcount of the bits)
+        ones = (
+            None if inexact is None or lib is not None else _ones_per_block(inexact, hi - lo, size)
+        )
         for j, start in enumerate(range(lo, hi, size)):
             n = min(size, hi - start)
             a, b = (start - lo) // 8, (start - lo + n + 7) // 8
             sub = (inexact[a:b] if inexact is not None else None, None, None)
-            if sub[0] is not None:
+            if sub[0] is not None and ones is None:
+                sub = (sub[0], aside[used:], None)
+            elif sub[0] is not None:
                 k = ones[j]
                 sub = (sub[0] if k else None, aside[used : used + k] if k else None, None)
                 used += k
             if mask is not None:
                 sub = (*sub[:2], mask[a:b])
-            d, moved = self._move_block(
+            d, moved, read = self._move_block(
                 flat[start - lo : start - lo + n], index, start, sub, current, target, update, lib
             )
+            used += read
             draws += d * n
             out.append((moved, n))
         if target is not None:
@@ -181,10 +191,11 @@ class TorchPath:
         target: Offset | None,
         update: Update | None,
         lib: object,
-    ) -> tuple[int, tuple | None]:
+    ) -> tuple[int, tuple | None, int]:
         """One block through the torch path (any dtype, device, mask or rule); returns the z
-        passes drawn and what is kept aside for the block (None without a target)."""
-        n = flat.numel()
+        passes drawn, what is kept aside for the block (None without a target) and how many
+        kept-aside values the C decoder read (0 without it)."""
+        n, read = flat.numel(), 0  # (aside values the C decoder read)
         theta = self.buffer("theta", n, flat.device)
         block = Block(self.space, index, lo, theta)
         space = self.space
@@ -215,7 +226,7 @@ class TorchPath:
             if self.space.z_scale is not None:  # (the θ0 the perturbation was made at: same)
                 z = torch.mul(z, self.space.z_scale(block.key, lo, n), out=block.buffer("scaled"))
             if lib is not None:
-                lib.zt_decode(
+                read = lib.zt_decode(
                     native.ptr(flat), native.ptr(z), current.scale, native.ptr(block.theta),
                     native.bptr(inexact), None if aside is None else native.ptr(aside), n,
                 )  # fmt: skip
@@ -230,14 +241,14 @@ class TorchPath:
             block.theta_changed()
         if target is None:
             flat.copy_(theta)
-            return block.draws, None
+            return block.draws, None, read
         if fuse:
             draw = fused.Draw(derive_seed(target.seed, block.key), space.direction, flat.device)
             moved, flags = fused.perturb(theta, lo, draw, target.scale, flat.dtype)
             block.draws += 1
             aside = theta[flags] if bool(flags.any()) else None
             flat.copy_(moved)
-            return block.draws, (_pack(flags) if aside is not None else None, aside, None)
+            return block.draws, (_pack(flags) if aside is not None else None, aside, None), read
         z = block.z(target.seed)
         mask = block.mask()
         if lib is not None:
@@ -256,7 +267,7 @@ class TorchPath:
             aside = theta[flags] if bool(flags.any()) else None
             inexact = _pack(flags) if aside is not None else None
             flat.copy_(moved)
-        return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
+        return block.draws, (inexact, aside, _pack(mask) if mask is not None else None), read
 
     def scratch(self) -> torch.Tensor:
         return self.buffer("scratch", BLOCK, _CPU, BLOCK + native.PAD)
