@@ -385,6 +385,16 @@ class LowRank(Direction):
         tmp = self._tmp(outer_scratch(out.numel(), offset, n), out.device)
         return outer_(out, left, self._right(seed, tensor, out.device), offset, tmp)
 
+    def draw_rows_(
+        self, out: torch.Tensor, seed: int, tensor: int, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows `rows` (int64) of matrix `tensor`'s z at step seed `seed`, into `out` (len(rows)
+        × n, contiguous): each element as `draw_` computes it (an embedding's rows a batch reads)."""
+        left = self._whole_left(seed, tensor, out.device).index_select(0, rows)
+        right = self._right(seed, tensor, out.device)
+        outer_(out.view(-1), left, right, 0, self._tmp(out.numel(), out.device))
+        return out
+
     def times_right_(
         self, out: torch.Tensor, left: torch.Tensor, seed: int, tensor: int, start: int
     ) -> torch.Tensor:
