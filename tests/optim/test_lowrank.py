@@ -237,8 +237,8 @@ def test_subzero_factors_are_orthonormal_and_z_has_a_dense_z_norm():
 
 def test_subzero_basis_is_cached_for_its_span_only_and_refreshed_at_its_boundaries():
     """The cache holds the current span's U and V only (bounded memory); they change exactly
-    at steps 3 and 6 (interval 3); each step's L is drawn once per seed and kept for at most
-    LEFT_SEEDS seeds, and every cached factor equals a fresh direction's draw, bit for bit."""
+    at steps 3 and 6 (interval 3); each step's L is drawn once per seed and kept for that step
+    only, and every cached factor equals a fresh direction's draw, bit for bit."""
     model, x, y = problem(4)
     opt = build("subzero", model.parameters(), lr=1e-2, rank=3, interval=3)
     d = opt.direction
@@ -246,7 +246,7 @@ def test_subzero_basis_is_cached_for_its_span_only_and_refreshed_at_its_boundari
     for t in range(7):
         opt.step(loss_of(model, x, y))
         assert {key[0] for key in d._kept} == {opt.refresh_seed(t)}, t
-        assert len(d._lefts) <= d.LEFT_SEEDS
+        assert set(d._lefts) == {derive_seed(0, t, 0)}  # (this step's L only)
         bases.append(
             (
                 d.right(opt.refresh_seed(t), 0),

@@ -331,12 +331,14 @@ class LowRank(Direction):
 
     r = min(rank, m, n) per matrix. The optimizer binds each step seed to its refresh seed
     (`bind`) before the seed is used. What is kept between passes is a cache of the refreshed
-    factors (V; SubZero: U and V: the memory the papers state), rebuilt from their seed when
-    missing (replay, resume). The C kernel does not draw these: such spaces move on the torch path.
+    factors (V; SubZero: U and V: the memory the papers state) and of the step's L (m × r per
+    matrix), rebuilt from their seeds when missing (replay, resume). The C kernel does not
+    draw these: such spaces move on the torch path, and attached embedding rows through
+    `draw_rows_`.
     """
 
     name = "low-rank"
-    LEFT_SEEDS = 4  # step seeds whose L is kept: a step's q seeds (q <= 4) draw it once
+    LEFT_SEEDS = 4  # at most this many step seeds' L are kept (the optimizer keeps its step's)
 
     def __init__(
         self,
@@ -371,6 +373,11 @@ class LowRank(Direction):
             self.refresh_of[seed] = refresh
             while len(self.refresh_of) > 256:  # (a step binds q seeds: keep the recent ones)
                 del self.refresh_of[next(iter(self.refresh_of))]
+
+    def keep_lefts(self, seeds: Sequence[int]) -> None:
+        """Keep the L of these step seeds only (a new step's: the last step's are done)."""
+        with self._lock:
+            self._lefts = {s: v for s, v in self._lefts.items() if s in seeds}
 
     def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
         raise TypeError("a low-rank direction is drawn per tensor and step seed: use draw_")
@@ -416,8 +423,9 @@ class LowRank(Direction):
 
     def _whole_left(self, seed: int, tensor: int, device: torch.device) -> torch.Tensor:
         """L (m × r) of step seed `seed`, drawn once for every block of a pass (LOZO: m·r
-        numbers; SubZero: U·Z0 summed in order) and kept while the seed is among the last
-        LEFT_SEEDS drawn: at most LEFT_SEEDS · Σ m·r floats over the matrices."""
+        numbers; SubZero: U·Z0 summed in order) and kept until the optimizer's next step
+        (`keep_lefts`) and while the seed is among the last LEFT_SEEDS drawn: q · Σ m·r floats
+        over the matrices for a step of q seeds (the released codes hold U alike)."""
         found = self._lefts.get(seed, {}).get((tensor, device))
         if found is not None:
             return found
