@@ -196,7 +196,10 @@ class TorchPath:
         passes drawn, what is kept aside for the block (None without a target) and how many
         kept-aside values the C decoder read (0 without it)."""
         n, read = flat.numel(), 0  # (aside values the C decoder read)
-        theta = self.buffer("theta", n, flat.device)
+        # float32 on the CPU with nothing to keep: θ0 is decoded and updated in the weights
+        # themselves (the C decoder may write where it reads), saving two copies of the block
+        direct = lib is not None and target is None
+        theta = flat if direct else self.buffer("theta", n, flat.device)
         block = Block(self.space, index, lo, theta)
         space = self.space
         fuse = (
@@ -206,7 +209,8 @@ class TorchPath:
             and fused.supports(space.direction)
         )
         if current is None:
-            theta.copy_(flat)
+            if not direct:
+                theta.copy_(flat)
         elif fuse:  # z drawn inside one compiled kernel (fused.py)
             inexact, aside, _ = kept
             draw = fused.Draw(derive_seed(current.seed, block.key), space.direction, flat.device)
@@ -240,7 +244,8 @@ class TorchPath:
             _round_(theta, flat.dtype)
             block.theta_changed()
         if target is None:
-            flat.copy_(theta)
+            if not direct:
+                flat.copy_(theta)
             return block.draws, None, read
         if fuse:
             draw = fused.Draw(derive_seed(target.seed, block.key), space.direction, flat.device)
