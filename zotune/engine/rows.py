@@ -154,16 +154,14 @@ class EmbeddingRows:
         decode and encode: the numbers of the torch path's whole-table moves, element for
         element. Returns what is kept aside at the target (None without a target)."""
         space, lib = self.space, self.space.kernel.lib
-        offset = current or target
-        if offset is None:
+        if current is None and target is None:
             return None
-        table = space.tensors[index].detach()
+        table, key = space.tensors[index].detach(), space.keys[index]
         values = table.index_select(0, rows)  # (the rows, contiguous)
-        z = space.direction.draw_rows_(
-            torch.empty_like(values), offset.seed, space.keys[index], rows
-        )
         n = values.numel()
+        z = None
         if current is not None:  # (in place: each element is read before it is written)
+            z = space.direction.draw_rows_(torch.empty_like(values), current.seed, key, rows)
             bits_in, aside_in, _ = kept
             lib.zt_decode(
                 native.ptr(values), native.ptr(z), current.scale, native.ptr(values),
@@ -172,6 +170,8 @@ class EmbeddingRows:
         if target is None:
             table.index_copy_(0, rows, values)
             return None
+        if z is None or target.seed != current.seed:  # (counted as one z per row, as above)
+            z = space.direction.draw_rows_(torch.empty_like(values), target.seed, key, rows)
         moved = torch.empty_like(values)
         bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
         scratch = torch.empty(n + native.PAD, dtype=torch.float32)
