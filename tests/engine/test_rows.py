@@ -57,6 +57,10 @@ def _train_tiny_bert(base, method: str, extra: dict, attach: bool, batches, labe
         ("r-mezo", {"sparsity": 0.5, "queries": 2}),
         ("mezo-svrg", {"refresh": 2}),
         ("zo-sgd-cons", {}),
+        ("lozo", {"interval": 2}),  # low-rank z: rows drawn by the direction (_move_drawn)
+        ("lozo", {"interval": 2, "queries": 2}),  # (passes from one query's z to the next)
+        ("lozo-m", {"interval": 2}),
+        ("subzero", {"interval": 2, "rank": 3}),
     ],
 )
 def test_lazy_embedding_rows_change_no_loss_and_no_weight(method, extra):

@@ -361,3 +361,16 @@ def test_z_scaled_by_a_hessian_moves_the_same_bits_in_the_kernel_and_torch(rule,
     assert all(torch.equal(h, h0) == (rule == "sgd") for h, h0 in zip(updated, hessians))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="torch without OpenMP")
+def test_worker_threads_run_torch_ops_on_one_openmp_thread_and_the_caller_keeps_its_own():
+    """A torch-path lane's ops would each start an OpenMP team per worker, contending for the
+    cores: the space's workers run theirs on one thread; torch's setting is left as it was."""
+    threads = torch.get_num_threads()
+    space = ParameterSpace([torch.zeros(8)], threads=2)
+    info = space.pool().submit(torch.__config__.parallel_info).result()
+    assert "omp_get_max_threads() : 1\n" in info
+    assert torch.get_num_threads() == threads
+    mine = torch.__config__.parallel_info()
+    assert f"omp_get_max_threads() : {threads}\n" in mine or threads == 1

@@ -116,11 +116,14 @@ def test_low_rank_spaces_move_on_the_torch_path_and_restore_exactly():
     assert space.units_moved["kernel"] == 0 and space.at_rest()
 
 
-def test_low_rank_methods_attach_no_embedding_rows():
+def test_low_rank_methods_attach_embeddings_whose_rows_are_z_rows():
+    """An embedding's rows move lazily when they are its z's rows (test_rows checks the bits);
+    SubZero's `square` factoring reshapes the table, so its rows are not z's rows."""
     emb = nn.Embedding(32, 8)
     model = nn.Sequential(emb, nn.Linear(8, 8))
-    opt = build("lozo", model.parameters(), lr=1e-3)
-    assert opt.attach(model, [emb]) == []
+    assert build("lozo", model.parameters(), lr=1e-3).attach(model, [emb]) == ["0"]
+    square = build("subzero", model.parameters(), lr=1e-3, square=True)
+    assert square.attach(model, [emb]) == []
 
 
 # -- the methods against plain-torch references ---------------------------------------------
@@ -230,6 +233,62 @@ def test_subzero_factors_are_orthonormal_and_z_has_a_dense_z_norm():
         d.bind(s, 4)
         norms.append(float(d.draw_(torch.empty(64 * 48), s, 0, 0).pow(2).sum()))
     assert abs(sum(norms) / len(norms) / (64 * 48) - 1) < 0.05  # E‖z‖² = mn
+
+
+def test_subzero_basis_is_cached_for_its_span_only_and_refreshed_at_its_boundaries():
+    """The cache holds the current span's U and V only (bounded memory); they change exactly
+    at steps 3 and 6 (interval 3); each step's L is drawn once per seed and kept for that step
+    only, and every cached factor equals a fresh direction's draw, bit for bit."""
+    model, x, y = problem(4)
+    opt = build("subzero", model.parameters(), lr=1e-2, rank=3, interval=3)
+    d = opt.direction
+    bases = []
+    for t in range(7):
+        opt.step(loss_of(model, x, y))
+        assert {key[0] for key in d._kept} == {opt.refresh_seed(t)}, t
+        assert set(d._lefts) == {derive_seed(0, t, 0)}  # (this step's L only)
+        bases.append(
+            (
+                d.right(opt.refresh_seed(t), 0),
+                d._kept[(opt.refresh_seed(t), 0, torch.device("cpu"))][1],
+            )
+        )
+        seed = derive_seed(0, t, 0)
+        fresh = LowRank(d.shapes, 3, orthonormal=True)
+        fresh.bind(seed, opt.refresh_seed(t))
+        for key, (m, n) in d.shapes.items():
+            assert torch.equal(d.draw_(torch.empty(m * n), seed, key, 0),
+                               fresh.draw_(torch.empty(m * n), seed, key, 0))  # fmt: skip
+    changed = [t for t in range(1, 7) if not torch.equal(bases[t][0], bases[t - 1][0])]
+    assert changed == [3, 6]
+    assert [t for t in range(1, 7) if not torch.equal(bases[t][1], bases[t - 1][1])] == [3, 6]
+
+
+def test_a_seed_bound_again_to_another_basis_draws_in_that_basis():
+    """SubZero's L = U·Z0 depends on the refresh seed: rebinding a step seed drops its kept L."""
+    d = LowRank({0: (12, 10)}, rank=2, orthonormal=True)
+    out = torch.empty(120)
+    d.bind(5, 100)
+    first = d.draw_(out, 5, 0, 0).clone()
+    d.bind(5, 200)
+    other = LowRank({0: (12, 10)}, rank=2, orthonormal=True)
+    other.bind(5, 200)
+    again = d.draw_(out, 5, 0, 0)
+    assert not torch.equal(first, again)
+    assert torch.equal(again, other.draw_(torch.empty(120), 5, 0, 0))
+    for s in range(10):  # (the kept L's are bounded)
+        d.bind(s, 200)
+        d.draw_(out, s, 0, 0)
+    assert len(d._lefts) == d.LEFT_SEEDS
+    u, _ = d.factors(9, 0)
+    u.zero_()  # (factors are copies: the kept L is untouched)
+    assert torch.equal(d.draw_(torch.empty(120), 9, 0, 0), other_draw(9))
+
+
+def other_draw(seed: int) -> torch.Tensor:
+    d = LowRank({0: (12, 10)}, rank=2, orthonormal=True)
+    d.bind(seed, 200)
+    return d.draw_(torch.empty(120), seed, 0, 0)
 
 
 def test_v_is_kept_for_interval_steps_and_u_is_fresh():

@@ -287,24 +287,29 @@ def outer_(
     """Elements offset .. offset+len(out) of left · right_t, row-major (left: the rows the span
     touches, from the span's first row; right_t: r × n), into `out`: each is Σ_j left[i, j] ·
     right_t[j, c] summed for j = 0, 1, ... as separate float32 multiplies and adds, so any
-    device and any split into spans gives the same bits. `tmp`: scratch, at least len(out)."""
+    device and any split into spans gives the same bits. A span of whole rows is written in
+    place in 2r − 1 ops; one that starts or ends inside a row is computed as the whole rows it
+    touches and copied out (one op more). `tmp`: scratch of `outer_scratch(len(out), offset, n)`
+    elements (len(out) for whole rows)."""
     r, n = right_t.shape
-    pos, end = offset, offset + out.numel()
-    while pos < end:
-        row, col = divmod(pos, n)
-        if col == 0 and end - pos >= n:  # whole rows
-            rows = (end - pos) // n
-            lhs, rhs, stop = left[row : row + rows], right_t, pos + rows * n
-        else:  # part of one row
-            stop = min(end, (row + 1) * n)
-            lhs, rhs = left[row : row + 1], right_t[:, col : col + stop - pos]
-        o = out[pos - offset : stop - offset].view(lhs.shape[0], rhs.shape[1])
-        t = tmp[: o.numel()].view_as(o)
-        torch.mul(lhs[:, 0:1], rhs[0], out=o)
-        for j in range(1, r):
-            o.add_(torch.mul(lhs[:, j : j + 1], rhs[j], out=t))
-        pos = stop
+    end = offset + out.numel()
+    rows = -(-end // n)
+    whole = offset == 0 and end == rows * n
+    o = (out if whole else tmp[: rows * n]).view(rows, n)
+    t = (tmp[: rows * n] if whole else tmp[rows * n : 2 * rows * n]).view(rows, n)
+    lhs = left[:rows]
+    torch.mul(lhs[:, 0:1], right_t[0], out=o)
+    for j in range(1, r):
+        o.add_(torch.mul(lhs[:, j : j + 1], right_t[j], out=t))
+    if not whole:
+        out.copy_(o.view(-1)[offset:end])
     return out
+
+
+def outer_scratch(numel: int, offset: int, n: int) -> int:
+    """The scratch `outer_` needs for a span of numel elements from `offset` in rows of n."""
+    rows = -(-(offset + numel) // n)
+    return numel if offset == 0 and offset + numel == rows * n else 2 * rows * n
 
 
 def _orthonormal(gaussian: torch.Tensor) -> torch.Tensor:
@@ -326,11 +331,14 @@ class LowRank(Direction):
 
     r = min(rank, m, n) per matrix. The optimizer binds each step seed to its refresh seed
     (`bind`) before the seed is used. What is kept between passes is a cache of the refreshed
-    factors (V; SubZero: U and V: the memory the papers state), rebuilt from their seed when
-    missing (replay, resume). The C kernel does not draw these: such spaces move on the torch path.
+    factors (V; SubZero: U and V: the memory the papers state) and of the step's L (m × r per
+    matrix), rebuilt from their seeds when missing (replay, resume). The C kernel does not
+    draw these: such spaces move on the torch path, and attached embedding rows through
+    `draw_rows_`.
     """
 
     name = "low-rank"
+    LEFT_SEEDS = 4  # at most this many step seeds' L are kept (the optimizer keeps its step's)
 
     def __init__(
         self,
@@ -345,6 +353,8 @@ class LowRank(Direction):
         self.law = make_direction(law)
         self.refresh_of: dict[int, int] = {}  # step seed -> the seed of its refreshed factors
         self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # step seed -> {(tensor, device): its whole L}, for the last LEFT_SEEDS seeds drawn
+        self._lefts: dict[int, dict[tuple, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -358,10 +368,16 @@ class LowRank(Direction):
         with self._lock:
             if any(k[0] != refresh for k in self._kept):
                 self._kept = {k: v for k, v in self._kept.items() if k[0] == refresh}
-            self.refresh_of.pop(seed, None)
+            if self.refresh_of.pop(seed, refresh) != refresh:
+                self._lefts.pop(seed, None)  # (SubZero's L is drawn in the refreshed basis)
             self.refresh_of[seed] = refresh
             while len(self.refresh_of) > 256:  # (a step binds q seeds: keep the recent ones)
                 del self.refresh_of[next(iter(self.refresh_of))]
+
+    def keep_lefts(self, seeds: Sequence[int]) -> None:
+        """Keep the L of these step seeds only (a new step's: the last step's are done)."""
+        with self._lock:
+            self._lefts = {s: v for s, v in self._lefts.items() if s in seeds}
 
     def fill_(self, out: torch.Tensor, key: int, start: int) -> torch.Tensor:
         raise TypeError("a low-rank direction is drawn per tensor and step seed: use draw_")
@@ -371,9 +387,20 @@ class LowRank(Direction):
             return self.law.fill_(out, derive_seed(seed, tensor), start)
         n = self.shapes[tensor][1]
         row0, row1 = start // n, (start + out.numel() - 1) // n + 1
-        left = self._left(seed, tensor, row0, row1, out.device)
-        return outer_(out, left, self._right(seed, tensor, out.device), start - row0 * n,
-                      self._tmp(out.numel(), out.device))  # fmt: skip
+        left = self._whole_left(seed, tensor, out.device)[row0:row1]
+        offset = start - row0 * n
+        tmp = self._tmp(outer_scratch(out.numel(), offset, n), out.device)
+        return outer_(out, left, self._right(seed, tensor, out.device), offset, tmp)
+
+    def draw_rows_(
+        self, out: torch.Tensor, seed: int, tensor: int, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows `rows` (int64) of matrix `tensor`'s z at step seed `seed`, into `out` (len(rows)
+        × n, contiguous): each element as `draw_` computes it (an embedding's rows a batch reads)."""
+        left = self._whole_left(seed, tensor, out.device).index_select(0, rows)
+        right = self._right(seed, tensor, out.device)
+        outer_(out.view(-1), left, right, 0, self._tmp(out.numel(), out.device))
+        return out
 
     def times_right_(
         self, out: torch.Tensor, left: torch.Tensor, seed: int, tensor: int, start: int
@@ -382,16 +409,34 @@ class LowRank(Direction):
         momentum factor) and the right factor of step seed `seed`, summed as in `draw_`."""
         n = self.shapes[tensor][1]
         right = self._right(seed, tensor, out.device)
-        return outer_(out, left[start // n :], right, start % n, self._tmp(out.numel(), out.device))
+        tmp = self._tmp(outer_scratch(out.numel(), start % n, n), out.device)
+        return outer_(out, left[start // n :], right, start % n, tmp)
 
     def factors(
         self, seed: int, tensor: int, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole factors (L, R) of matrix `tensor` at step seed `seed`: z = L·Rᵀ."""
-        m = self.shapes[tensor][0]
-        return self._left(seed, tensor, 0, m, torch.device(device)), self._right(
-            seed, tensor, torch.device(device)
-        ).T
+        """The whole factors (L, R) of matrix `tensor` at step seed `seed`: z = L·Rᵀ (copies,
+        which the caller may change)."""
+        device = torch.device(device)
+        left = self._whole_left(seed, tensor, device).clone()
+        return left, self._right(seed, tensor, device).T.clone()
+
+    def _whole_left(self, seed: int, tensor: int, device: torch.device) -> torch.Tensor:
+        """L (m × r) of step seed `seed`, drawn once for every block of a pass (LOZO: m·r
+        numbers; SubZero: U·Z0 summed in order) and kept until the optimizer's next step
+        (`keep_lefts`) and while the seed is among the last LEFT_SEEDS drawn: q · Σ m·r floats
+        over the matrices for a step of q seeds (the released codes hold U alike)."""
+        found = self._lefts.get(seed, {}).get((tensor, device))
+        if found is not None:
+            return found
+        found = self._left(seed, tensor, 0, self.shapes[tensor][0], device)
+        with self._lock:
+            if seed not in self._lefts:
+                self._lefts[seed] = {}
+                while len(self._lefts) > self.LEFT_SEEDS:
+                    del self._lefts[next(iter(self._lefts))]  # the oldest seed's
+            self._lefts[seed][(tensor, device)] = found
+        return found
 
     def _draw(self, n: int, key: int, start: int, device: torch.device) -> torch.Tensor:
         return self.law.fill_(torch.empty(n, device=device), key, start)

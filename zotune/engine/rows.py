@@ -5,7 +5,8 @@ the update; a forward pre-hook on the embedding calls `read` with the batch's to
 moves just those rows to the current offset. Rows never read are never seen perturbed, so no
 loss and no weight changes, bit for bit, and a step draws z over the whole table once (the
 update) instead of three times. Rows move through the C kernel (`zt_move_rows`), in segments
-split over the space's threads.
+split over the space's threads; a low-rank direction's rows (LOZO, SubZero: the kernel does not
+draw them) are drawn by the direction and moved by the kernel's encode and decode (`_move_drawn`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import native
-from .directions import MASK_SALT, Gaussian, MagnitudeMask, RandomMask, derive_seed
+from .directions import MASK_SALT, Gaussian, LowRank, MagnitudeMask, RandomMask, derive_seed
 
 if TYPE_CHECKING:
     from .moves import Offset, Space
@@ -37,17 +38,26 @@ class EmbeddingRows:
     def enable(self, index: int) -> bool:
         """Make tensor `index`, a [rows × width] table that the model reads only by row
         lookups, row-lazy. Returns False where this does not apply (no C kernel, not 2-D
-        float32 on the CPU, a width that is not a multiple of 8, a custom mask, a scale of z, perturbed)."""
+        float32 on the CPU, a width that is not a multiple of 8, a custom mask, a scale of z, perturbed,
+        a low-rank z whose rows are not the table's)."""
         space = self.space
         t = space.tensors[index]
+        direction = space.direction
+        drawn = isinstance(direction, LowRank)  # (rows of z the direction draws: `_move_drawn`)
         ok = (
             space.kernel is not None
-            and space.kernel.moves()  # (a direction the kernel draws)
+            and (space.kernel.moves() or drawn)  # (a direction the kernel draws, or low-rank)
             and t.dim() == 2
             and t.dtype == torch.float32
             and t.is_cpu
             and t.shape[1] % 8 == 0
             and (space.mask is None or isinstance(space.mask, (MagnitudeMask, RandomMask)))
+            and (
+                not drawn
+                or (
+                    space.mask is None and direction.shapes.get(space.keys[index]) == tuple(t.shape)
+                )
+            )
             and space.z_scale is None
             and space.at is None
         )
@@ -106,6 +116,9 @@ class EmbeddingRows:
         space = self.space
         # one z per row: the current offset's and the target's share a seed or one is None
         space.count_draws(sum(rows.numel() for rows, _ in segments) * self.lazy[index])
+        if not space.kernel.moves():  # (a low-rank direction)
+            return [(rows, self._move_drawn(index, rows, kept, current, target))
+                    for rows, kept in segments]  # fmt: skip
         calls = [self._call(index, rows, current, target, kept) for rows, kept in segments]
         lib, threads = space.kernel.lib, min(space.threads, len(calls))
         team = native.team() if threads > 1 else None
@@ -128,6 +141,50 @@ class EmbeddingRows:
             (rows, _kept(count, target, *outputs))
             for (rows, _), count, (_, outputs) in zip(segments, counts, calls)
         ]
+
+    def _move_drawn(
+        self,
+        index: int,
+        rows: torch.Tensor,
+        kept: tuple | None,
+        current: Offset | None,
+        target: Offset | None,
+    ) -> tuple | None:
+        """Move rows whose z the direction draws (`LowRank.draw_rows_`) with the C kernel's
+        decode and encode: the numbers of the torch path's whole-table moves, element for
+        element. Returns what is kept aside at the target (None without a target)."""
+        space, lib = self.space, self.space.kernel.lib
+        if current is None and target is None:
+            return None
+        table, key = space.tensors[index].detach(), space.keys[index]
+        values = table.index_select(0, rows)  # (the rows, contiguous)
+        n = values.numel()
+        z = None
+        if current is not None:  # (in place: each element is read before it is written)
+            z = space.direction.draw_rows_(torch.empty_like(values), current.seed, key, rows)
+            bits_in, aside_in, _ = kept
+            lib.zt_decode(
+                native.ptr(values), native.ptr(z), current.scale, native.ptr(values),
+                native.bptr(bits_in), native.bptr(aside_in), n,
+            )  # fmt: skip
+        if target is None:
+            table.index_copy_(0, rows, values)
+            return None
+        if z is None or target.seed != current.seed:  # (counted as one z per row, as above)
+            z = space.direction.draw_rows_(torch.empty_like(values), target.seed, key, rows)
+        moved = torch.empty_like(values)
+        bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+        scratch = torch.empty(n + native.PAD, dtype=torch.float32)
+        count = lib.zt_encode(
+            native.ptr(values), native.ptr(z), target.scale, native.ptr(moved),
+            native.bptr(bits), native.ptr(scratch), n,
+        )  # fmt: skip
+        table.index_copy_(0, rows, moved)
+        return (
+            bits if count else None,
+            native.take(scratch, count + native.PAD) if count else None,
+            None,
+        )
 
     def _call(
         self,

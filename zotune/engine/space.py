@@ -37,7 +37,7 @@ from .directions import Direction, Mask, make_direction
 from .kernel_path import KernelPath
 from .moves import Offset, Update, ZScale
 from .rows import EmbeddingRows
-from .torch_path import UNIT, TorchPath
+from .torch_path import UNIT, TorchPath, serial_ops
 
 
 class ParameterSpace:
@@ -140,7 +140,9 @@ class ParameterSpace:
     def pool(self) -> ThreadPoolExecutor:
         """The worker threads the paths share (as many as `threads`, this one not counted)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zotune")
+            self._pool = ThreadPoolExecutor(
+                self.threads, thread_name_prefix="zotune", initializer=serial_ops
+            )
         return self._pool
 
     def set_aside(self) -> tuple:

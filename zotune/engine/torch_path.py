@@ -9,6 +9,8 @@ z exists per thread (a whole unit per block on a GPU: `block_size`).
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import wait
@@ -23,9 +25,27 @@ from .moves import Block, inverse_sqrt
 if TYPE_CHECKING:
     from .moves import Offset, Space, Update
 
-BLOCK = 1 << 16  # elements a torch-path update sees at once (fits in L2); z does not depend on it
+# elements a torch-path update sees at once on the CPU: 1 MB per float32 buffer (a thread
+# uses up to ~8), in L3; 4x fewer torch ops than L2-sized blocks of 2^16, which cost LOZO's and
+# SubZero's passes about 30% more CPU time in Python and dispatch. z does not depend on it.
+BLOCK = 1 << 18
 UNIT = 1 << 20  # elements a worker takes per task: one C call, or BLOCK-sized torch steps
 _CPU = torch.device("cpu")
+
+
+def serial_ops() -> None:
+    """Make the calling thread's torch ops run on it alone (no OpenMP team of its own): the
+    space's worker threads each move their own units, and a torch op of a block's size started
+    a team of as many threads as cores in every worker, which then contended for the cores
+    (measured on LOZO's passes, MiniLM-L6, 2 cores: 1.55 s a step instead of 0.54). Sets only
+    this thread's OpenMP thread count (torch's own setting is process-wide)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+        for path in paths:
+            ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_set_num_threads(1)
+    except (OSError, AttributeError):
+        pass  # another OpenMP runtime, or none: torch's ops decide for themselves
 
 
 def block_size(device: torch.device) -> int:
@@ -114,19 +134,27 @@ class TorchPath:
         inexact, aside, mask = kept
         used, out, draws = 0, [], 0.0
         size = block_size(tensor.device)
-        for start in range(lo, hi, size):
+        # each block's share of the kept-aside values: the C decoder reads them in order and
+        # says how many it read; torch ops need the count first (a popcount of the bits)
+        ones = (
+            None if inexact is None or lib is not None else _ones_per_block(inexact, hi - lo, size)
+        )
+        for j, start in enumerate(range(lo, hi, size)):
             n = min(size, hi - start)
             a, b = (start - lo) // 8, (start - lo + n + 7) // 8
             sub = (inexact[a:b] if inexact is not None else None, None, None)
-            if sub[0] is not None:
-                k = int(_unpack(sub[0], n).sum())
+            if sub[0] is not None and ones is None:
+                sub = (sub[0], aside[used:], None)
+            elif sub[0] is not None:
+                k = ones[j]
                 sub = (sub[0] if k else None, aside[used : used + k] if k else None, None)
                 used += k
             if mask is not None:
                 sub = (*sub[:2], mask[a:b])
-            d, moved = self._move_block(
+            d, moved, read = self._move_block(
                 flat[start - lo : start - lo + n], index, start, sub, current, target, update, lib
             )
+            used += read
             draws += d * n
             out.append((moved, n))
         if target is not None:
@@ -163,11 +191,15 @@ class TorchPath:
         target: Offset | None,
         update: Update | None,
         lib: object,
-    ) -> tuple[int, tuple | None]:
+    ) -> tuple[int, tuple | None, int]:
         """One block through the torch path (any dtype, device, mask or rule); returns the z
-        passes drawn and what is kept aside for the block (None without a target)."""
-        n = flat.numel()
-        theta = self.buffer("theta", n, flat.device)
+        passes drawn, what is kept aside for the block (None without a target) and how many
+        kept-aside values the C decoder read (0 without it)."""
+        n, read = flat.numel(), 0  # (aside values the C decoder read)
+        # float32 on the CPU with nothing to keep: θ0 is decoded and updated in the weights
+        # themselves (the C decoder may write where it reads), saving two copies of the block
+        direct = lib is not None and target is None
+        theta = flat if direct else self.buffer("theta", n, flat.device)
         block = Block(self.space, index, lo, theta)
         space = self.space
         fuse = (
@@ -178,7 +210,8 @@ class TorchPath:
             and fused.supports(space.direction)
         )
         if current is None:
-            theta.copy_(flat)
+            if not direct:
+                theta.copy_(flat)
         elif fuse:  # z drawn inside one compiled kernel (fused.py)
             inexact, aside, _ = kept
             draw = fused.Draw(derive_seed(current.seed, block.key), space.direction, flat.device)
@@ -199,7 +232,7 @@ class TorchPath:
                 h = self.space.z_scale(index).view(-1)[lo : lo + n]
                 z = torch.mul(z, inverse_sqrt(h), out=block.buffer("scaled"))
             if lib is not None:
-                lib.zt_decode(
+                read = lib.zt_decode(
                     native.ptr(flat), native.ptr(z), current.scale, native.ptr(block.theta),
                     native.bptr(inexact), None if aside is None else native.ptr(aside), n,
                 )  # fmt: skip
@@ -213,15 +246,16 @@ class TorchPath:
             _round_(theta, flat.dtype)
             block.theta_changed()
         if target is None:
-            flat.copy_(theta)
-            return block.draws, None
+            if not direct:
+                flat.copy_(theta)
+            return block.draws, None, read
         if fuse:
             draw = fused.Draw(derive_seed(target.seed, block.key), space.direction, flat.device)
             moved, flags = fused.perturb(theta, lo, draw, target.scale, flat.dtype)
             block.draws += 1
             aside = theta[flags] if bool(flags.any()) else None
             flat.copy_(moved)
-            return block.draws, (_pack(flags) if aside is not None else None, aside, None)
+            return block.draws, (_pack(flags) if aside is not None else None, aside, None), read
         z = block.z(target.seed)
         mask = block.mask()
         if lib is not None:
@@ -240,7 +274,7 @@ class TorchPath:
             aside = theta[flags] if bool(flags.any()) else None
             inexact = _pack(flags) if aside is not None else None
             flat.copy_(moved)
-        return block.draws, (inexact, aside, _pack(mask) if mask is not None else None)
+        return block.draws, (inexact, aside, _pack(mask) if mask is not None else None), read
 
     def scratch(self) -> torch.Tensor:
         return self.buffer("scratch", BLOCK, _CPU, BLOCK + native.PAD)
@@ -293,6 +327,19 @@ def _round_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 _BITS = [1 << i for i in range(8)]
+_ON: dict[tuple[str, torch.device], torch.Tensor] = {}  # small constant tables per device
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """The bit values (uint8) or the popcount of each byte value (int64) on `device`."""
+    found = _ON.get((name, device))
+    if found is None:
+        if name == "bits":
+            found = torch.tensor(_BITS, dtype=torch.uint8)
+        else:
+            found = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
+        found = _ON[(name, device)] = found.to(device)
+    return found
 
 
 def _pack(flags: torch.Tensor) -> torch.Tensor:
@@ -300,10 +347,21 @@ def _pack(flags: torch.Tensor) -> torch.Tensor:
     pad = (-flags.numel()) % 8
     if pad:
         flags = torch.cat([flags, flags.new_zeros(pad)])
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=flags.device)
+    bits = _table("bits", flags.device)
     return (flags.view(-1, 8).to(torch.uint8) * bits).sum(1, dtype=torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
+    bits = _table("bits", packed.device)
     return (packed.unsqueeze(1) & bits).ne(0).view(-1)[:n]
+
+
+def _ones_per_block(packed: torch.Tensor, n: int, size: int) -> list[int]:
+    """The set bits among each `size` elements' bits of the first n (a unit's kept-aside
+    values per block), in a few ops for the whole unit rather than an unpack per block."""
+    ones = _table("popcount", packed.device)[packed.to(torch.int64)]
+    if n % 8:  # (bits past n in the last byte are not the unit's)
+        ones[-1] = bin(int(packed[-1]) & ((1 << n % 8) - 1)).count("1")
+    ends = torch.arange(size // 8, (n + 7) // 8 + size // 8, size // 8, device=packed.device)
+    total = ones.cumsum(0)[ends.clamp_(max=(n + 7) // 8) - 1].tolist()
+    return [b - a for a, b in zip([0, *total[:-1]], total)]

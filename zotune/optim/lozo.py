@@ -63,12 +63,14 @@ class LowRankZO(ZOOptimizer):
         seeds = super().step_seeds(queries)
         for s in seeds:
             self.direction.bind(s, self.refresh_seed(self.steps))
+        self.direction.keep_lefts(seeds)
         return seeds
 
     def seeds_of(self, record: dict[str, Any]) -> list[int]:
         seeds = super().seeds_of(record)
         for s in seeds:  # (a record's own seeds too)
             self.direction.bind(s, self.refresh_seed(self.steps))
+        self.direction.keep_lefts(seeds)
         return seeds
 
 
@@ -81,9 +83,11 @@ class LOZO(LowRankZO):
     (the paper writes g·z/r; the released code, whose learning rates the paper reports, has no
     1/r). r = `rank` (2; at most min(m, n)), ν = `interval` (50).
 
-    Cost per step: 2 forward passes, 3 regenerations of z (each draws m·r numbers per matrix
-    and sums r outer products, instead of drawing m·n). Memory: V, n·r per matrix (as the
-    released code), kept as a cache rebuilt from its seed.
+    Cost per step: 2 forward passes, 3 regenerations of z (U, m·r numbers per matrix, drawn
+    once a step; each regeneration sums r outer products: 2r − 1 float32 ops per element, torch
+    ops); an attached embedding's rows move only where a batch reads them. Memory: V, n·r per
+    matrix, and the step's U, m·r per matrix (as the released code), caches rebuilt from
+    their seeds.
     """
 
     name = "lozo"

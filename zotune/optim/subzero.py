@@ -22,10 +22,12 @@ class SubZero(LowRankZO):
     `square=true`: factor each matrix as its most nearly square shape, as the released code
     does for LoRA, prefix and prompt tuning.
 
-    Cost per step: 2 forward passes, 3 regenerations of z (each draws r² numbers per matrix and
-    sums 2r outer products). Memory: U and V, (m + n)·r per matrix (as the released code), kept
-    as a cache rebuilt from their seed; QR runs in float64 on the CPU every F steps, so the
-    factors are the same on any device up to LAPACK's float64 rounding.
+    Cost per step: 2 forward passes, 3 regenerations of z (Z0, r² numbers per matrix, and
+    L = U·Z0·√(mn)/r, m·r² ops, formed once a step; each regeneration sums r outer products:
+    2r − 1 float32 ops per element, torch ops); an attached embedding's rows move only where a
+    batch reads them. Memory: U and V, (m + n)·r per matrix (as the released code), and the
+    step's L, m·r per matrix, caches rebuilt from their seeds; QR runs in float64 on the CPU
+    every F steps, so the factors are the same on any device up to LAPACK's float64 rounding.
     """
 
     name = "subzero"
