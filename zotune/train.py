@@ -121,8 +121,8 @@ class TrainConfig:
     eval_batch_size: int = setting(16, "examples per evaluation forward pass")
     patience: int | None = setting(
         None,
-        "stop once this many dev evaluations in a row bring no new best (early stopping on a "
-        "plateau; default: run every step)",
+        "stop once this many dev evaluations in a row bring no new best, early stopping on a "
+        "plateau (default: none, every step runs)",
     )
     max_length: int = setting(256, "longest input in tokens (longer prompts keep their end)")
     save_weights: bool = setting(False, "also write the trained tensors as weights.safetensors")
