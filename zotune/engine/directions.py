@@ -332,9 +332,9 @@ class LowRank(Direction):
     r = min(rank, m, n) per matrix. The optimizer binds each step seed to its refresh seed
     (`bind`) before the seed is used. What is kept between passes is a cache of the refreshed
     factors (V; SubZero: U and V: the memory the papers state) and of the step's L (m × r per
-    matrix), rebuilt from their seeds when missing (replay, resume). The C kernel does not
-    draw these: such spaces move on the torch path, and attached embedding rows through
-    `draw_rows_`.
+    matrix), rebuilt from their seeds when missing (replay, resume). The C kernel forms a
+    matrix's z from the factors `parts` gives it, in `outer_`'s order (the same bits); attached
+    embedding rows are drawn here (`draw_rows_`) and moved by the kernel's encode and decode.
     """
 
     name = "low-rank"
@@ -420,6 +420,12 @@ class LowRank(Direction):
         device = torch.device(device)
         left = self._whole_left(seed, tensor, device).clone()
         return left, self._right(seed, tensor, device).T.clone()
+
+    def parts(self, seed: int, tensor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """L (m × r) and Rᵀ (r × n) of matrix `tensor` at step seed `seed`, contiguous float32
+        on the CPU, as kept (not copies: what the C kernel reads while it moves the matrix)."""
+        cpu = torch.device("cpu")
+        return self._whole_left(seed, tensor, cpu), self._right(seed, tensor, cpu)
 
     def _whole_left(self, seed: int, tensor: int, device: torch.device) -> torch.Tensor:
         """L (m × r) of step seed `seed`, drawn once for every block of a pass (LOZO: m·r

@@ -165,13 +165,29 @@ order (rules.estimate's; the window-adam mode weighs each term by its place inst
     _fields_ = _ctypes(c_fields)
 
 
+class Factors(ctypes.Structure):
+    """zt_factors: a low-rank z = L·Rᵀ of one matrix at one step seed (`directions.LowRank`)."""
+
+    c_name = "zt_factors"
+    c_doc = """A low-rank direction's factors for one matrix and step seed: z's element i·width + c
+is L[i, 0]·Rt[0, c] + L[i, 1]·Rt[1, c] + ..., summed in that order (directions.outer_)."""
+    c_fields = (
+        ("key", _U, "uint64_t", "derive_seed(step seed, tensor key): the z it stands for"),
+        ("left", _P, "const float *", "L, rows x rank, row-major"),
+        ("right_t", _P, "const float *", "Rt, rank x width, row-major"),
+        ("width", _I, "int64_t"),
+        ("rank", _I, "int64_t"),
+    )
+    _fields_ = _ctypes(c_fields)
+
+
 class Unit(ctypes.Structure):
     """zt_unit: one unit of a space, and the update terms and state a pass gives it."""
 
     c_name = "zt_unit"
     c_doc = """One unit (elements start .. start + n of a tensor), built once per space (with its
 view of the space's H, when z is scaled by one); its terms and state buffers are set before
-each pass that updates."""
+each pass that updates, and a low-rank direction's factors before each pass."""
     c_fields = (
         ("flat", _P, "float *"),
         ("n", _I, "int64_t"),
@@ -184,6 +200,8 @@ each pass that updates."""
         ("m", _P, "float *"),
         ("v", _P, "float *"),
         ("hess", _P, "const float *", "z's per-element H (z/sqrt(H): HiZOO), or NULL"),
+        ("factors", _P, "const zt_factors *", "a low-rank z's factors per seed, or NULL"),
+        ("nfactors", _I, "int64_t", "how many (0: z is the pass's element-wise law)"),
     )
     _fields_ = _ctypes(c_fields)
 
@@ -246,7 +264,15 @@ flat, moved from the current offset to the target without an update; keys are th
     _fields_ = _ctypes(c_fields)
 
 
-MIRRORS = (Record, Coeff, Terms, Unit, Pass, RowMove)  # the header's order (pointees first)
+MIRRORS = (
+    Record,
+    Coeff,
+    Terms,
+    Factors,
+    Unit,
+    Pass,
+    RowMove,
+)  # the header's order (pointees first)
 
 
 def _comment(text: str) -> str:

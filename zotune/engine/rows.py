@@ -116,7 +116,7 @@ class EmbeddingRows:
         space = self.space
         # one z per row: the current offset's and the target's share a seed or one is None
         space.count_draws(sum(rows.numel() for rows, _ in segments) * self.lazy[index])
-        if not space.kernel.moves():  # (a low-rank direction)
+        if isinstance(space.direction, LowRank):  # (rows the direction draws)
             return [(rows, self._move_drawn(index, rows, kept, current, target))
                     for rows, kept in segments]  # fmt: skip
         calls = [self._call(index, rows, current, target, kept) for rows, kept in segments]
