@@ -333,8 +333,8 @@ class LowRank(Direction):
     (`bind`) before the seed is used. What is kept between passes is a cache of the refreshed
     factors (V; SubZero: U and V: the memory the papers state) and of the step's L (m × r per
     matrix), rebuilt from their seeds when missing (replay, resume). The C kernel forms a
-    matrix's z from the factors `parts` gives it, in `outer_`'s order (the same bits); attached
-    embedding rows are drawn here (`draw_rows_`) and moved by the kernel's encode and decode.
+    matrix's z (and an attached embedding's rows of it) from the factors `parts` gives it, in
+    `outer_`'s order: the same bits.
     """
 
     name = "low-rank"
@@ -391,16 +391,6 @@ class LowRank(Direction):
         offset = start - row0 * n
         tmp = self._tmp(outer_scratch(out.numel(), offset, n), out.device)
         return outer_(out, left, self._right(seed, tensor, out.device), offset, tmp)
-
-    def draw_rows_(
-        self, out: torch.Tensor, seed: int, tensor: int, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Rows `rows` (int64) of matrix `tensor`'s z at step seed `seed`, into `out` (len(rows)
-        × n, contiguous): each element as `draw_` computes it (an embedding's rows a batch reads)."""
-        left = self._whole_left(seed, tensor, out.device).index_select(0, rows)
-        right = self._right(seed, tensor, out.device)
-        outer_(out.view(-1), left, right, 0, self._tmp(out.numel(), out.device))
-        return out
 
     def times_right_(
         self, out: torch.Tensor, left: torch.Tensor, seed: int, tensor: int, start: int

@@ -53,8 +53,8 @@ class KernelPath:
         no mask)."""
         mask, direction = self.space.mask, self.space.direction
         if isinstance(direction, LowRank):
-            return mask is None and self.space.z_scale is None and _law(direction) is not None
-        if _law(direction) is None:
+            return mask is None and self.space.z_scale is None and law_of(direction) is not None
+        if law_of(direction) is None:
             return False
         if mask is not None and self.space.z_scale is not None:
             return False
@@ -143,7 +143,7 @@ class KernelPath:
         record, replaces it and frees the old one as it goes: a pass holds the old and new
         records of one unit per thread at a time."""
         space = self.space
-        law, mask = _law(space.direction), space.mask
+        law, mask = law_of(space.direction), space.mask
         gaussian = isinstance(law, Gaussian)
         shared = native.Pass(
             law=native.Law.GAUSSIAN if gaussian else native.Law.RADEMACHER,
@@ -187,7 +187,24 @@ class KernelPath:
             raise MemoryError("out of memory while moving the weights: they are left perturbed")
 
 
-def _law(direction: Direction) -> Gaussian | Rademacher | None:
+def factors(direction: LowRank, key: int, seeds: set[int], alive: list) -> ctypes.Array:
+    """Matrix `key`'s factors at each of `seeds` as a zt_factors array (the C kernel's low-rank
+    law); the array and the tensors it points to are appended to `alive`, which the caller
+    keeps until the kernel is done with them."""
+    width, rank = direction.shapes[key][1], direction.rank_of(key)
+    entries = []
+    for seed in seeds:
+        left, right_t = direction.parts(seed, key)
+        alive += [left, right_t]
+        entries.append(
+            (derive_seed(seed, key) & _M64, left.data_ptr(), right_t.data_ptr(), width, rank)
+        )
+    found = (native.Factors * len(entries))(*entries)
+    alive.append(found)
+    return found
+
+
+def law_of(direction: Direction) -> Gaussian | Rademacher | None:
     """The element-wise law the kernel draws for `direction` (a low-rank one's for its tensors
     that are not matrices), or None for one it does not draw."""
     law = direction.law if isinstance(direction, LowRank) else direction
@@ -290,20 +307,9 @@ class KernelTable:
             index, unit = self.units[k][0], self.table[k]
             if index not in per_tensor:
                 key = space.keys[index]
-                if key not in direction.shapes:
-                    per_tensor[index] = None
-                else:
-                    width, rank = direction.shapes[key][1], direction.rank_of(key)
-                    entries = []
-                    for seed in seeds:
-                        left, right_t = direction.parts(seed, key)
-                        alive += [left, right_t]
-                        entries.append(
-                            (derive_seed(seed, key) & _M64, left.data_ptr(), right_t.data_ptr(),
-                             width, rank)
-                        )  # fmt: skip
-                    per_tensor[index] = (native.Factors * len(entries))(*entries)
-                    alive.append(per_tensor[index])
+                per_tensor[index] = None
+                if key in direction.shapes:
+                    per_tensor[index] = factors(direction, key, seeds, alive)
             found = per_tensor[index]
             unit.factors = ctypes.addressof(found) if found is not None else None
             unit.nfactors = len(found) if found is not None else 0

@@ -236,7 +236,8 @@ class RowMove(ctypes.Structure):
     c_name = "zt_rows"
     c_doc = """zt_move_rows's arguments: rows `rows` (nrows of them) of the [rows x width] tensor
 flat, moved from the current offset to the target without an update; keys are the units' own
-(derive_seed's, not states), flags, masks and kept-aside values are the rows' one after another."""
+(derive_seed's, not states), flags, masks and kept-aside values are the rows' one after another;
+with factors, z is the low-rank product (a row's z is L[row]·Rt)."""
     c_fields = (
         ("flat", _P, "float *"),
         ("width", _I, "int64_t", "a multiple of 8"),
@@ -260,6 +261,8 @@ flat, moved from the current offset to the target without an update; keys are th
         ("mask_out", _P, "uint8_t *"),
         ("mask_key", _U, "uint64_t"),
         ("mask_limit", _I, "int64_t"),
+        ("factors", _P, "const zt_factors *", "a low-rank z's factors per key, or NULL"),
+        ("nfactors", _I, "int64_t"),
     )
     _fields_ = _ctypes(c_fields)
 

@@ -374,19 +374,28 @@ typedef struct { uint64_t key; const uint8_t *bits; const float *z; } zt_use;
 
 /* z of elements at .. at + n of a low-rank direction (LowRank.draw_: directions.outer_'s
    arithmetic): z[i, c] = L[i, 0]·Rt[0, c], then + L[i, j]·Rt[j, c] for j = 1 .. r - 1, each a
-   float32 multiply then add (contraction is disabled), one row segment at a time. */
+   float32 multiply then add (contraction is disabled), one row segment at a time, 8 columns
+   summed in a register. */
 static void zt_fill_lowrank(const zt_factors *f, float *out, int64_t n, int64_t at) {
     int64_t width = f->width, r = f->rank;
     for (int64_t j = 0; j < n;) {
         int64_t i = (at + j) / width, c = (at + j) % width;
-        int64_t len = width - c < n - j ? width - c : n - j;
+        int64_t len = width - c < n - j ? width - c : n - j, k = 0;
         const float *l = f->left + i * r, *rt = f->right_t + c;
-        float *o = out + j, l0 = l[0];
-        for (int64_t k = 0; k < len; k++) o[k] = l0 * rt[k];
-        for (int64_t q = 1; q < r; q++) {
-            const float *rq = rt + q * width;
-            float lq = l[q];
-            for (int64_t k = 0; k < len; k++) { float e = lq * rq[k]; o[k] = o[k] + e; }
+        float *o = out + j;
+#ifdef __AVX2__
+        for (; k + 8 <= len; k += 8) {
+            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(l[0]), _mm256_loadu_ps(rt + k));
+            for (int64_t q = 1; q < r; q++)
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(l[q]),
+                                                       _mm256_loadu_ps(rt + q * width + k)));
+            _mm256_storeu_ps(o + k, acc);
+        }
+#endif
+        for (; k < len; k++) {
+            float acc = l[0] * rt[k];
+            for (int64_t q = 1; q < r; q++) { float e = l[q] * rt[q * width + k]; acc = acc + e; }
+            o[k] = acc;
         }
         j += len;
     }
@@ -911,7 +920,7 @@ int64_t zt_move_rows(const zt_rows *a) {
         const uint8_t *bi = bits_in ? bits_in + r * wb : 0;
         kept += zt_move(a->flat + at, width, at, law, a->cells, has_cur, a->key_cur, a->cur_scale,
                         bi, a->aside_in ? a->aside_in + used : 0, &zt_no_terms, 0, 0, 0, 0,
-                        0, 0, has_tgt, a->key_tgt, a->tgt_scale,
+                        a->factors, a->nfactors, has_tgt, a->key_tgt, a->tgt_scale,
                         a->bits_out ? a->bits_out + r * wb : 0,
                         a->aside_out ? a->aside_out + kept : 0,
                         has_mask, a->mask_h, mask_in ? mask_in + r * wb : 0,

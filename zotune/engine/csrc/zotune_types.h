@@ -90,7 +90,7 @@ typedef struct {
 /* zt_move_rows's arguments: rows `rows` (nrows of them) of the [rows x width] tensor flat,
    moved from the current offset to the target without an update; keys are the units' own
    (derive_seed's, not states), flags, masks and kept-aside values are the rows' one after
-   another. */
+   another; with factors, z is the low-rank product (a row's z is L[row]·Rt). */
 typedef struct {
     float *flat;
     int64_t width;              /* a multiple of 8 */
@@ -114,6 +114,8 @@ typedef struct {
     uint8_t *mask_out;
     uint64_t mask_key;
     int64_t mask_limit;
+    const zt_factors *factors;  /* a low-rank z's factors per key, or NULL */
+    int64_t nfactors;
 } zt_rows;
 
 #define ZT_FIELD(s, f) (int64_t)offsetof(s, f), (int64_t)sizeof(((s *)0)->f)
@@ -168,7 +170,7 @@ typedef struct {
     ZT_FIELD(zt_pass, mask_kind), \
     ZT_FIELD(zt_pass, mask_s), \
     ZT_FIELD(zt_pass, mask_limit), \
-    (int64_t)sizeof(zt_rows), 22, \
+    (int64_t)sizeof(zt_rows), 24, \
     ZT_FIELD(zt_rows, flat), \
     ZT_FIELD(zt_rows, width), \
     ZT_FIELD(zt_rows, rows), \
@@ -191,6 +193,8 @@ typedef struct {
     ZT_FIELD(zt_rows, mask_out), \
     ZT_FIELD(zt_rows, mask_key), \
     ZT_FIELD(zt_rows, mask_limit), \
+    ZT_FIELD(zt_rows, factors), \
+    ZT_FIELD(zt_rows, nfactors), \
 }
 /* the names of ZT_LAYOUT's pairs, one word each */
 #define ZT_LAYOUT_NAMES \
@@ -200,7 +204,7 @@ typedef struct {
     "zt_factors zt_factors.key zt_factors.left zt_factors.right_t zt_factors.width zt_factors.rank " \
     "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.mask_tie zt_unit.terms zt_unit.m zt_unit.v zt_unit.hess zt_unit.factors zt_unit.nfactors " \
     "zt_pass zt_pass.law zt_pass.cells zt_pass.has_cur zt_pass.cur_s zt_pass.cur_scale zt_pass.update zt_pass.has_tgt zt_pass.tgt_s zt_pass.tgt_scale zt_pass.mask_kind zt_pass.mask_s zt_pass.mask_limit " \
-    "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit " \
+    "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit zt_rows.factors zt_rows.nfactors " \
     ""
 
 #endif
