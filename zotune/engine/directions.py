@@ -290,8 +290,19 @@ def outer_(
     device and any split into spans gives the same bits. A span of whole rows is written in
     place in 2r − 1 ops; one that starts or ends inside a row is computed as the whole rows it
     touches and copied out (one op more). `tmp`: scratch of `outer_scratch(len(out), offset, n)`
-    elements (len(out) for whole rows)."""
+    elements (len(out) for whole rows). On the CPU in float32 the C kernel sums them
+    (`zt_outer`, the same operations in one pass; no scratch)."""
     r, n = right_t.shape
+    lib = _native.lib()
+    if (
+        lib is not None
+        and out.device.type == "cpu"
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (out, left, right_t))
+        and left.shape[1] == r
+    ):
+        lib.zt_outer(_native.ptr(out), out.numel(), offset, _native.ptr(left),
+                     _native.ptr(right_t), n, r)  # fmt: skip
+        return out
     end = offset + out.numel()
     rows = -(-end // n)
     whole = offset == 0 and end == rows * n

@@ -568,6 +568,8 @@ def _bind(c: ctypes.CDLL) -> None:
     f32, i64, u64, u8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
     c.zt_fill_normal.argtypes = [f32, i64, u64, i64, f32]
     c.zt_fill_sign.argtypes = [f32, i64, u64, i64]
+    c.zt_outer.argtypes = [f32, i64, i64, f32, f32, i64, i64]
+    c.zt_outer.restype = None
     c.zt_encode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]
     c.zt_encode.restype = i64
     c.zt_decode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]

@@ -401,6 +401,14 @@ static void zt_fill_lowrank(const zt_factors *f, float *out, int64_t n, int64_t 
     }
 }
 
+/* Elements at .. at + n of left · right_t (rows x rank times rank x width), row-major, as
+   directions.outer_ sums them (its CPU float32 fast path: SubZero's L = U·Z0, LOZO-M's N·Vᵀ). */
+void zt_outer(float *out, int64_t n, int64_t at, const float *left, const float *right_t,
+              int64_t width, int64_t rank) {
+    zt_factors f = {0, left, right_t, width, rank};
+    zt_fill_lowrank(&f, out, n, at);
+}
+
 /* z under `key`: drawn by the law, or from the unit's low-rank factors for that key (no mask:
    a low-rank space has none). A key without factors is a caller's bug: z is NaN, loudly. */
 static const float *zt_draw(zt_use *uses, int *nu, float *buf, int law, const float *cells,
