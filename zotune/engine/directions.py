@@ -487,7 +487,7 @@ class LowRank(Direction):
         if self.orthonormal:
             right = _orthonormal(right).to(device)
             u = self._draw(m * r, derive_seed(refresh, tensor, LEFT_SALT), 0, device)
-            u = _orthonormal(u.view(m, r)).to(device)
+            u = _orthonormal(u.view(m, r)).to(device).contiguous()  # (QR: column-major)
         found = (right.T.contiguous(), u)
         with self._lock:
             self._kept[key] = found
