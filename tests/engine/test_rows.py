@@ -57,7 +57,7 @@ def _train_tiny_bert(base, method: str, extra: dict, attach: bool, batches, labe
         ("r-mezo", {"sparsity": 0.5, "queries": 2}),
         ("mezo-svrg", {"refresh": 2}),
         ("zo-sgd-cons", {}),
-        ("lozo", {"interval": 2}),  # low-rank z: rows drawn by the direction (_move_drawn)
+        ("lozo", {"interval": 2}),  # low-rank z: rows formed from the factors by the kernel
         ("lozo", {"interval": 2, "queries": 2}),  # (passes from one query's z to the next)
         ("lozo-m", {"interval": 2}),
         ("subzero", {"interval": 2, "rank": 3}),

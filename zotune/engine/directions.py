@@ -290,8 +290,19 @@ def outer_(
     device and any split into spans gives the same bits. A span of whole rows is written in
     place in 2r − 1 ops; one that starts or ends inside a row is computed as the whole rows it
     touches and copied out (one op more). `tmp`: scratch of `outer_scratch(len(out), offset, n)`
-    elements (len(out) for whole rows)."""
+    elements (len(out) for whole rows). On the CPU in float32 the C kernel sums them
+    (`zt_outer`, the same operations in one pass; no scratch)."""
     r, n = right_t.shape
+    lib = _native.lib()
+    if (
+        lib is not None
+        and out.device.type == "cpu"
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (out, left, right_t))
+        and left.shape[1] == r
+    ):
+        lib.zt_outer(_native.ptr(out), out.numel(), offset, _native.ptr(left),
+                     _native.ptr(right_t), n, r)  # fmt: skip
+        return out
     end = offset + out.numel()
     rows = -(-end // n)
     whole = offset == 0 and end == rows * n
@@ -332,9 +343,9 @@ class LowRank(Direction):
     r = min(rank, m, n) per matrix. The optimizer binds each step seed to its refresh seed
     (`bind`) before the seed is used. What is kept between passes is a cache of the refreshed
     factors (V; SubZero: U and V: the memory the papers state) and of the step's L (m × r per
-    matrix), rebuilt from their seeds when missing (replay, resume). The C kernel does not
-    draw these: such spaces move on the torch path, and attached embedding rows through
-    `draw_rows_`.
+    matrix), rebuilt from their seeds when missing (replay, resume). The C kernel forms a
+    matrix's z (and an attached embedding's rows of it) from the factors `parts` gives it, in
+    `outer_`'s order: the same bits.
     """
 
     name = "low-rank"
@@ -392,16 +403,6 @@ class LowRank(Direction):
         tmp = self._tmp(outer_scratch(out.numel(), offset, n), out.device)
         return outer_(out, left, self._right(seed, tensor, out.device), offset, tmp)
 
-    def draw_rows_(
-        self, out: torch.Tensor, seed: int, tensor: int, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """Rows `rows` (int64) of matrix `tensor`'s z at step seed `seed`, into `out` (len(rows)
-        × n, contiguous): each element as `draw_` computes it (an embedding's rows a batch reads)."""
-        left = self._whole_left(seed, tensor, out.device).index_select(0, rows)
-        right = self._right(seed, tensor, out.device)
-        outer_(out.view(-1), left, right, 0, self._tmp(out.numel(), out.device))
-        return out
-
     def times_right_(
         self, out: torch.Tensor, left: torch.Tensor, seed: int, tensor: int, start: int
     ) -> torch.Tensor:
@@ -420,6 +421,12 @@ class LowRank(Direction):
         device = torch.device(device)
         left = self._whole_left(seed, tensor, device).clone()
         return left, self._right(seed, tensor, device).T.clone()
+
+    def parts(self, seed: int, tensor: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """L (m × r) and Rᵀ (r × n) of matrix `tensor` at step seed `seed`, contiguous float32
+        on the CPU, as kept (not copies: what the C kernel reads while it moves the matrix)."""
+        cpu = torch.device("cpu")
+        return self._whole_left(seed, tensor, cpu), self._right(seed, tensor, cpu)
 
     def _whole_left(self, seed: int, tensor: int, device: torch.device) -> torch.Tensor:
         """L (m × r) of step seed `seed`, drawn once for every block of a pass (LOZO: m·r
@@ -480,7 +487,7 @@ class LowRank(Direction):
         if self.orthonormal:
             right = _orthonormal(right).to(device)
             u = self._draw(m * r, derive_seed(refresh, tensor, LEFT_SALT), 0, device)
-            u = _orthonormal(u.view(m, r)).to(device)
+            u = _orthonormal(u.view(m, r)).to(device).contiguous()  # (QR: column-major)
         found = (right.T.contiguous(), u)
         with self._lock:
             self._kept[key] = found

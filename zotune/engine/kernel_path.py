@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import native
-from .directions import Gaussian, MagnitudeMask, Rademacher, RandomMask, seed_state
+from .directions import (
+    Direction,
+    Gaussian,
+    LowRank,
+    MagnitudeMask,
+    Rademacher,
+    RandomMask,
+    derive_seed,
+    seed_state,
+)
 from .native import UpdateMode
 
 if TYPE_CHECKING:
@@ -38,10 +47,14 @@ class KernelPath:
 
     def moves(self) -> bool:
         """Whether the kernel moves the space's float32 CPU units: the direction is a law it
-        draws (not a low-rank one), and the mask, if any, is one it computes (and not with a
-        per-element scale of z, HiZOO's preconditioner, which takes no mask)."""
-        mask = self.space.mask
-        if not isinstance(self.space.direction, (Gaussian, Rademacher)):
+        draws, or a low-rank one over such a law (without a mask or a scale of z: the kernel
+        forms a matrix's z from its factors, `LowRank.parts`), and the mask, if any, is one it
+        computes (and not with a per-element scale of z, HiZOO's preconditioner, which takes
+        no mask)."""
+        mask, direction = self.space.mask, self.space.direction
+        if isinstance(direction, LowRank):
+            return mask is None and self.space.z_scale is None and law_of(direction) is not None
+        if law_of(direction) is None:
             return False
         if mask is not None and self.space.z_scale is not None:
             return False
@@ -91,6 +104,7 @@ class KernelPath:
         table = self.table(at_rest=current is None)
         offsets = {o.seed for o in (current, target) if o is not None}
         work = space.torch_path.work
+        table.seeds = set()
         if update is None:
             return (
                 table.moving,
@@ -107,6 +121,8 @@ class KernelPath:
                 if found and space.z_scale is not None and found.terms.mode != UpdateMode.HESSIAN:
                     found = None  # (an estimate of z/√H: the kernel's terms are of z)
                 per_tensor[index] = found and _terms(found, shared, offsets)
+                if found:  # (the seeds a low-rank direction's factors are needed for)
+                    table.seeds.update(seed for seed, _ in found.coeffs)
             found = per_tensor[index]
             if found is None:
                 skipped.append(k)
@@ -127,10 +143,11 @@ class KernelPath:
         record, replaces it and frees the old one as it goes: a pass holds the old and new
         records of one unit per thread at a time."""
         space = self.space
-        gaussian, mask = isinstance(space.direction, Gaussian), space.mask
+        law, mask = law_of(space.direction), space.mask
+        gaussian = isinstance(law, Gaussian)
         shared = native.Pass(
             law=native.Law.GAUSSIAN if gaussian else native.Law.RADEMACHER,
-            cells=space.direction.cells.data_ptr() if gaussian else None,
+            cells=law.cells.data_ptr() if gaussian else None,
             has_cur=current is not None,
             cur_s=seed_state(current.seed) if current else 0,
             cur_scale=current.scale if current else 0.0,
@@ -142,8 +159,12 @@ class KernelPath:
             mask_s=seed_state(space.mask_seed),
             mask_limit=mask.limit if isinstance(mask, RandomMask) else 0,
         )
-        table, lib = self._table, self.lib
-        # the ctypes objects travel with each call: alive while any thread may use them
+        table, lib, factors = self._table, self.lib, None
+        if isinstance(space.direction, LowRank):
+            offsets = {o.seed for o in (current, target) if o is not None}
+            factors = table.set_factors(space, order, offsets | (table.seeds if update else set()))
+        # the ctypes objects (and factors) travel with each call: alive while any thread may
+        # use them
         counter, failed = ctypes.c_int64(0), ctypes.c_int64(0)
         args = (
             ctypes.byref(shared), table.table, self.records.table, table.array(order),
@@ -161,8 +182,33 @@ class KernelPath:
                 wait(futures)  # no caller moves the weights again while a thread still does
             for f in futures:
                 f.result()
+        del factors  # (kept until here: the kernel reads them)
         if failed.value:
             raise MemoryError("out of memory while moving the weights: they are left perturbed")
+
+
+def factors(direction: LowRank, key: int, seeds: set[int], alive: list) -> ctypes.Array:
+    """Matrix `key`'s factors at each of `seeds` as a zt_factors array (the C kernel's low-rank
+    law); the array and the tensors it points to are appended to `alive`, which the caller
+    keeps until the kernel is done with them."""
+    width, rank = direction.shapes[key][1], direction.rank_of(key)
+    entries = []
+    for seed in seeds:
+        left, right_t = direction.parts(seed, key)
+        alive += [left, right_t]
+        entries.append(
+            (derive_seed(seed, key) & _M64, left.data_ptr(), right_t.data_ptr(), width, rank)
+        )
+    found = (native.Factors * len(entries))(*entries)
+    alive.append(found)
+    return found
+
+
+def law_of(direction: Direction) -> Gaussian | Rademacher | None:
+    """The element-wise law the kernel draws for `direction` (a low-rank one's for its tensors
+    that are not matrices), or None for one it does not draw."""
+    law = direction.law if isinstance(direction, LowRank) else direction
+    return law if isinstance(law, (Gaussian, Rademacher)) else None
 
 
 def _mask_kind(mask: object) -> native.MaskKind:
@@ -247,6 +293,27 @@ class KernelTable:
         self.other = [k for k in range(len(units)) if not self.native[k]]  # the torch path's
         self._arrays: dict[tuple[int, ...], ctypes.Array] = {}
         self.terms: list[tuple] = []  # what the units' terms point to (zt_terms, zt_coeff[])
+        self.seeds: set[int] = set()  # the seeds of the pass's update terms (`jobs`)
+        self.units = units
+
+    def set_factors(self, space: Space, order: list[int], seeds: set[int]) -> list:
+        """Point each matrix unit of `order` at its tensor's factors for `seeds` (a low-rank
+        direction's pass); the other units draw the law. Returns what the units point to (the
+        zt_factors arrays and the factors' tensors), to be kept alive through the pass."""
+        direction: LowRank = space.direction
+        per_tensor: dict[int, ctypes.Array | None] = {}
+        alive: list = []
+        for k in order:
+            index, unit = self.units[k][0], self.table[k]
+            if index not in per_tensor:
+                key = space.keys[index]
+                per_tensor[index] = None
+                if key in direction.shapes:
+                    per_tensor[index] = factors(direction, key, seeds, alive)
+            found = per_tensor[index]
+            unit.factors = ctypes.addressof(found) if found is not None else None
+            unit.nfactors = len(found) if found is not None else 0
+        return alive
 
     def array(self, order: list[int]) -> ctypes.Array:
         """`order` as a C array (a space's passes use a few orders: each is made once)."""

@@ -165,13 +165,29 @@ order (rules.estimate's; the window-adam mode weighs each term by its place inst
     _fields_ = _ctypes(c_fields)
 
 
+class Factors(ctypes.Structure):
+    """zt_factors: a low-rank z = L·Rᵀ of one matrix at one step seed (`directions.LowRank`)."""
+
+    c_name = "zt_factors"
+    c_doc = """A low-rank direction's factors for one matrix and step seed: z's element i·width + c
+is L[i, 0]·Rt[0, c] + L[i, 1]·Rt[1, c] + ..., summed in that order (directions.outer_)."""
+    c_fields = (
+        ("key", _U, "uint64_t", "derive_seed(step seed, tensor key): the z it stands for"),
+        ("left", _P, "const float *", "L, rows x rank, row-major"),
+        ("right_t", _P, "const float *", "Rt, rank x width, row-major"),
+        ("width", _I, "int64_t"),
+        ("rank", _I, "int64_t"),
+    )
+    _fields_ = _ctypes(c_fields)
+
+
 class Unit(ctypes.Structure):
     """zt_unit: one unit of a space, and the update terms and state a pass gives it."""
 
     c_name = "zt_unit"
     c_doc = """One unit (elements start .. start + n of a tensor), built once per space (with its
 view of the space's H, when z is scaled by one); its terms and state buffers are set before
-each pass that updates."""
+each pass that updates, and a low-rank direction's factors before each pass."""
     c_fields = (
         ("flat", _P, "float *"),
         ("n", _I, "int64_t"),
@@ -184,6 +200,8 @@ each pass that updates."""
         ("m", _P, "float *"),
         ("v", _P, "float *"),
         ("hess", _P, "const float *", "z's per-element H (z/sqrt(H): HiZOO), or NULL"),
+        ("factors", _P, "const zt_factors *", "a low-rank z's factors per seed, or NULL"),
+        ("nfactors", _I, "int64_t", "how many (0: z is the pass's element-wise law)"),
     )
     _fields_ = _ctypes(c_fields)
 
@@ -218,7 +236,8 @@ class RowMove(ctypes.Structure):
     c_name = "zt_rows"
     c_doc = """zt_move_rows's arguments: rows `rows` (nrows of them) of the [rows x width] tensor
 flat, moved from the current offset to the target without an update; keys are the units' own
-(derive_seed's, not states), flags, masks and kept-aside values are the rows' one after another."""
+(derive_seed's, not states), flags, masks and kept-aside values are the rows' one after another;
+with factors, z is the low-rank product (a row's z is L[row]·Rt)."""
     c_fields = (
         ("flat", _P, "float *"),
         ("width", _I, "int64_t", "a multiple of 8"),
@@ -242,11 +261,21 @@ flat, moved from the current offset to the target without an update; keys are th
         ("mask_out", _P, "uint8_t *"),
         ("mask_key", _U, "uint64_t"),
         ("mask_limit", _I, "int64_t"),
+        ("factors", _P, "const zt_factors *", "a low-rank z's factors per key, or NULL"),
+        ("nfactors", _I, "int64_t"),
     )
     _fields_ = _ctypes(c_fields)
 
 
-MIRRORS = (Record, Coeff, Terms, Unit, Pass, RowMove)  # the header's order (pointees first)
+MIRRORS = (
+    Record,
+    Coeff,
+    Terms,
+    Factors,
+    Unit,
+    Pass,
+    RowMove,
+)  # the header's order (pointees first)
 
 
 def _comment(text: str) -> str:
@@ -539,6 +568,8 @@ def _bind(c: ctypes.CDLL) -> None:
     f32, i64, u64, u8 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
     c.zt_fill_normal.argtypes = [f32, i64, u64, i64, f32]
     c.zt_fill_sign.argtypes = [f32, i64, u64, i64]
+    c.zt_outer.argtypes = [f32, i64, i64, f32, f32, i64, i64]
+    c.zt_outer.restype = None
     c.zt_encode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]
     c.zt_encode.restype = i64
     c.zt_decode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]

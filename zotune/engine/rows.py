@@ -5,8 +5,8 @@ the update; a forward pre-hook on the embedding calls `read` with the batch's to
 moves just those rows to the current offset. Rows never read are never seen perturbed, so no
 loss and no weight changes, bit for bit, and a step draws z over the whole table once (the
 update) instead of three times. Rows move through the C kernel (`zt_move_rows`), in segments
-split over the space's threads; a low-rank direction's rows (LOZO, SubZero: the kernel does not
-draw them) are drawn by the direction and moved by the kernel's encode and decode (`_move_drawn`).
+split over the space's threads; a low-rank direction's rows (LOZO, SubZero) are its factors'
+products, which the kernel forms from the factors it is handed (row i of z is L[i]·Rᵀ).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from . import native
 from .directions import MASK_SALT, Gaussian, LowRank, MagnitudeMask, RandomMask, derive_seed
+from .kernel_path import factors, law_of
 
 if TYPE_CHECKING:
     from .moves import Offset, Space
@@ -43,17 +44,17 @@ class EmbeddingRows:
         space = self.space
         t = space.tensors[index]
         direction = space.direction
-        drawn = isinstance(direction, LowRank)  # (rows of z the direction draws: `_move_drawn`)
+        lowrank = isinstance(direction, LowRank)
         ok = (
             space.kernel is not None
-            and (space.kernel.moves() or drawn)  # (a direction the kernel draws, or low-rank)
+            and space.kernel.moves()  # (a law it draws, or low-rank factors over one)
             and t.dim() == 2
             and t.dtype == torch.float32
             and t.is_cpu
             and t.shape[1] % 8 == 0
             and (space.mask is None or isinstance(space.mask, (MagnitudeMask, RandomMask)))
             and (
-                not drawn
+                not lowrank
                 or (
                     space.mask is None and direction.shapes.get(space.keys[index]) == tuple(t.shape)
                 )
@@ -116,9 +117,6 @@ class EmbeddingRows:
         space = self.space
         # one z per row: the current offset's and the target's share a seed or one is None
         space.count_draws(sum(rows.numel() for rows, _ in segments) * self.lazy[index])
-        if not space.kernel.moves():  # (a low-rank direction)
-            return [(rows, self._move_drawn(index, rows, kept, current, target))
-                    for rows, kept in segments]  # fmt: skip
         calls = [self._call(index, rows, current, target, kept) for rows, kept in segments]
         lib, threads = space.kernel.lib, min(space.threads, len(calls))
         team = native.team() if threads > 1 else None
@@ -141,50 +139,6 @@ class EmbeddingRows:
             (rows, _kept(count, target, *outputs))
             for (rows, _), count, (_, outputs) in zip(segments, counts, calls)
         ]
-
-    def _move_drawn(
-        self,
-        index: int,
-        rows: torch.Tensor,
-        kept: tuple | None,
-        current: Offset | None,
-        target: Offset | None,
-    ) -> tuple | None:
-        """Move rows whose z the direction draws (`LowRank.draw_rows_`) with the C kernel's
-        decode and encode: the numbers of the torch path's whole-table moves, element for
-        element. Returns what is kept aside at the target (None without a target)."""
-        space, lib = self.space, self.space.kernel.lib
-        if current is None and target is None:
-            return None
-        table, key = space.tensors[index].detach(), space.keys[index]
-        values = table.index_select(0, rows)  # (the rows, contiguous)
-        n = values.numel()
-        z = None
-        if current is not None:  # (in place: each element is read before it is written)
-            z = space.direction.draw_rows_(torch.empty_like(values), current.seed, key, rows)
-            bits_in, aside_in, _ = kept
-            lib.zt_decode(
-                native.ptr(values), native.ptr(z), current.scale, native.ptr(values),
-                native.bptr(bits_in), native.bptr(aside_in), n,
-            )  # fmt: skip
-        if target is None:
-            table.index_copy_(0, rows, values)
-            return None
-        if z is None or target.seed != current.seed:  # (counted as one z per row, as above)
-            z = space.direction.draw_rows_(torch.empty_like(values), target.seed, key, rows)
-        moved = torch.empty_like(values)
-        bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
-        scratch = torch.empty(n + native.PAD, dtype=torch.float32)
-        count = lib.zt_encode(
-            native.ptr(values), native.ptr(z), target.scale, native.ptr(moved),
-            native.bptr(bits), native.ptr(scratch), n,
-        )  # fmt: skip
-        table.index_copy_(0, rows, moved)
-        return (
-            bits if count else None,
-            native.take(scratch, count + native.PAD) if count else None,
-            None,
-        )
 
     def _call(
         self,
@@ -217,14 +171,19 @@ class EmbeddingRows:
         # a magnitude mask's ties at |θ| = h are hashed under the random mask's key
         tie = mask.tie_limit(key) if kind == kinds.MAGNITUDE else 0
         hashed = kind == kinds.RANDOM or (kind == kinds.MAGNITUDE and tie < MagnitudeMask.ALL)
-        gaussian = isinstance(space.direction, Gaussian)
+        law, direction = law_of(space.direction), space.direction
+        gaussian, alive = isinstance(law, Gaussian), []
+        lowrank = None  # (a low-rank z: the table's factors at the offsets' seeds)
+        if isinstance(direction, LowRank):
+            seeds = {o.seed for o in (current, target) if o is not None}
+            lowrank = factors(direction, key, seeds, alive)
         move = native.RowMove(
             flat=t.data_ptr(),
             width=width,
             rows=rows.data_ptr(),
             nrows=rows.numel(),
             law=native.Law.GAUSSIAN if gaussian else native.Law.RADEMACHER,
-            cells=native.ptr(space.direction.cells) if gaussian else None,
+            cells=native.ptr(law.cells) if gaussian else None,
             has_cur=current is not None,
             key_cur=derive_seed(current.seed, key) if current else 0,
             cur_scale=current.scale if current else 0.0,
@@ -241,8 +200,10 @@ class EmbeddingRows:
             mask_out=native.bptr(mask_out),
             mask_key=derive_seed(space.mask_seed, key, MASK_SALT) if hashed else 0,
             mask_limit=mask.limit if kind == kinds.RANDOM else tie,
+            factors=ctypes.addressof(lowrank) if lowrank is not None else None,
+            nfactors=len(lowrank) if lowrank is not None else 0,
         )
-        return move, (bits, scratch, mask_out, rows, kept)
+        return move, (bits, scratch, mask_out, rows, kept, alive)
 
 
 def _kept(

@@ -84,10 +84,10 @@ class LOZO(LowRankZO):
     1/r). r = `rank` (2; at most min(m, n)), ν = `interval` (50).
 
     Cost per step: 2 forward passes, 3 regenerations of z (U, m·r numbers per matrix, drawn
-    once a step; each regeneration sums r outer products: 2r − 1 float32 ops per element, torch
-    ops); an attached embedding's rows move only where a batch reads them. Memory: V, n·r per
-    matrix, and the step's U, m·r per matrix (as the released code), caches rebuilt from
-    their seeds.
+    once a step; each regeneration sums r outer products: 2r − 1 float32 ops per element, in
+    the C kernel's pass on the CPU in float32, else torch ops); an attached embedding's rows
+    move only where a batch reads them. Memory: V, n·r per matrix, and the step's U, m·r per
+    matrix (as the released code), caches rebuilt from their seeds.
     """
 
     name = "lozo"
@@ -148,7 +148,8 @@ class LOZOM(LowRankZO):
     tensors: m ← βm + (1 − β)g·z, m_0 = g·z; θ ← θ − η(m + λθ). β = `beta` (0.9).
 
     Cost per step: 2 forward passes, 3 regenerations (the update draws no z for matrices: it
-    sums N·Vᵀ). Memory: N, m·r per matrix, plus V (n·r per matrix) and dense momentum for the
+    sums N·Vᵀ; the perturbations move in the C kernel, the update on the torch path, its rule
+    having no kernel form). Memory: N, m·r per matrix, plus V (n·r per matrix) and dense momentum for the
     tensors that are not matrices (biases, norms). The projection's r × r product V_{k−1}ᵀV_k
     is a float64 matmul (the same bits on one device; across devices, to float64 rounding).
     """

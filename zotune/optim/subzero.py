@@ -24,8 +24,8 @@ class SubZero(LowRankZO):
 
     Cost per step: 2 forward passes, 3 regenerations of z (Z0, r² numbers per matrix, and
     L = U·Z0·√(mn)/r, m·r² ops, formed once a step; each regeneration sums r outer products:
-    2r − 1 float32 ops per element, torch ops); an attached embedding's rows move only where a
-    batch reads them. Memory: U and V, (m + n)·r per matrix (as the released code), and the
+    2r − 1 float32 ops per element, in the C kernel's pass on the CPU in float32, else torch
+    ops); an attached embedding's rows move only where a batch reads them. Memory: U and V, (m + n)·r per matrix (as the released code), and the
     step's L, m·r per matrix, caches rebuilt from their seeds; QR runs in float64 on the CPU
     every F steps, so the factors are the same on any device up to LAPACK's float64 rounding.
     """

@@ -372,14 +372,59 @@ static void zt_fill_sparse(int law, float *out, const uint8_t *bits, int64_t n, 
 #define ZT_USES 4
 typedef struct { uint64_t key; const uint8_t *bits; const float *z; } zt_use;
 
+/* z of elements at .. at + n of a low-rank direction (LowRank.draw_: directions.outer_'s
+   arithmetic): z[i, c] = L[i, 0]·Rt[0, c], then + L[i, j]·Rt[j, c] for j = 1 .. r - 1, each a
+   float32 multiply then add (contraction is disabled), one row segment at a time, 8 columns
+   summed in a register. */
+static void zt_fill_lowrank(const zt_factors *f, float *out, int64_t n, int64_t at) {
+    int64_t width = f->width, r = f->rank;
+    for (int64_t j = 0; j < n;) {
+        int64_t i = (at + j) / width, c = (at + j) % width;
+        int64_t len = width - c < n - j ? width - c : n - j, k = 0;
+        const float *l = f->left + i * r, *rt = f->right_t + c;
+        float *o = out + j;
+#ifdef __AVX2__
+        for (; k + 8 <= len; k += 8) {
+            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(l[0]), _mm256_loadu_ps(rt + k));
+            for (int64_t q = 1; q < r; q++)
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(l[q]),
+                                                       _mm256_loadu_ps(rt + q * width + k)));
+            _mm256_storeu_ps(o + k, acc);
+        }
+#endif
+        for (; k < len; k++) {
+            float acc = l[0] * rt[k];
+            for (int64_t q = 1; q < r; q++) { float e = l[q] * rt[q * width + k]; acc = acc + e; }
+            o[k] = acc;
+        }
+        j += len;
+    }
+}
+
+/* Elements at .. at + n of left · right_t (rows x rank times rank x width), row-major, as
+   directions.outer_ sums them (its CPU float32 fast path: SubZero's L = U·Z0, LOZO-M's N·Vᵀ). */
+void zt_outer(float *out, int64_t n, int64_t at, const float *left, const float *right_t,
+              int64_t width, int64_t rank) {
+    zt_factors f = {0, left, right_t, width, rank};
+    zt_fill_lowrank(&f, out, n, at);
+}
+
+/* z under `key`: drawn by the law, or from the unit's low-rank factors for that key (no mask:
+   a low-rank space has none). A key without factors is a caller's bug: z is NaN, loudly. */
 static const float *zt_draw(zt_use *uses, int *nu, float *buf, int law, const float *cells,
-                            uint64_t key, const uint8_t *bits, int64_t n, int64_t at, int keep) {
+                            const zt_factors *fs, int64_t nf, uint64_t key, const uint8_t *bits,
+                            int64_t n, int64_t at, int keep) {
     for (int u = 0; u < *nu; u++) {
         const uint8_t *b = uses[u].bits;
         if (uses[u].key == key && (b == bits || (b && bits && !memcmp(b, bits, (size_t)((n + 7) >> 3)))))
             return uses[u].z;
     }
-    if (bits) zt_fill_sparse(law, buf, bits, n, key, at, cells);
+    if (nf) {
+        int64_t f = 0;
+        while (f < nf && fs[f].key != key) f++;
+        if (f < nf) zt_fill_lowrank(fs + f, buf, n, at);
+        else for (int64_t j = 0; j < n; j++) buf[j] = NAN;
+    } else if (bits) zt_fill_sparse(law, buf, bits, n, key, at, cells);
     else zt_fill(law, buf, n, key, at, cells);
     if (keep && *nu < ZT_USES) {
         uses[*nu].key = key; uses[*nu].bits = bits; uses[*nu].z = buf;
@@ -589,7 +634,8 @@ static inline uint64_t zt_splitmix(uint64_t x) {
    z is the first term's draw; the second keeps its draw in zc, later ones share ze. */
 static void zt_window_adam(float *theta, const float *z, int64_t cm, const zt_terms *t,
                            uint64_t unit_key, zt_use *uses, int *nu, float *zc, float *ze,
-                           float *mw, float *vw, int law, const float *cells, const uint8_t *b,
+                           float *mw, float *vw, int law, const float *cells,
+                           const zt_factors *fs, int64_t nf, const uint8_t *b,
                            int64_t at, int has_decay, float upd_decay, float upd_lr, float delta) {
     int64_t nc = t->ncoeffs;
     for (int64_t j = 0; j < cm; j++) { mw[j] = 0.0f; vw[j] = 0.0f; }
@@ -598,7 +644,7 @@ static void zt_window_adam(float *theta, const float *z, int64_t cm, const zt_te
         float a = (float)(ck * pow(t->h[0], (double)(nc - 1 - k)));
         float bk = (float)(ck * ck * pow(t->h[1], (double)(nc - 1 - k)));
         const float *zk = z;
-        if (k) zk = zt_draw(uses, nu, k == 1 ? zc : ze, law, cells,
+        if (k) zk = zt_draw(uses, nu, k == 1 ? zc : ze, law, cells, fs, nf,
                             zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1, b, cm, at, k == 1);
         for (int64_t j = 0; j < cm; j++) {
             float x = zk[j] * a, y = zk[j] * zk[j];
@@ -626,14 +672,15 @@ static const zt_terms zt_no_terms = {0};  /* a move without an update */
    torch code), then perturb to the target (encode), chunk by chunk. The terms' seeds are mixed
    with the unit's key here; each z is drawn once per chunk even when seeds repeat (up to
    ZT_USES of them). With `hess` (HiZOO), the offsets move by z/sqrt(H) (the update by its
-   rule), with H as it is at each offset's turn. Returns the target's kept-aside count (0
-   without a target). */
+   rule), with H as it is at each offset's turn. With `nf` factors `fs` (a low-rank direction's
+   matrix), every z is their product for its key instead of the law's draw. Returns the
+   target's kept-aside count (0 without a target). */
 int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                 const float *cells,
                 int has_cur, uint64_t key_cur, float cur_scale,
                 const uint8_t *bits_in, const float *aside_in,
                 const zt_terms *t, uint64_t unit_key, float *m, float *v, const float *hess,
-                int has_tgt, uint64_t key_tgt, float tgt_scale,
+                const zt_factors *fs, int64_t nf, int has_tgt, uint64_t key_tgt, float tgt_scale,
                 uint8_t *bits_out, float *aside_out,
                 int has_mask, float mask_h, const uint8_t *mask_in, uint8_t *mask_out,
                 uint64_t mask_key, int64_t mask_limit, int flip) {
@@ -665,7 +712,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         zt_use uses[ZT_USES];
         int nu = 0;
         if (flip) {  /* the record is the target's too: copied out, unless it is kept in place */
-            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at, 1);
+            const float *z = zt_draw(uses, &nu, za, law, cells, fs, nf, key_cur, cb, cm, at, 1);
             z = zt_scaled(zs, z, hj, cm);
             const uint8_t *bi = bits_in ? bits_in + (j0 >> 3) : 0;
             uint8_t *bo = bits_out ? bits_out + (j0 >> 3) : 0;
@@ -681,7 +728,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         }
         int fused = 0;  /* the undo and a stateful update in one loop, with this z */
         if (has_cur) {
-            const float *z = zt_draw(uses, &nu, za, law, cells, key_cur, cb, cm, at, 1);
+            const float *z = zt_draw(uses, &nu, za, law, cells, fs, nf, key_cur, cb, cm, at, 1);
             fused = (mode == ZT_UPD_MOMENTUM || mode == ZT_UPD_ADAM) && !has_mask && nc == 1 &&
                     key_upd == key_cur && !hess;
             if (fused)
@@ -697,7 +744,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         /* (not Adam: its three streams and its square root and division ran slower with the
            draws in the same loop, 8.9 against 7.4 ms over an 11.7M-weight table) */
         if ((mode == ZT_UPD_SGD || mode == ZT_UPD_SIGN || mode == ZT_UPD_MOMENTUM) && !has_cur &&
-            !has_tgt && !has_mask && nc == 1) {
+            !has_tgt && !has_mask && nc == 1 && !nf) {
             zt_draw_update(mode, p, cm, law, cells, key_upd, at, has_decay, upd_decay, upd_c,
                            upd_lr, m ? m + j0 : 0, v ? v + j0 : 0, h1, h2, h3, h4, h5, h6, h7);
             continue;
@@ -707,9 +754,9 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
             if (has_mask == ZT_MASK_MAGNITUDE) { zt_bits_range(ub, theta, mask_h, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_RANDOM) { zt_bits_random(ub, mask_key, at, mask_limit, cm); b = ub; }
             if (has_mask == ZT_MASK_KEPT) b = mask_in + (j0 >> 3);
-            const float *z = zt_draw(uses, &nu, zb, law, cells, key_upd, b, cm, at, 1);
+            const float *z = zt_draw(uses, &nu, zb, law, cells, fs, nf, key_upd, b, cm, at, 1);
             if (mode == ZT_UPD_WINDOW_ADAM) {  /* its own sums of the terms */
-                zt_window_adam(theta, z, cm, t, unit_key, uses, &nu, zc, ze, g, gv, law, cells, b,
+                zt_window_adam(theta, z, cm, t, unit_key, uses, &nu, zc, ze, g, gv, law, cells, fs, nf, b,
                                at, has_decay, upd_decay, upd_lr, h3);
             } else {
                 float c = upd_c;
@@ -719,8 +766,8 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
                         uint64_t key = zt_splitmix(t->coeffs[k].s ^ unit_key) >> 1;
                         float ck = (float)t->coeffs[k].c;
                         /* the second term keeps its draw (zc), later ones share ze */
-                        const float *zk = zt_draw(uses, &nu, k == 1 ? zc : ze, law, cells, key, b,
-                                                  cm, at, k == 1);
+                        const float *zk = zt_draw(uses, &nu, k == 1 ? zc : ze, law, cells, fs,
+                                                  nf, key, b, cm, at, k == 1);
                         for (int64_t j = 0; j < cm; j++) { float e = zk[j] * ck; g[j] = g[j] + e; }
                     }
                     z = g; c = 1.0f;  /* g·1 is g exactly */
@@ -734,7 +781,7 @@ int64_t zt_move(float *flat, int64_t n, int64_t start, int law,
         if (has_mask == ZT_MASK_MAGNITUDE) zt_bits_range(tb, theta, mask_h, mask_key, at, mask_limit, cm);
         if (has_mask == ZT_MASK_RANDOM) zt_bits_random(tb, mask_key, at, mask_limit, cm);
         if (has_mask == ZT_MASK_KEPT) memcpy(tb, mask_in + (j0 >> 3), (size_t)((cm + 7) >> 3));
-        const float *z = zt_draw(uses, &nu, zd, law, cells, key_tgt, tb, cm, at, 1);
+        const float *z = zt_draw(uses, &nu, zd, law, cells, fs, nf, key_tgt, tb, cm, at, 1);
         z = zt_scaled(zs, z, hj, cm);  /* (H after the update: the target's) */
         kept += zt_encode(theta, z, tgt_scale, p, bits_out + (j0 >> 3), aside_out + kept, cm);
     }
@@ -799,7 +846,7 @@ void zt_run(const zt_pass *p, zt_unit *units, zt_rec *recs, const int64_t *order
             u->flat, u->n, u->start, (int)p->law, p->cells,
             cur, key_cur, (float)p->cur_scale,
             bits_in, cur ? r->aside : 0,
-            t, u->key, u->m, u->v, u->hess,
+            t, u->key, u->m, u->v, u->hess, u->factors, u->nfactors,
             tgt, key_tgt, (float)p->tgt_scale, bits, aside_out,
             kind, (float)u->mask_h, mask_in, mask, mask_key, mask_limit, keep);
         if (keep) continue;
@@ -881,7 +928,7 @@ int64_t zt_move_rows(const zt_rows *a) {
         const uint8_t *bi = bits_in ? bits_in + r * wb : 0;
         kept += zt_move(a->flat + at, width, at, law, a->cells, has_cur, a->key_cur, a->cur_scale,
                         bi, a->aside_in ? a->aside_in + used : 0, &zt_no_terms, 0, 0, 0, 0,
-                        has_tgt, a->key_tgt, a->tgt_scale,
+                        a->factors, a->nfactors, has_tgt, a->key_tgt, a->tgt_scale,
                         a->bits_out ? a->bits_out + r * wb : 0,
                         a->aside_out ? a->aside_out + kept : 0,
                         has_mask, a->mask_h, mask_in ? mask_in + r * wb : 0,

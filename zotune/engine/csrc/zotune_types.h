@@ -40,9 +40,19 @@ typedef struct {
     int64_t ncoeffs;            /* n (0 without an update) */
 } zt_terms;
 
+/* A low-rank direction's factors for one matrix and step seed: z's element i·width + c is L[i,
+   0]·Rt[0, c] + L[i, 1]·Rt[1, c] + ..., summed in that order (directions.outer_). */
+typedef struct {
+    uint64_t key;               /* derive_seed(step seed, tensor key): the z it stands for */
+    const float *left;          /* L, rows x rank, row-major */
+    const float *right_t;       /* Rt, rank x width, row-major */
+    int64_t width;
+    int64_t rank;
+} zt_factors;
+
 /* One unit (elements start .. start + n of a tensor), built once per space (with its view of
    the space's H, when z is scaled by one); its terms and state buffers are set before each pass
-   that updates. */
+   that updates, and a low-rank direction's factors before each pass. */
 typedef struct {
     float *flat;
     int64_t n;
@@ -55,6 +65,8 @@ typedef struct {
     float *m;
     float *v;
     const float *hess;          /* z's per-element H (z/sqrt(H): HiZOO), or NULL */
+    const zt_factors *factors;  /* a low-rank z's factors per seed, or NULL */
+    int64_t nfactors;           /* how many (0: z is the pass's element-wise law) */
 } zt_unit;
 
 /* What a pass shares: the offsets' and the mask's seeds enter as the state of derive_seed after
@@ -78,7 +90,7 @@ typedef struct {
 /* zt_move_rows's arguments: rows `rows` (nrows of them) of the [rows x width] tensor flat,
    moved from the current offset to the target without an update; keys are the units' own
    (derive_seed's, not states), flags, masks and kept-aside values are the rows' one after
-   another. */
+   another; with factors, z is the low-rank product (a row's z is L[row]·Rt). */
 typedef struct {
     float *flat;
     int64_t width;              /* a multiple of 8 */
@@ -102,6 +114,8 @@ typedef struct {
     uint8_t *mask_out;
     uint64_t mask_key;
     int64_t mask_limit;
+    const zt_factors *factors;  /* a low-rank z's factors per key, or NULL */
+    int64_t nfactors;
 } zt_rows;
 
 #define ZT_FIELD(s, f) (int64_t)offsetof(s, f), (int64_t)sizeof(((s *)0)->f)
@@ -123,7 +137,13 @@ typedef struct {
     ZT_FIELD(zt_terms, h), \
     ZT_FIELD(zt_terms, coeffs), \
     ZT_FIELD(zt_terms, ncoeffs), \
-    (int64_t)sizeof(zt_unit), 11, \
+    (int64_t)sizeof(zt_factors), 5, \
+    ZT_FIELD(zt_factors, key), \
+    ZT_FIELD(zt_factors, left), \
+    ZT_FIELD(zt_factors, right_t), \
+    ZT_FIELD(zt_factors, width), \
+    ZT_FIELD(zt_factors, rank), \
+    (int64_t)sizeof(zt_unit), 13, \
     ZT_FIELD(zt_unit, flat), \
     ZT_FIELD(zt_unit, n), \
     ZT_FIELD(zt_unit, start), \
@@ -135,6 +155,8 @@ typedef struct {
     ZT_FIELD(zt_unit, m), \
     ZT_FIELD(zt_unit, v), \
     ZT_FIELD(zt_unit, hess), \
+    ZT_FIELD(zt_unit, factors), \
+    ZT_FIELD(zt_unit, nfactors), \
     (int64_t)sizeof(zt_pass), 12, \
     ZT_FIELD(zt_pass, law), \
     ZT_FIELD(zt_pass, cells), \
@@ -148,7 +170,7 @@ typedef struct {
     ZT_FIELD(zt_pass, mask_kind), \
     ZT_FIELD(zt_pass, mask_s), \
     ZT_FIELD(zt_pass, mask_limit), \
-    (int64_t)sizeof(zt_rows), 22, \
+    (int64_t)sizeof(zt_rows), 24, \
     ZT_FIELD(zt_rows, flat), \
     ZT_FIELD(zt_rows, width), \
     ZT_FIELD(zt_rows, rows), \
@@ -171,15 +193,18 @@ typedef struct {
     ZT_FIELD(zt_rows, mask_out), \
     ZT_FIELD(zt_rows, mask_key), \
     ZT_FIELD(zt_rows, mask_limit), \
+    ZT_FIELD(zt_rows, factors), \
+    ZT_FIELD(zt_rows, nfactors), \
 }
 /* the names of ZT_LAYOUT's pairs, one word each */
 #define ZT_LAYOUT_NAMES \
     "zt_rec zt_rec.bits zt_rec.aside zt_rec.mask zt_rec.mask_key zt_rec.count " \
     "zt_coeff zt_coeff.s zt_coeff.c " \
     "zt_terms zt_terms.mode zt_terms.upd_lr zt_terms.has_decay zt_terms.upd_decay zt_terms.h zt_terms.coeffs zt_terms.ncoeffs " \
-    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.mask_tie zt_unit.terms zt_unit.m zt_unit.v zt_unit.hess " \
+    "zt_factors zt_factors.key zt_factors.left zt_factors.right_t zt_factors.width zt_factors.rank " \
+    "zt_unit zt_unit.flat zt_unit.n zt_unit.start zt_unit.key zt_unit.offsets zt_unit.mask_h zt_unit.mask_tie zt_unit.terms zt_unit.m zt_unit.v zt_unit.hess zt_unit.factors zt_unit.nfactors " \
     "zt_pass zt_pass.law zt_pass.cells zt_pass.has_cur zt_pass.cur_s zt_pass.cur_scale zt_pass.update zt_pass.has_tgt zt_pass.tgt_s zt_pass.tgt_scale zt_pass.mask_kind zt_pass.mask_s zt_pass.mask_limit " \
-    "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit " \
+    "zt_rows zt_rows.flat zt_rows.width zt_rows.rows zt_rows.nrows zt_rows.law zt_rows.cells zt_rows.has_cur zt_rows.key_cur zt_rows.cur_scale zt_rows.bits_in zt_rows.aside_in zt_rows.has_tgt zt_rows.key_tgt zt_rows.tgt_scale zt_rows.bits_out zt_rows.aside_out zt_rows.mask_kind zt_rows.mask_h zt_rows.mask_in zt_rows.mask_out zt_rows.mask_key zt_rows.mask_limit zt_rows.factors zt_rows.nfactors " \
     ""
 
 #endif
