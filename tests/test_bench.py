@@ -68,3 +68,46 @@ def test_run_ids_leave_out_where_and_when_a_run_stops_but_not_what_it_computes()
     same = [dict(run, data_dir="/elsewhere"), dict(run, device="cuda"), dict(run, patience=3)]
     assert {run_id(r) for r in same} == {run_id(run)}
     assert run_id(dict(run, lr=2e-3)) != run_id(run) and run_id(dict(run, seed=1)) != run_id(run)
+
+
+def test_workers_sharing_a_folder_skip_the_runs_another_holds(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    grid = [tiny_run(tiny_model_dir, lr=lr, steps=2) for lr in (1e-4, 1e-2)]
+    monkeypatch.setattr(bench, "suite", lambda name, out: grid)
+    held, free = (run_id(r) for r in grid)
+    with bench.claim(tmp_path, held) as mine:  # another worker is running the first run
+        assert mine
+        results = run_suite("tiny", tmp_path)
+    assert [r["id"] for r in results] == [free]
+    assert not (tmp_path / "runs" / held).exists()
+    # once that worker has let go (finished or died), the run is free to take
+    assert {r["id"] for r in run_suite("tiny", tmp_path)} == {held, free}
+
+
+def test_a_dead_workers_claim_is_free(tmp_path):
+    import subprocess
+    import sys
+
+    hold = (
+        "import sys, time; from pathlib import Path; from zotune.bench import claim\n"
+        "with claim(Path(sys.argv[1]), 'r') as mine:\n    print(mine, flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "True"
+    with bench.claim(tmp_path, "r") as mine:
+        assert not mine
+    proc.kill()
+    proc.wait()
+    with bench.claim(tmp_path, "r") as mine:
+        assert mine
+
+
+def test_the_device_named_for_a_suite_reaches_every_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "suite", lambda name, out: [tiny_run(tiny_model_dir, steps=2)])
+    [result] = run_suite("tiny", tmp_path, device="cpu")
+    assert result.get("status") == "completed", result.get("error")
+    [cfg] = (tmp_path / "configs").iterdir()
+    assert "device: cpu" in cfg.read_text()

@@ -3,13 +3,16 @@
 A suite is a list of runs (each a `TrainConfig`). Every run executes `zotune train` in its own
 process, so peak-memory figures do not bleed between runs, and writes `<out>/runs/<id>/`;
 a finished run (`summary.json` says completed) is not redone when a grid is re-run, and an
-interrupted one resumes from its last checkpoint (`zotune train --resume`). Results land in
+interrupted one resumes from its last checkpoint (`zotune train --resume`). Several workers can
+share one results folder (start the same `zotune bench` command once per core or machine): each
+run is claimed with a lock under `<out>/locks/`, and a worker skips the runs others hold. Results land in
 `results.jsonl`, `results.csv`, `report.md` and PNG plots (dev accuracy against forward passes,
 peak memory and seconds per step per method).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -17,9 +20,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so one worker per results folder
+    fcntl = None  # type: ignore[assignment]
 
 import yaml
 
@@ -382,6 +391,27 @@ def execute(
     return results
 
 
+@contextlib.contextmanager
+def claim(out: Path, name: str, *, wait: bool = False) -> Iterator[bool]:
+    """Hold `<out>/locks/<name>` while the block runs; yields False (without waiting, unless
+    `wait`) when another worker holds it. The OS drops the lock when a worker dies, so a
+    killed worker's run is free to be resumed."""
+    if fcntl is None:
+        yield True
+        return
+    (out / "locks").mkdir(parents=True, exist_ok=True)
+    with open(out / "locks" / name, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _summary(target: Path) -> dict[str, Any] | None:
     try:
         return json.loads((target / "summary.json").read_text())
@@ -663,9 +693,12 @@ def run_suite(
         from .memory import BASES, memory_suite
 
         return memory_suite(out, device=device or "auto", bases=BASES)
-    runs = suite(name, out)
-    if device is not None:
-        runs = [{**run, "device": device} for run in runs]
+
+    def derive() -> list[dict[str, Any]]:
+        runs = suite(name, out)
+        return runs if device is None else [{**run, "device": device} for run in runs]
+
+    runs = derive()
     if dry_run:
         for run in runs:
             print(run_id(run), json.dumps(run, default=str))
@@ -675,21 +708,29 @@ def run_suite(
         # depend on finished ones (the convergence suite's seeds at the rate chosen on dev)
         tried: set[str] = set()
         while True:
-            runs = suite(name, out)
+            runs = derive()
             todo = [
                 r for r in runs
                 if run_id(r) not in tried and _status(out / "runs" / run_id(r)) != "completed"
             ]  # fmt: skip
             if not todo:
                 break
-            tried.add(run_id(todo[0]))
-            print(f"{len(runs) - len(todo) + 1}/{len(runs)}:", end=" ", flush=True)
-            execute(todo[:1], out, data_dir=data_dir)
-    results = execute(runs, out, data_dir=data_dir, report_only=True)
-    done = sum("error" not in r for r in results)
-    title = f"zotune bench {name}" + (f" ({done} of {len(runs)} runs)" if done < len(runs) else "")
-    write_results(results, out, title)
+            rid = run_id(todo[0])
+            tried.add(rid)
+            with claim(out, rid) as mine:
+                if not mine:  # another worker is running it
+                    continue
+                print(f"{len(runs) - len(todo) + 1}/{len(runs)}:", end=" ", flush=True)
+                execute(todo[:1], out, data_dir=data_dir)
+    with claim(out, "report", wait=True):  # workers finishing together write one at a time
+        runs = derive()
+        results = execute(runs, out, data_dir=data_dir, report_only=True)
+        done = sum("error" not in r for r in results)
+        title = f"zotune bench {name}" + (
+            f" ({done} of {len(runs)} runs)" if done < len(runs) else ""
+        )
+        write_results(results, out, title)
     return results
 
 
-__all__ = ["execute", "make_tiny_model", "run_suite", "suite", "write_results"]
+__all__ = ["claim", "execute", "make_tiny_model", "run_suite", "suite", "write_results"]
