@@ -17,7 +17,13 @@ from transformers import (
 )
 
 from zotune.models import LoadedModel, ModelError, apply_peft, trainable_parameters
-from zotune.objectives import exact_match, make_objective, normalize_answer, squad_f1
+from zotune.objectives import (
+    exact_match,
+    length_batches,
+    make_objective,
+    normalize_answer,
+    squad_f1,
+)
 from zotune.tasks.base import Example
 from zotune.testing import bert_config, llama_config
 
@@ -217,6 +223,13 @@ def test_predict_nondiff_and_evaluate(llama):
     acc = sum(p == ex.label for p, ex in zip(preds, SST2)) / len(SST2)
     assert obj.nondiff_loss(SST2).item() == pytest.approx(-acc)
     assert obj.evaluate(SST2, batch_size=2) == {"accuracy": pytest.approx(acc)}
+
+
+def test_evaluation_batches_examples_of_like_length():
+    examples = [Example(prompt="x" * n, label=i) for i, n in enumerate([7, 2, 9, 2, 4])]
+    ordered, batches = length_batches(examples, 2)
+    assert [ex.label for ex in ordered] == [1, 3, 4, 0, 2]  # ties keep the data order
+    assert [[ex.label for ex in b] for b in batches] == [[1, 3], [4, 0], [2]]
 
 
 def test_multiple_choice_loss_is_lm_ce_on_gold_tokens(llama, bpe_tokenizer):

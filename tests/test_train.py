@@ -56,6 +56,39 @@ def test_grad_accumulation_is_one_k_times_larger_batch(tiny_model_dir, tmp_path)
     assert accum[0]["grad_norm"] == pytest.approx(whole[0]["grad_norm"], rel=1e-3)
 
 
+def test_sorted_micro_batches_are_the_batch_by_length_with_the_same_loss(tiny_model_dir, tmp_path):
+    from zotune.tasks.base import Example
+    from zotune.train import micro_batches
+
+    batch = [Example(prompt="x" * n, label=i) for i, n in enumerate([5, 1, 3, 1, 9, 2])]
+    assert micro_batches(batch, 3) == [batch[0:2], batch[2:4], batch[4:6]]
+    cut = micro_batches(batch, 3, sort=True)
+    assert [[ex.label for ex in m] for m in cut] == [[1, 3], [5, 2], [0, 4]]  # ties keep data order
+    # the same examples in a step, so the same mean loss up to float rounding
+    accum = run(tiny_model_dir, tmp_path / "a", "--batch-size", "4", "--grad-accum", "2")
+    ordered = run(
+        tiny_model_dir, tmp_path / "s", "--batch-size", "4", "--grad-accum", "2",
+        "--sort-micro-batches",
+    )  # fmt: skip
+    assert [r["forward_passes"] for r in ordered] == [r["forward_passes"] for r in accum]
+    assert ordered[0]["loss"] == pytest.approx(accum[0]["loss"], rel=1e-5)
+    assert ordered[0]["tokens"] == accum[0]["tokens"]
+
+
+def test_sorting_micro_batches_needs_more_than_one(tiny_model_dir, tmp_path, capsys):
+    args = [
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--sort-micro-batches",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 2
+    assert "give --grad-accum 2 or more" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_first_order_accumulation_backpropagates_each_micro_batch():
     torch.manual_seed(0)
     x, y = torch.randn(8, 5), torch.randn(8, 1)
@@ -126,6 +159,7 @@ def test_full_batch_rows_is_a_fixed_seeded_subset_of_the_training_set():
     every anchor (drawn from --seed), all rows with 0; a negative count is a one-line error."""
     from types import SimpleNamespace
 
+    from zotune.tasks.base import Example
     from zotune.train import ConfigError, TrainConfig, full_batch_loss
 
     seen: list[list[int]] = []
@@ -135,7 +169,8 @@ def test_full_batch_rows_is_a_fixed_seeded_subset_of_the_training_set():
             seen[-1].extend(ex.label for ex in chunk)
             return torch.tensor(sum(ex.label for ex in chunk) / len(chunk))
 
-    task = SimpleNamespace(train=[SimpleNamespace(label=i) for i in range(100)])
+    # rows of one length: batching by length keeps their data order
+    task = SimpleNamespace(train=[Example(prompt="", label=i) for i in range(100)])
     for rows, seed in [(0, 0), (10, 0), (10, 0), (10, 1)]:
         cfg = TrainConfig(full_batch_rows=rows, seed=seed, eval_batch_size=4)
         seen.append([])

@@ -198,8 +198,9 @@ class World:
         """`objective.evaluate(examples, batch_size)`, its batches computed on all ranks."""
         if self.size == 1:
             return objective.evaluate(examples, batch_size=batch_size)
-        examples = list(examples)
-        batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+        from .objectives import length_batches
+
+        examples, batches = length_batches(examples, batch_size)
         return objective.combine(
             examples, self.map(objective.evaluate_batch, batches, "evaluation")
         )

@@ -144,8 +144,7 @@ class Objective:
     def evaluate(self, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
         """{"accuracy": ..} or {"f1": .., "em": ..}, each in [0, 1]; with metric "loss", the
         mean per-token loss of the targets and its perplexity, {"loss": .., "perplexity": ..}."""
-        examples = list(examples)
-        batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+        examples, batches = length_batches(examples, batch_size)
         return self.combine(examples, [self.evaluate_batch(b) for b in batches])
 
     def evaluate_batch(self, batch: Sequence[Example]) -> Any:
@@ -189,6 +188,16 @@ class Objective:
                     f"example has no valid gold label ({ex.label}): {ex.prompt[:60]!r}"
                 )
         return [ex.label for ex in batch]
+
+
+def length_batches(
+    examples: Sequence[Example], batch_size: int
+) -> tuple[list[Example], list[list[Example]]]:
+    """The examples ordered by length (stable) and cut into batches, each padded to a shorter
+    longest than in data order: evaluation's metrics are over the whole set, so its order does
+    not change them (a loss sums in another order: float rounding)."""
+    examples = sorted(examples, key=Example.text_length)
+    return examples, [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
 
 
 def _pad_candidates(rows: list[torch.Tensor]) -> torch.Tensor:

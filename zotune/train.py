@@ -26,12 +26,13 @@ import yaml
 from . import checkpoint, distributed, optim, recipes
 from .devices import describe_placement
 from .memory_usage import peak_memory_mb, reset_peak, rss_mb
+from .objectives import length_batches
 from .optim.hparams import check as check_hyperparameters
 from .reporting import open_reporters, provenance
 from .reporting import parse_targets as parse_report_targets
 from .settings import ConfigError, coerce_all, setting
 from .tasks import Task, load_task
-from .tasks.base import better, show
+from .tasks.base import Example, better, show
 
 
 @dataclass
@@ -137,6 +138,12 @@ class TrainConfig:
         1,
         "micro-batches of --batch-size per step, under one direction (gradient accumulation; "
         "under torchrun, split among the ranks)",
+    )
+    sort_micro_batches: bool = setting(
+        False,
+        "with --grad-accum K > 1: sort the step's K·b examples by length before cutting them into "
+        "micro-batches, so each pads to a shorter longest (the same examples and the same mean "
+        "loss, up to float rounding; about half the tokens on RTE at 4 x 4)",
     )
     full_batch_rows: int = setting(
         0,
@@ -252,6 +259,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--full-batch-rows must be an integer >= 0, got {self.full_batch_rows}"
             )
+        if self.sort_micro_batches and self.grad_accum < 2:
+            raise ConfigError(
+                "--sort-micro-batches sorts a step's examples into its --grad-accum micro-batches: "
+                "give --grad-accum 2 or more"
+            )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
@@ -366,6 +378,16 @@ def batches(n: int, batch_size: int, seed: int):
             yield order[i : i + batch_size].tolist()
 
 
+def micro_batches(batch: list[Example], k: int, *, sort: bool = False) -> list[list[Example]]:
+    """A step's batch cut into k equal micro-batches, in data order or, with `sort`, by length
+    (stable, so examples of equal length keep the data order): each then pads to a shorter
+    longest, and the mean of the k micro-batch losses is the batch's mean loss all the same."""
+    if sort:
+        batch = sorted(batch, key=Example.text_length)
+    b = len(batch) // k
+    return [batch[i * b : (i + 1) * b] for i in range(k)]
+
+
 def load_for(cfg: TrainConfig, task: Task | None = None) -> tuple[Task, Any, Any]:
     """The task, the (PEFT-wrapped) model and the objective a config names (`task`: one
     already loaded, e.g. from a `datasets` object, instead of cfg.task)."""
@@ -458,7 +480,7 @@ def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
     if 0 < cfg.full_batch_rows < len(examples):
         pick = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
         examples = [examples[i] for i in sorted(pick[: cfg.full_batch_rows].tolist())]
-    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    _, chunks = length_batches(examples, size)  # chunks of like length pad less
 
     def closure() -> float:
         total = 0.0  # (with several ranks, each computes some of the chunks)
@@ -814,7 +836,7 @@ def _run(
     try:
         for step in range(state.step + 1, cfg.steps + 1):
             batch = [task.train[i] for i in next(batch_iter)]
-            micro = [batch[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(k)]
+            micro = micro_batches(batch, k, sort=cfg.sort_micro_batches)
             closure = world.closure(loss_fn, micro)  # one process: MicroBatches when k > 1
             t0 = time.perf_counter()
             before, before_s = objective.forward_passes, objective.forward_seconds

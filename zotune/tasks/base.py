@@ -58,6 +58,16 @@ class Example:
     mlm_prompt: str = ""
     label_words: tuple[str, ...] = ()
 
+    def text_length(self) -> int:
+        """Characters of its rendered text (every form, plus its longest candidate): a cheap
+        proxy for the tokens a forward pass reads, to put examples of like length together."""
+        return (
+            len(self.prompt)
+            + sum(map(len, self.texts))
+            + len(self.mlm_prompt)
+            + max(map(len, self.candidates), default=0)
+        )
+
 
 @dataclass
 class Task:
