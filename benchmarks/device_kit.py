@@ -76,7 +76,11 @@ def pack(
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name in [*packages, *(PACKAGES[m] for m in models)]:
-            _add_tree(tar, _package_dir(name), f"site/{name}")
+            src = _package_dir(name)
+            _add_tree(tar, src, f"site/{name}")
+            # its metadata too: transformers asks importlib.metadata for gguf's version
+            for info in src.parent.glob(f"{name}-*.dist-info"):
+                _add_tree(tar, info, f"site/{info.name}")
         for task in tasks:
             src = (data_dir or Path()) / task
             if not src.is_dir():

@@ -34,6 +34,8 @@ def test_the_kit_travels_in_parts_and_unpacks_whole(tmp_path):
         "ZOTUNE_DATA": str(tmp_path / "there/data"),
     }
     assert tree(tmp_path / "there/site/gguf") == tree(kit._package_dir("gguf"))
+    [info] = (tmp_path / "there/site").glob("gguf-*.dist-info")  # its version, for transformers
+    assert (info / "METADATA").is_file()
     assert (tmp_path / "there/data/sst2/train.tsv").read_text().endswith("fine\t1\n")
     # a part the machine no longer has, or one that changed on the way, is named
     parts[1].write_bytes(parts[1].read_bytes()[:-1] + b"x")
