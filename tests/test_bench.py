@@ -4,7 +4,11 @@ and a suite can add runs that depend on finished ones (seeds at the rate chosen 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from test_resume import start, wait_for_step
@@ -70,37 +74,82 @@ def test_run_ids_leave_out_where_and_when_a_run_stops_but_not_what_it_computes()
     assert run_id(dict(run, lr=2e-3)) != run_id(run) and run_id(dict(run, seed=1)) != run_id(run)
 
 
+def hold(lock: Path, seconds: float) -> subprocess.Popen:
+    """Another worker: a process that holds `lock` for `seconds`."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print(1, flush=True)\ntime.sleep(float(sys.argv[2]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "1"
+    return proc
+
+
 def test_workers_sharing_a_folder_skip_the_runs_another_holds(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     grid = [tiny_run(tiny_model_dir, lr=lr, steps=2) for lr in (1e-4, 1e-2)]
     monkeypatch.setattr(bench, "suite", lambda name, out: grid)
+    monkeypatch.setattr(bench, "WAIT_SECONDS", 0.2)
     held, free = (run_id(r) for r in grid)
-    with bench.claim(tmp_path, held) as mine:  # another worker is running the first run
-        assert mine
-        results = run_suite("tiny", tmp_path, device="cpu")
-    assert [r["id"] for r in results] == [free]
-    assert not (tmp_path / "runs" / held).exists()
+    other = hold(tmp_path / "locks" / held, 3)  # another worker has the first run for 3 s
+    results = run_suite("tiny", tmp_path, device="cpu")
+    other.wait()
+    # this worker ran the free run first, then waited for the held one to be let go
+    started = [
+        line.split("] ")[1].split()[0]
+        for line in capsys.readouterr().out.splitlines()
+        if ": [1/1] " in line
+    ]
+    assert started == [free, held]
+    assert {r["id"] for r in results} == {held, free}
+    assert all(r.get("status") == "completed" for r in results)
     # the device named for the suite reaches the runs it derives as it goes
     assert "device: cpu" in (tmp_path / "configs" / f"{free}.yaml").read_text()
-    # once that worker has let go (finished or died), the run is free to take
-    assert {r["id"] for r in run_suite("tiny", tmp_path)} == {held, free}
 
 
-def test_a_dead_workers_claim_is_free(tmp_path):
-    import subprocess
-    import sys
-
-    lock = tmp_path / "locks" / "r"
-    lock.parent.mkdir()
-    hold = "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\nprint(1, flush=True)\ntime.sleep(60)"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True
+def test_a_claim_lasts_while_the_worker_or_its_run_lives(tmp_path):
+    worker = (
+        "import os, subprocess, sys\nfrom pathlib import Path\nfrom zotune.bench import claim\n"
+        "with claim(Path(sys.argv[1]), 'r') as fd:\n"
+        "    run = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], pass_fds=(fd,))\n"
+        "    print(run.pid, flush=True)\n"
+        "    os._exit(0)  # the worker is killed; its run's process goes on\n"
     )
-    assert proc.stdout.readline().strip() == "1"
-    with bench.claim(tmp_path, "r") as mine:
-        assert not mine
-    proc.kill()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", worker, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    run = int(proc.stdout.readline())
     proc.wait()
-    with bench.claim(tmp_path, "r") as mine:
-        assert mine
+    with bench.claim(tmp_path, "r") as fd:
+        assert fd is None  # still taken: its run is still being computed
+    os.kill(run, signal.SIGKILL)
+    deadline = time.time() + 10
+    while True:
+        with bench.claim(tmp_path, "r") as fd:
+            if fd is not None:
+                break  # both gone: free to be resumed
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_a_signal_to_the_worker_reaches_its_run_once_and_the_worker_waits(tmp_path):
+    import threading
+
+    mark = tmp_path / "got"
+    child = (
+        "import os, signal, sys, time\n"
+        "def stop(signum, frame):\n"
+        "    time.sleep(0.3)  # a checkpoint being written\n"
+        "    open(sys.argv[1], 'a').write(f'{signum} {os.getsid(0)}\\n'); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\ntime.sleep(30)\n"
+    )
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    done = bench._run_child([sys.executable, "-c", child, str(mark)], quiet=True, lock_fd=-1)
+    assert done.returncode == 143
+    signum, session = mark.read_text().split()  # once, and after it the worker went on
+    assert int(signum) == signal.SIGTERM and int(session) != os.getsid(0)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

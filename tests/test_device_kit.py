@@ -51,17 +51,23 @@ def test_the_kit_travels_in_parts_and_unpacks_whole(tmp_path):
 def test_runs_come_back_with_the_checkpoints_that_fit(tmp_path):
     there, here = tmp_path / "there", tmp_path / "here"  # bench --out folders: runs/<id>/
     for run, size in (("small", 1_000), ("big", 3_000_000)):
-        (there / "runs" / run / "checkpoint").mkdir(parents=True)
-        (there / "runs" / run / "metrics.jsonl").write_text(f'{{"run": "{run}", "step": 9}}\n')
+        for side, step in ((there, 9), (here, 1)):
+            (side / "runs" / run / "checkpoint").mkdir(parents=True)
+            (side / "runs" / run / "config.yaml").write_text("lr: 0.1\n")
+            (side / "runs" / run / "metrics.jsonl").write_text(f'{{"step": {step}}}\n')
         weights = bytes(range(256)) * (size // 256)
         (there / "runs" / run / "checkpoint" / "weights").write_bytes(weights)
-        (here / "runs" / run / "checkpoint").mkdir(parents=True)
+        (there / "runs" / run / "best.safetensors").write_bytes(weights)
         (here / "runs" / run / "checkpoint" / "weights").write_bytes(b"step 1")
+        (here / "runs" / run / "best.safetensors").write_bytes(b"step 1")
+    (there / "configs").mkdir()
+    (there / "configs" / "small.yaml").write_text("lr: 0.1\n")
     back = kit.collect(there, tmp_path / "out", limit=2_500_000)
     assert back and all(p.stat().st_size <= kit.BACK_BYTES for p in back)
     assert kit.merge(tmp_path / "out", here) == ["runs/big", "runs/small"]
     assert tree(here / "runs/small") == tree(there / "runs/small")
-    # the big run's checkpoint did not fit: its stale local one (step 1) is gone too, so the
-    # run starts again rather than resuming metrics of step 9 from weights of step 1
-    assert not (here / "runs/big/checkpoint").exists()
-    assert (here / "runs/big/metrics.jsonl").read_text().startswith('{"run": "big", "step": 9}')
+    assert (here / "configs" / "small.yaml").is_file()
+    # the big run's checkpoint and kept weights did not fit: its stale local ones (step 1) are
+    # gone too, so the run starts again rather than resuming step 9's records from step 1
+    assert sorted(tree(here / "runs/big")) == ["config.yaml", "metrics.jsonl"]
+    assert (here / "runs/big/metrics.jsonl").read_text() == '{"step": 9}\n'

@@ -142,8 +142,9 @@ class TrainConfig:
     sort_micro_batches: bool = setting(
         False,
         "with --grad-accum K > 1: sort the step's K·b examples by length before cutting them into "
-        "micro-batches, so each pads to a shorter longest (the same examples and the same mean "
-        "loss, up to float rounding; about half the tokens on RTE at 4 x 4)",
+        "micro-batches, so each pads to a shorter longest (the same examples; the same mean "
+        "loss up to float rounding where the loss is a mean over examples, as for classification; "
+        "about half the tokens on RTE at 4 x 4)",
     )
     full_batch_rows: int = setting(
         0,

@@ -18,8 +18,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
@@ -359,9 +362,11 @@ def execute(
     data_dir: str | None = None,
     quiet: bool = True,
     report_only: bool = False,
+    lock_fd: int = -1,
 ) -> list[dict]:
     """Run each job in its own process (skipping finished ones) and collect the summaries;
-    with `report_only`, collect the finished runs and run nothing."""
+    with `report_only`, collect the finished runs and run nothing. `lock_fd` (from `claim`)
+    is passed on to the job's process."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for i, run in enumerate(runs, 1):
@@ -389,7 +394,7 @@ def execute(
                 shutil.rmtree(target, ignore_errors=True)  # stopped before its first checkpoint
                 cmd = ["train", "--config", str(cfg_path), "--out", str(target)]
             cmd = [sys.executable, "-m", "zotune.cli", *cmd, *(["--quiet"] if quiet else [])]
-            done = subprocess.run(cmd, capture_output=quiet, text=True)
+            done = _run_child(cmd, quiet=quiet, lock_fd=lock_fd)
             if done.returncode != 0:
                 err = (done.stderr or "").strip().splitlines()[-1:] or ["failed"]
                 print(f"  failed: {err[0]}", flush=True)
@@ -402,25 +407,54 @@ def execute(
     return results
 
 
+WAIT_SECONDS = 30.0  # a worker whose every run left is held by others looks again after this
+
+
 @contextlib.contextmanager
-def claim(out: Path, name: str, *, wait: bool = False) -> Iterator[bool]:
-    """Hold `<out>/locks/<name>` while the block runs; yields False (without waiting, unless
-    `wait`) when another worker holds it. The OS drops the lock when a worker dies, so a
-    killed worker's run is free to be resumed."""
+def claim(out: Path, name: str, *, wait: bool = False) -> Iterator[int | None]:
+    """Hold `<out>/locks/<name>` while the block runs. Yields the lock's file descriptor, to be
+    passed on to the process doing the work (`execute(..., lock_fd=)`): the lock is then held
+    until both have let go, so a killed worker's run stays taken while its `zotune train`
+    still runs, and is free once both are gone. Yields None (without waiting, unless `wait`)
+    when another worker holds it, and -1 where there are no locks (Windows)."""
     if fcntl is None:
-        yield True
+        yield -1
         return
     (out / "locks").mkdir(parents=True, exist_ok=True)
     with open(out / "locks" / name, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            yield False
+            yield None
             return
         try:
-            yield True
+            yield f.fileno()
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_child(cmd: list[str], *, quiet: bool, lock_fd: int) -> subprocess.CompletedProcess:
+    """Run `zotune train` in its own session, so that a signal to this worker's process group
+    (Ctrl-C, `timeout`) reaches it once, forwarded: it then checkpoints, and the worker waits
+    for it before it stops (nothing is still writing the run when the worker's caller goes on)."""
+    pipe = subprocess.PIPE if quiet else None
+    keep = (lock_fd,) if lock_fd >= 0 else ()
+    proc = subprocess.Popen(
+        cmd, stdout=pipe, stderr=pipe, text=True, start_new_session=True, pass_fds=keep
+    )
+
+    def forward(signum: int, _frame: Any) -> None:
+        proc.send_signal(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    sigs = (signal.SIGINT, signal.SIGTERM) if main else ()
+    handlers = {sig: signal.signal(sig, forward) for sig in sigs}
+    try:
+        out, err = proc.communicate()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _summary(target: Path) -> dict[str, Any] | None:
@@ -716,8 +750,9 @@ def run_suite(
         return []
     if not report_only:
         # one run at a time, the suite derived again after each: a suite may add runs that
-        # depend on finished ones (the convergence suite's seeds at the rate chosen on dev)
-        tried: set[str] = set()
+        # depend on finished ones (the convergence suite's seeds at the rate chosen on dev).
+        # A run another worker holds is skipped; when every run left is held, wait for one.
+        tried: set[str] = set()  # run by this worker (a failed run is not retried by it)
         while True:
             runs = derive()
             todo = [
@@ -726,13 +761,17 @@ def run_suite(
             ]  # fmt: skip
             if not todo:
                 break
-            rid = run_id(todo[0])
-            tried.add(rid)
-            with claim(out, rid) as mine:
-                if not mine:  # another worker is running it
-                    continue
-                print(f"{len(runs) - len(todo) + 1}/{len(runs)}:", end=" ", flush=True)
-                execute(todo[:1], out, data_dir=data_dir)
+            for run in todo:
+                rid = run_id(run)
+                with claim(out, rid) as fd:
+                    if fd is None:
+                        continue
+                    tried.add(rid)
+                    print(f"{len(runs) - len(todo) + 1}/{len(runs)}:", end=" ", flush=True)
+                    execute([run], out, data_dir=data_dir, lock_fd=fd)
+                    break
+            else:
+                time.sleep(WAIT_SECONDS)
     with claim(out, "report", wait=True):  # workers finishing together write one at a time
         runs = derive()
         results = execute(runs, out, data_dir=data_dir, report_only=True)

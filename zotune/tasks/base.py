@@ -66,6 +66,7 @@ class Example:
             + sum(map(len, self.texts))
             + len(self.mlm_prompt)
             + max(map(len, self.candidates), default=0)
+            + len(self.answers[0] if self.answers else "")  # a generation task's target
         )
 
 
