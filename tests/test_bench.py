@@ -148,8 +148,17 @@ def test_a_signal_to_the_worker_reaches_its_run_once_and_the_worker_waits(tmp_pa
         "signal.signal(signal.SIGTERM, stop)\ntime.sleep(30)\n"
     )
     threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    done = bench._run_child([sys.executable, "-c", child, str(mark)], quiet=True, lock_fd=-1)
-    assert done.returncode == 143
+    done, stopped = bench._run_child(
+        [sys.executable, "-c", child, str(mark)], quiet=True, lock_fd=-1
+    )
+    assert done.returncode == 143 and stopped
     signum, session = mark.read_text().split()  # once, and after it the worker went on
     assert int(signum) == signal.SIGTERM and int(session) != os.getsid(0)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    # a run signalled before it can take the signal (still loading) dies of it: the worker
+    # still stops, and says that the run's last checkpoint stands
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    done, stopped = bench._run_child(
+        [sys.executable, "-c", "import time; time.sleep(30)"], quiet=True, lock_fd=-1
+    )
+    assert stopped and done.returncode == 143 and "the last one stands" in done.stderr

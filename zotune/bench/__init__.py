@@ -394,14 +394,16 @@ def execute(
                 shutil.rmtree(target, ignore_errors=True)  # stopped before its first checkpoint
                 cmd = ["train", "--config", str(cfg_path), "--out", str(target)]
             cmd = [sys.executable, "-m", "zotune.cli", *cmd, *(["--quiet"] if quiet else [])]
-            done = _run_child(cmd, quiet=quiet, lock_fd=lock_fd)
+            done, stopped = _run_child(cmd, quiet=quiet, lock_fd=lock_fd)
             if done.returncode != 0:
                 err = (done.stderr or "").strip().splitlines()[-1:] or ["failed"]
                 print(f"  failed: {err[0]}", flush=True)
                 results.append({"id": rid, **run, "error": err[0]})
-                if done.returncode in (130, 143):  # Ctrl-C / kill: stop the grid, resumable
+                if stopped or done.returncode in (130, 143):  # Ctrl-C / kill: stop, resumable
                     raise KeyboardInterrupt
                 continue
+            if stopped:  # the run ended as the signal came: stop before the next
+                raise KeyboardInterrupt
         summary = json.loads((target / "summary.json").read_text())
         results.append({"id": rid, **run, **summary})
     return results
@@ -433,17 +435,23 @@ def claim(out: Path, name: str, *, wait: bool = False) -> Iterator[int | None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_child(cmd: list[str], *, quiet: bool, lock_fd: int) -> subprocess.CompletedProcess:
+def _run_child(
+    cmd: list[str], *, quiet: bool, lock_fd: int
+) -> tuple[subprocess.CompletedProcess, bool]:
     """Run `zotune train` in its own session, so that a signal to this worker's process group
     (Ctrl-C, `timeout`) reaches it once, forwarded: it then checkpoints, and the worker waits
-    for it before it stops (nothing is still writing the run when the worker's caller goes on)."""
+    for it before it stops (nothing is still writing the run when the worker's caller goes on).
+    Returns the finished process and whether the worker was asked to stop meanwhile."""
     pipe = subprocess.PIPE if quiet else None
     keep = (lock_fd,) if lock_fd >= 0 else ()
     proc = subprocess.Popen(
         cmd, stdout=pipe, stderr=pipe, text=True, start_new_session=True, pass_fds=keep
     )
 
+    got: list[int] = []
+
     def forward(signum: int, _frame: Any) -> None:
+        got.append(signum)
         proc.send_signal(signum)
 
     main = threading.current_thread() is threading.main_thread()  # where handlers can be set
@@ -454,7 +462,10 @@ def _run_child(cmd: list[str], *, quiet: bool, lock_fd: int) -> subprocess.Compl
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    code = proc.returncode
+    if got and code < 0:  # the signal came before the run could take it: its last checkpoint stands
+        code, err = 128 + got[0], "zotune: stopped before its next checkpoint (the last one stands)"
+    return subprocess.CompletedProcess(cmd, code, out, err), bool(got)
 
 
 def _summary(target: Path) -> dict[str, Any] | None:
