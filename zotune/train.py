@@ -383,9 +383,9 @@ def micro_batches(batch: list[Example], k: int, *, sort: bool = False) -> list[l
     """A step's batch cut into k equal micro-batches, in data order or, with `sort`, by length
     (stable, so examples of equal length keep the data order): each then pads to a shorter
     longest, and the mean of the k micro-batch losses is the batch's mean loss all the same."""
-    if sort:
-        batch = sorted(batch, key=Example.text_length)
     b = len(batch) // k
+    if sort:
+        return length_batches(batch, b)[1]
     return [batch[i * b : (i + 1) * b] for i in range(k)]
 
 
