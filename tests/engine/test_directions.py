@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from zotune.engine.directions import Gaussian, derive_seed, hash32
+from zotune.engine.directions import Gaussian, derive_seed, hash32, kth_magnitude
 from zotune.engine.space import Offset, ParameterSpace
 from zotune.engine.torch_path import BLOCK
 from zotune.testing import reference_z
@@ -59,3 +62,30 @@ def test_directions_have_unit_variance():
     assert abs((g.abs() < 1).float().mean() - 0.6827) < 0.005  # shaped like a normal
     assert abs((g**4).mean() - 3) < 0.1
     assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_kth_magnitude_near_a_guess_equals_a_selection_over_all(native, monkeypatch):
+    """Sparse MeZO re-thresholds tied tensors every step from the last threshold: the band
+    around it gives kthvalue's h and the counts below and at h exactly, whether h moved a little,
+    a lot, or the guess is useless (then the whole tensor is selected over)."""
+    monkeypatch.setenv("ZOTUNE_NATIVE", native)
+    torch.manual_seed(0)
+    x = torch.randn(50_000) * 0.05
+    x[:300] = 0.0123  # a tie group (both signs)
+    x[300:500] = -0.0123
+    x[500:600] = float("-0.0")
+    for keep in (1, 17, 20_000, 20_300, 20_700, 49_999, 50_000):
+        mags = x.abs()
+        h = float(mags.kthvalue(keep).values)
+        expected = (h, int((mags < h).sum()), int((mags == h).sum()))
+        for near in (None, h, h * 1.001, h * 0.97, h * 3, h / 50, 1e-30, 0.0, math.inf):
+            assert kth_magnitude(x, keep, near) == expected, (keep, near)
+    bf16 = x.bfloat16()  # not float32: the torch band, on |x| in float32
+    mags = bf16.abs().float()
+    h = float(mags.kthvalue(20_000).values)
+    assert kth_magnitude(bf16, 20_000, h * 1.01) == (
+        h,
+        int((mags < h).sum()),
+        int((mags == h).sum()),
+    )

@@ -198,7 +198,7 @@ class MagnitudeMask:
             self._threshold(t, k)
         self.follow = set(self.ties)  # tied at the start: thresholded again every step
 
-    def _threshold(self, t: torch.Tensor, k: int) -> None:
+    def _threshold(self, t: torch.Tensor, k: int, near: float | None = None) -> None:
         keep = round((1 - self.sparsity) * t.numel())
         self.ties.pop(k, None)
         if keep <= 0:
@@ -207,10 +207,8 @@ class MagnitudeMask:
         if keep >= t.numel():
             self.thresholds[k] = math.inf
             return
-        mags = t.detach().reshape(-1).abs().float()
-        h = float(mags.kthvalue(keep).values)
+        h, below, at = kth_magnitude(t.detach().reshape(-1), keep, near)
         self.thresholds[k] = h
-        below, at = int((mags < h).sum()), int((mags == h).sum())
         if below + at > keep:  # more entries at h than needed: keep a hashed share of them
             self.ties[k] = round((keep - below) / at * 2**32)
 
@@ -224,8 +222,8 @@ class MagnitudeMask:
         if not self.follow:
             return
         for t, k in zip(tensors, keys):
-            if k in self.follow:
-                self._threshold(t, k)
+            if k in self.follow:  # near the last threshold: the weights moved by one step
+                self._threshold(t, k, near=self.thresholds[k])
         self.version += 1
 
     def __call__(self, key: int, start: int, theta: torch.Tensor, seed: int) -> torch.Tensor:
@@ -237,6 +235,56 @@ class MagnitudeMask:
             hashed = hash32(derive_seed(seed, key, MASK_SALT), start, theta.numel(), theta.device)
             keep &= ~(at & (hashed >= limit))
         return keep
+
+
+def kth_magnitude(x: torch.Tensor, keep: int, near: float | None = None) -> tuple[float, int, int]:
+    """(h, #{|x| < h}, #{|x| = h}) for h the keep-th smallest |x| (1-based), exactly as
+    `kthvalue` over all of |x| finds it.
+
+    Given `near`, a value h is expected close to (the last step's threshold: a ZO step moves the
+    weights by little), the selection runs over the entries in a narrow band around it: one pass
+    over x (the C kernel's, for a float32 CPU tensor) instead of a selection over all of it,
+    25x faster on MiniLM-L6's 11.7M-entry embedding table. The band widens 16x while it misses
+    h; the whole tensor is the last resort."""
+    if near is not None and 0.0 < near < math.inf:
+        width = near / 256
+        while width < near:
+            found = _band(x, near - width, near + width)
+            if found is None:
+                break  # too many entries in the band: select over them all
+            below, band = found
+            if below < keep <= below + band.numel():
+                h = float(band.kthvalue(keep - below).values)
+                return (
+                    h,
+                    below + int(torch.count_nonzero(band < h)),
+                    int(torch.count_nonzero(band == h)),
+                )
+            width *= 16
+    mags = x.abs().float()
+    h = float(mags.kthvalue(keep).values)
+    return h, int(torch.count_nonzero(mags < h)), int(torch.count_nonzero(mags == h))
+
+
+def _band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor] | None:
+    """(#{|x| < lo}, the |x| in [lo, hi]) in float32, or None when the band holds more than a
+    sixteenth of x (a selection over all of it is as cheap)."""
+    cap = max(x.numel() // 16, 1)
+    lib = _native.lib()
+    if lib is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        x = x.contiguous()
+        band, counts = torch.empty(cap, dtype=torch.float32), torch.zeros(2, dtype=torch.int64)
+        lib.zt_magnitude_band(
+            _native.ptr(x), x.numel(), lo, hi, _native.ptr(band), cap, _native.ptr(counts)
+        )
+        below, inside = int(counts[0]), int(counts[1])
+        return None if inside > cap else (below, band[:inside])
+    mags = x.abs().float()
+    lo32, hi32 = torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+    inside = (mags >= lo32.to(mags.device)) & (mags <= hi32.to(mags.device))
+    if int(torch.count_nonzero(inside)) > cap:
+        return None
+    return int(torch.count_nonzero(mags < lo32.to(mags.device))), mags[inside]
 
 
 class RandomMask:

@@ -570,6 +570,8 @@ def _bind(c: ctypes.CDLL) -> None:
     c.zt_fill_sign.argtypes = [f32, i64, u64, i64]
     c.zt_outer.argtypes = [f32, i64, i64, f32, f32, i64, i64]
     c.zt_outer.restype = None
+    c.zt_magnitude_band.argtypes = [f32, i64, ctypes.c_float, ctypes.c_float, f32, i64, u8]
+    c.zt_magnitude_band.restype = None
     c.zt_encode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]
     c.zt_encode.restype = i64
     c.zt_decode.argtypes = [f32, f32, ctypes.c_float, f32, u8, f32, i64]

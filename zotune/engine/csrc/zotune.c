@@ -255,6 +255,40 @@ static void zt_fill(int law, float *out, int64_t n, uint64_t key, int64_t start,
     else zt_fill_sign(out, n, key, start);
 }
 
+/* Sparse MeZO's thresholds again (MagnitudeMask.refresh): one pass over x counting the
+   elements with |x| < lo (counts[0]) and with lo <= |x| <= hi (counts[1]); the latter's |x| are
+   copied, in order, to band while it has room (cap). A NaN is counted in neither. The band is
+   narrow, so 8 elements at a time are tested and only a hit is looked at one by one (a branch
+   per element mispredicts: 13x slower). */
+void zt_magnitude_band(const float *x, int64_t n, float lo, float hi, float *band, int64_t cap,
+                       int64_t *counts) {
+    int64_t below = 0, in = 0, j = 0;
+#ifdef __AVX2__
+    const __m256 sign = _mm256_set1_ps(-0.0f), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    for (; j + 8 <= n; j += 8) {
+        __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + j));
+        below += __builtin_popcount(_mm256_movemask_ps(_mm256_cmp_ps(a, vlo, _CMP_LT_OQ)));
+        int hit = _mm256_movemask_ps(
+            _mm256_and_ps(_mm256_cmp_ps(a, vlo, _CMP_GE_OQ), _mm256_cmp_ps(a, vhi, _CMP_LE_OQ)));
+        for (int l = 0; hit; l++, hit >>= 1) {
+            if (!(hit & 1)) continue;
+            if (in < cap) band[in] = fabsf(x[j + l]);
+            in++;
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        float a = fabsf(x[j]);
+        below += a < lo;
+        if ((a >= lo) & (a <= hi)) {
+            if (in < cap) band[in] = a;
+            in++;
+        }
+    }
+    counts[0] = below;
+    counts[1] = in;
+}
+
 /* Masks as bits (bit k of byte j: element 8j + k kept), one function per kind. */
 
 /* Sparse MeZO: keep |theta| <= h, from the unperturbed weights (ordered compares: a NaN weight
