@@ -10,8 +10,10 @@ goes back after 30 s idle):
     # prints the calls: run(carry=[".kit/part-00"], command="ls .kit") for each part but the
     # last, then the last part with the command (--then; the GPU check by default):
     #   x=$(python3 benchmarks/device_kit.py unpack) && eval "$x" && python3 benchmarks/gpu_check.py
-    # to go on with a suite there and bring its runs back, --then
-    #   "timeout 420 python3 -m zotune.cli bench decoder --device cuda --out /tmp/kit/runs;
+    # to go on with a suite there and bring its runs back, --then (several workers share the
+    # runs folder, docs/runs.md: a 135M model leaves most of an H100 idle; not yet measured)
+    #   "for w in 1 2 3 4; do timeout 420 python3 -m zotune.cli bench decoder --device cuda
+    #    --out /tmp/kit/runs & sleep 5; done; wait;
     #    python3 benchmarks/device_kit.py collect /tmp/kit/runs $OUT"
     python benchmarks/device_kit.py merge <files_at> /work/evidence/decoder   # here, after
 
