@@ -16,6 +16,9 @@ class SparseMeZO(MeZO):
     current unperturbed weights: ẑ = m ⊙ z, g = (L(θ + εẑ) − L(θ − εẑ))/2ε, θ ← θ − η·g·ẑ.
     Masked-out weights are neither perturbed nor updated. Cost per step as MeZO: 2 forward
     passes, 3 regenerations of z; no mask is stored beyond a 1-bit record while perturbed.
+    A tensor tied at its threshold (zeros, ones, quantized weights) takes its threshold again
+    each step, from a band around the last one: one more read of it and a buffer of at most
+    1/16 of it, freed after (`MagnitudeMask`).
     """
 
     name = "sparse-mezo"
