@@ -79,7 +79,7 @@ def test_kth_magnitude_near_a_guess_equals_a_selection_over_all(native, monkeypa
         mags = x.abs()
         h = float(mags.kthvalue(keep).values)
         expected = (h, int((mags < h).sum()), int((mags == h).sum()))
-        for near in (None, h, h * 1.001, h * 0.97, h * 3, h / 50, 1e-30, 0.0, math.inf):
+        for near in (None, h, h * 1.001, h * 0.97, h * 3, h / 50, 1e-30, 5e-324, 0.0, math.inf):
             assert kth_magnitude(x, keep, near) == expected, (keep, near)
     bf16 = x.bfloat16()  # not float32: the torch band, on |x| in float32
     mags = bf16.abs().float()

@@ -251,7 +251,7 @@ def kth_magnitude(x: torch.Tensor, keep: int, near: float | None = None) -> tupl
     h; the whole tensor is the last resort."""
     if near is not None and 0.0 < near < math.inf:
         width = near / 256
-        while width < near:
+        while 0.0 < width < near:  # (a denormal near: width 0, the whole tensor)
             found = _band(x, near - width, near + width)
             if found is None:
                 break  # too many entries in the band: select over them all
