@@ -246,10 +246,10 @@ def kth_magnitude(x: torch.Tensor, keep: int, near: float | None = None) -> tupl
 
     Given `near`, a value h is expected close to (the last step's threshold: a ZO step moves the
     weights by little), the selection runs over the entries in a narrow band around it: one pass
-    over x (the C kernel's, for a float32 CPU tensor) instead of a selection over all of it,
-    4 ms against 575 ms on MiniLM-L6's 11.7M-entry embedding table (one thread; docs/
-    PERFORMANCE.md). The band widens 16x while it misses
-    h; the whole tensor is the last resort."""
+    over x (the C kernel's, for a float32 CPU tensor) instead of a selection over all of it:
+    4 ms against 575 ms on MiniLM-L6's 11.7M-entry embedding table, one thread
+    (docs/PERFORMANCE.md). The band widens 16x while it misses h; the whole tensor is the last
+    resort."""
     if near is not None and 0.0 < near < math.inf:
         width = near / 256
         while 0.0 < width < near:  # (a denormal near: width 0, the whole tensor)
