@@ -81,6 +81,15 @@ def test_kth_magnitude_near_a_guess_equals_a_selection_over_all(native, monkeypa
         expected = (h, int((mags < h).sum()), int((mags == h).sum()))
         for near in (None, h, h * 1.001, h * 0.97, h * 3, h / 50, 1e-30, 5e-324, 0.0, math.inf):
             assert kth_magnitude(x, keep, near) == expected, (keep, near)
+    # near the answer, only the band is selected over: kthvalue never sees all of x
+    selected, kthvalue = [], torch.Tensor.kthvalue
+    h = float(x.abs().kthvalue(20_300).values)
+    monkeypatch.setattr(
+        torch.Tensor, "kthvalue", lambda t, *a: selected.append(t.numel()) or kthvalue(t, *a)
+    )
+    kth_magnitude(x, 20_300, h * 1.001)
+    assert selected and max(selected) < x.numel() // 16
+    monkeypatch.undo()
     bf16 = x.bfloat16()  # not float32: the torch band, on |x| in float32
     mags = bf16.abs().float()
     h = float(mags.kthvalue(20_000).values)
