@@ -55,14 +55,25 @@ def test_an_interrupted_run_in_a_grid_resumes_where_it_stopped(tiny_model_dir, t
 
 def test_a_suite_adds_seeds_at_the_rate_chosen_on_dev(tiny_model_dir, tmp_path, monkeypatch):
     grid = [tiny_run(tiny_model_dir, lr=lr, seed=0, steps=4) for lr in (1e-4, 1e-2)]
-    monkeypatch.setattr(bench, "suite", lambda name, out: grid + bench._seeds_at_best(grid, out))
+    # the seeds cut the same batch of 4 into 2 sorted micro-batches (as the convergence
+    # suite's later SST-2 runs do): the same examples and loss, so one setting over seeds
+    cut = dict(batch_size=2, grad_accum=2, sort_micro_batches=True)
+    monkeypatch.setattr(
+        bench, "suite", lambda name, out: grid + bench._seeds_at_best(grid, out, **cut)
+    )
     results = run_suite("tiny", tmp_path)
     assert len(results) == 4  # the grid, then seeds 1 and 2 at one of its rates
     dev = {r["lr"]: next(iter(r["dev"].values())) for r in results if r["seed"] == 0}
     chosen = max(dev, key=dev.get)
     assert sorted(r["seed"] for r in results if r["lr"] == chosen) == [0, 1, 2]
+    assert [r["forward_passes"] for r in results] == [8, 8, 16, 16]  # model calls
     report = (tmp_path / "report.md").read_text()
     assert "Mean ± standard deviation over seeds" in report and "| 3 |" in report
+    # ... counted in passes over the whole batch in the report: 2 a MeZO step for every run
+    rows = [line.split(" | ") for line in report.splitlines() if "| mezo | full |" in line]
+    assert [row[6] for row in rows] == ["8"] * 4
+    seeds = next(line for line in report.splitlines() if "| 3 |" in line)
+    assert seeds.split(" | ")[10] == "8"
     for png in ("dev_vs_forward_passes_seeds.png", "dev_vs_wall_time_seeds.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
@@ -162,3 +173,38 @@ def test_a_signal_to_the_worker_reaches_its_run_once_and_the_worker_waits(tmp_pa
         [sys.executable, "-c", "import time; time.sleep(30)"], quiet=True, lock_fd=-1
     )
     assert stopped and done.returncode == 143 and "the last one stands" in done.stderr
+
+
+def test_the_convergence_suite_keeps_its_finished_runs_and_sorts_later_sst2_batches(tmp_path):
+    runs = bench.suite("convergence", tmp_path)  # no run finished: the grids and baselines
+    ids = [run_id(r) for r in runs]
+    # the SST-2 seed-0 grids finished on 2026-12-07 padded to each batch's longest: their ids
+    # (folders, results) must not move when the suite's later runs change how they batch
+    assert {
+        "minilm-l6-sst2-linear-probe-full-2fa8b90b", "minilm-l6-sst2-mezo-full-bf42ec1b",
+        "minilm-l6-sst2-zo-adam-full-71478f93", "minilm-l6-sst2-sparse-mezo-full-92ab080a",
+        "minilm-l6-sst2-mezo-svrg-full-6133c4f3", "minilm-l6-sst2-mezo-full-de06e9c4",
+    } <= set(ids)  # fmt: skip
+    later = {"fo-adam", "fo-sgd", "fzoo", "lozo", "hizoo"}
+    for r in runs:
+        cut = (r.get("batch_size"), r.get("grad_accum", 1), r.get("sort_micro_batches", False))
+        if r["task"] == "rte":
+            assert cut == (4, 4, True)
+        elif r["method"] in later:
+            assert cut == (8, 2, True)
+        else:
+            assert cut == (16, 1, False)
+    # once a grid has finished, its seeds 1 and 2 run with SST-2's later batching, and group
+    # with the seed-0 run in the seed tables all the same
+    for r in runs:
+        if r["task"] == "sst2" and r["method"] not in later and r.get("seed") == 0:
+            (tmp_path / "runs" / run_id(r)).mkdir(parents=True)
+            summary = {"status": "completed", "dev": {"accuracy": r["lr"]}}
+            (tmp_path / "runs" / run_id(r) / "summary.json").write_text(json.dumps(summary))
+    seeds = [r for r in bench.suite("convergence", tmp_path) if r.get("seed") in (1, 2)]
+    assert len(seeds) == 2 * 5 and all(r["task"] == "sst2" for r in seeds)
+    for r in seeds:
+        assert (r["batch_size"], r["grad_accum"], r["sort_micro_batches"]) == (8, 2, True)
+        [seed0] = [g for g in runs if g.get("seed") == 0 and g["method"] == r["method"]
+                   and g["lr"] == r["lr"] and g["init_head"] == r["init_head"] and g["task"] == "sst2"]  # fmt: skip
+        assert bench._setting(r) == bench._setting(seed0)
