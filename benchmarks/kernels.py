@@ -3,7 +3,7 @@
     python benchmarks/kernels.py
 
 Prints nanoseconds per element for drawing z, perturb + exactness check, undo, and the float32
-copy of θ0: the pieces of one pass of a ZO step (docs/PERFORMANCE.md, "profile").
+copy of θ0: the pieces of one pass of a ZO step (docs/PERFORMANCE.md, "Where the remaining time goes").
 """
 
 from __future__ import annotations

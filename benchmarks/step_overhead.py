@@ -154,7 +154,7 @@ def main() -> None:
         "mezo-svrg",
         "sparse-mezo",
         "r-mezo",
-        "lozo",  # low-rank directions (issue 21): the torch path on a CPU
+        "lozo",  # low-rank directions (issue 21): the C kernel's low-rank law on a CPU
         "lozo-m",
         "subzero",
         "fzoo",
