@@ -208,3 +208,30 @@ def test_the_convergence_suite_keeps_its_finished_runs_and_sorts_later_sst2_batc
         [seed0] = [g for g in runs if g.get("seed") == 0 and g["method"] == r["method"]
                    and g["lr"] == r["lr"] and g["init_head"] == r["init_head"] and g["task"] == "sst2"]  # fmt: skip
         assert bench._setting(r) == bench._setting(seed0)
+
+
+def test_forward_passes_to_mezos_best_count_against_its_seed_0_runs_from_the_same_head(tmp_path):
+    def run(rid: str, method: str, dev: list[float], seed: int = 0, head: str = "linear-probe"):
+        (tmp_path / "runs" / rid).mkdir(parents=True)
+        rows = [{"step": 10 * i, "forward_passes": 40 * i, "dev": {"accuracy": d}} for i, d in enumerate(dev, 1)]  # fmt: skip
+        (tmp_path / "runs" / rid / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+        return dict(id=rid, model="m", task="sst2", method=method, lr=1e-7, seed=seed, steps=30,
+                    init_head=head, grad_accum=2, zero_shot={"accuracy": 0.5},
+                    dev={"accuracy": max(dev)})  # fmt: skip
+
+    results = [
+        run("a", "mezo", [0.6, 0.8, 0.7]),
+        run("b", "mezo", [0.9, 0.9, 0.9], seed=1),  # a lucky seed does not move the target
+        run("c", "mezo-svrg", [0.81, 0.7, 0.7]),
+        run("d", "mezo", [0.55, 0.6, 0.58], head="fresh"),  # its own target, from its own head
+    ]
+    rows = [
+        line.split(" | ")[2:] for line in bench._to_target(results, tmp_path) if "| m |" in line
+    ]
+    # forward passes over the whole batch (2 micro-batches: 40 calls = 20 passes)
+    assert rows == [
+        ["mezo", "linear-probe", "1e-07", "0", "80.0", "40 |"],
+        ["mezo", "linear-probe", "1e-07", "1", "80.0", "20 |"],
+        ["mezo-svrg", "linear-probe", "1e-07", "0", "80.0", "20 |"],
+        ["mezo", "fresh", "1e-07", "0", "60.0", "40 |"],
+    ]
