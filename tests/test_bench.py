@@ -235,3 +235,14 @@ def test_forward_passes_to_mezos_best_count_against_its_seed_0_runs_from_the_sam
         ["mezo-svrg", "linear-probe", "1e-07", "0", "80.0", "20 |"],
         ["mezo", "fresh", "1e-07", "0", "60.0", "40 |"],
     ]
+
+
+def test_seeds_that_a_plateau_stopped_at_different_steps_share_one_setting(
+    tiny_model_dir, tmp_path
+):
+    grid = [tiny_run(tiny_model_dir, seed=s, steps=8, eval_every=2) for s in (0, 1)]
+    grid[1]["patience"] = 1  # stops at its first evaluation that is no new best
+    results = execute(grid, tmp_path)
+    assert results[0]["steps"] == 8 and results[1]["steps"] < 8  # the steps each ran
+    [group] = bench._seed_groups(results)
+    assert sorted(r["seed"] for r in group) == [0, 1]

@@ -414,7 +414,9 @@ def execute(
             if stopped:  # the run ended as the signal came: stop before the next
                 raise KeyboardInterrupt
         summary = json.loads((target / "summary.json").read_text())
-        results.append({"id": rid, **run, **summary})
+        # the summary's `steps` are the steps run (a plateau may stop a run early); `max_steps`
+        # keeps the steps asked for, which the run's setting is made of
+        results.append({"id": rid, **run, **summary, "max_steps": run.get("steps")})
     return results
 
 
@@ -510,13 +512,15 @@ def write_results(results: list[dict], out: Path, title: str) -> None:
 
 
 def _setting(r: dict[str, Any]) -> str:
-    """A run's configuration without its seed, and with its whole batch in place of how that is
-    cut into micro-batches (the same examples and loss): the runs that differ only by seed
-    share it."""
-    skip = {"seed", "data_dir", "grad_accum", "sort_micro_batches"}
+    """A run's configuration without its seed, with its whole batch in place of how that is cut
+    into micro-batches (the same examples and loss), and with the steps asked for, not those a
+    plateau (`patience`) let it run: the runs that differ only by seed share it."""
+    skip = {"seed", "data_dir", "grad_accum", "sort_micro_batches", "patience"}
     setting = {k: v for k, v in r.items() if k in TRAIN_KEYS and k not in skip}
     if "batch_size" in setting:
         setting["batch_size"] *= int(r.get("grad_accum") or 1)
+    if r.get("max_steps") is not None:  # not the steps a plateau let it run
+        setting["steps"] = r["max_steps"]
     return json.dumps(setting, sort_keys=True, default=str)
 
 
@@ -547,7 +551,8 @@ def _passes(r: dict[str, Any], forward_passes: float) -> float:
 def _seed_table(groups: list[list[dict]]) -> list[str]:
     lines = [
         "",
-        "Mean ± standard deviation over seeds (each method at the learning rate chosen on dev):",
+        "Mean ± standard deviation over seeds (each method at the learning rate chosen on dev; "
+        "forward passes and wall time: the mean over seeds, each run to its plateau stop):",
         "",
         "| model | task | method | head | lr | seeds | zero-shot dev | dev (best) | test (at best dev) | final dev | forward passes | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -560,7 +565,7 @@ def _seed_table(groups: list[list[dict]]) -> list[str]:
             f"{r.get('init_head', 'fresh')} | {r.get('lr', '')} | {len(g)} | "
             f"{_mean_std([first(x['zero_shot']) for x in g])} | {_mean_std([first(x['dev']) for x in g])} | "
             f"{_mean_std([first(x['test']) for x in g])} | {_mean_std([first(x['final_dev']) for x in g])} | "
-            f"{_passes(r, r['forward_passes'])} | {sum(x['wall_seconds'] for x in g) / len(g):.0f} |"
+            f"{sum(_passes(x, x['forward_passes']) for x in g) / len(g):.0f} | {sum(x['wall_seconds'] for x in g) / len(g):.0f} |"
         )
     return lines
 
@@ -593,6 +598,8 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                     curve = [(x[x_key], next(iter(x["dev"].values()))) for x in rows if "dev" in x]
                     if x_key == "forward_passes":
                         curve = [(_passes(r, n), dev) for n, dev in curve]
+                    if r.get("zero_shot"):  # where each seed starts (its own probe's head)
+                        curve.insert(0, (0, next(iter(r["zero_shot"].values()))))
                     curves.append(curve)
                 n = min(len(c) for c in curves)
                 xs = np.mean([[p[0] for p in c[:n]] for c in curves], axis=0)
@@ -610,7 +617,10 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                 ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=line[0].get_color())  # fmt: skip
             for r in results:
                 if "error" not in r and not r.get("steps") and str(r["task"]) == task:
-                    ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="gray", label=r["method"])  # fmt: skip
+                    split = (
+                        f"seed {r.get('seed') or 0}'s split"  # the curves start at each seed's own
+                    )
+                    ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="gray", label=f"{r['method']} ({split})")  # fmt: skip
             ax.set_title(Path(task).stem)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("dev accuracy / F1 (%)")
