@@ -617,10 +617,9 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                 ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=line[0].get_color())  # fmt: skip
             for r in results:
                 if "error" not in r and not r.get("steps") and str(r["task"]) == task:
-                    split = (
-                        f"seed {r.get('seed') or 0}'s split"  # the curves start at each seed's own
-                    )
-                    ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="gray", label=f"{r['method']} ({split})")  # fmt: skip
+                    # one seed's probe; the curves start at each seed's own
+                    label = f"{r['method']} (seed {r.get('seed') or 0}'s split)"
+                    ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="gray", label=label)  # fmt: skip
             ax.set_title(Path(task).stem)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("dev accuracy / F1 (%)")
