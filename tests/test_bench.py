@@ -250,3 +250,28 @@ def test_seeds_that_a_plateau_stopped_at_different_steps_share_one_setting(
     assert results[0]["steps"] == 8 and results[1]["steps"] < 8  # the steps each ran
     [group] = bench._seed_groups(results)
     assert sorted(r["seed"] for r in group) == [0, 1]
+
+
+def test_mezo_svrg_passes_count_the_anchors_rows_and_match_the_calls_of_older_logs(
+    tiny_model_dir, tmp_path
+):
+    """An anchor step reads the anchor's rows twice in chunks of the eval batch size; a
+    minibatch step makes 4 passes over the batch. Passes over the batch count rows, and a log
+    from before rows were counted (calls only) gives the same passes."""
+    run = tiny_run(
+        tiny_model_dir, method="mezo-svrg", steps=7, batch_size=2, grad_accum=2,
+        full_batch_rows=24, eval_batch_size=16, extra={"refresh": 3},
+    )  # fmt: skip
+    [r] = execute([run], tmp_path)
+    log = metrics(tmp_path / "runs" / r["id"])
+    anchors = [1, 4, 7]  # every 3rd step from the first
+    # anchor: 2 x 24 rows in chunks of 16 (2 calls each); minibatch: 4 passes x 2 micro-batches
+    calls = [sum(4 if s in anchors else 8 for s in range(1, n + 1)) for n in range(1, 8)]
+    rows = [sum(48 if s in anchors else 16 for s in range(1, n + 1)) for n in range(1, 8)]
+    assert [x["forward_passes"] for x in log] == calls and [x["rows"] for x in log] == rows
+    assert r["rows"] == rows[-1]
+    passes = [bench._passes(r, x) for x in log]
+    assert passes == [n / 4 for n in rows]  # 12 passes of the batch of 4 an anchor step
+    old = {k: v for k, v in r.items() if k != "rows"}
+    assert [bench._passes(old, {k: v for k, v in x.items() if k != "rows"}) for x in log] == passes
+    assert bench._passes(old, old) == passes[-1]

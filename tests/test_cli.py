@@ -69,6 +69,7 @@ def test_train_writes_consistent_files(run_dir):
         assert key in summary
     assert summary["steps"] == 6 and summary["method"] == "mezo" and summary["task"] == "sst2"
     assert summary["forward_passes"] == rows[-1]["forward_passes"] == 12  # 2 per MeZO step
+    assert summary["rows"] == rows[-1]["rows"] == 12 * 8  # each pass reads the batch of 8
     assert 0 <= summary["dev"]["accuracy"] <= 1 and "accuracy" in summary["test"]
     assert summary["dev"]["accuracy"] >= summary["zero_shot"]["accuracy"]  # best-on-dev
     assert summary["peak_memory_mb"] > 0 and summary["wall_seconds"] > 0

@@ -127,6 +127,27 @@ def test_sigterm_checkpoints_marks_the_run_interrupted_and_resumes(
     assert_same_run(uninterrupted("zo-adam", "full"), out)
 
 
+def test_a_checkpoint_from_before_rows_were_counted_resumes_without_a_partial_count(
+    tiny_model_dir, tmp_path
+):
+    out = tmp_path / "run"
+    proc = start(args_for(tiny_model_dir, out, "mezo", "full"))
+    wait_for_step(proc, out, 7)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    loop = out / "checkpoint" / "loop.json"
+    state = json.loads(loop.read_text())
+    assert state["train_rows"] == 2 * 4 * state["step"]
+    del state["train_rows"]  # as a checkpoint written before rows were counted
+    loop.write_text(json.dumps(state))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and "rows" not in summary
+    log = rows(out)
+    assert all("rows" in r for r in log[: state["step"]])
+    assert not any("rows" in r for r in log[state["step"] :])
+
+
 def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing"), "--quiet"]) == 2
     out = tmp_path / "run"

@@ -2,7 +2,7 @@
 
 A checkpoint holds the trained tensors (safetensors, by parameter name), the optimizer's and the
 LR scheduler's state dicts and torch's RNG state (`optimizer.pt`), and the loop's own state
-(`loop.json`: the step, forward passes, times, the best-on-dev record). It is written into
+(`loop.json`: the step, forward passes and the rows they read, times, the best-on-dev record). It is written into
 `checkpoint.tmp/` and swapped in by renames, so a run killed at any moment keeps either the
 previous checkpoint or the new one whole. Writing costs one pass over the trained tensors (a
 LoRA or prefix run: kilobytes to a few MB; a full-parameter run: its weights, plus its rule
@@ -31,6 +31,9 @@ class LoopState:
     train_forwards: int = 0  # forward passes made by training steps (not by evaluation)
     forward_seconds: float = 0.0  # time inside the steps' forward passes
     train_tokens: int = 0  # tokens those forward passes read (padding excluded)
+    # rows (examples) they read; None when the run began before rows were counted (its
+    # checkpoint has no such field), so a resumed old run never reports a partial count
+    train_rows: int | None = None
     step_seconds: float = 0.0  # time inside the steps
     wall_seconds: float = 0.0  # wall time of the run so far, every session before this one
     zero_shot: dict[str, float] = field(default_factory=dict)

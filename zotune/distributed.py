@@ -170,17 +170,20 @@ class World:
         counts once all ranks have exchanged it (`step_end`), so they stop at the same step."""
         return stop if self.size == 1 else _AgreedStop(stop)
 
-    def step_end(self, stop: Any, forward_passes: int, tokens: int) -> tuple[int, int]:
-        """After each step: agree on stop requests; returns the step's forward passes and the
-        tokens they read, each summed over the ranks."""
+    def step_end(
+        self, stop: Any, forward_passes: int, tokens: int, rows: int
+    ) -> tuple[int, int, int]:
+        """After each step: agree on stop requests; returns the step's forward passes, the tokens
+        and the rows they read, each summed over the ranks."""
         if self.size == 1:
-            return forward_passes, tokens
+            return forward_passes, tokens, rows
         signal = stop.requests.get("signal", 0)
-        values = torch.tensor([signal, forward_passes, tokens], dtype=torch.int64)
-        rows = self._gather(values, "a step")
-        if int(rows[:, 0].max()):
-            stop.agreed["signal"] = int(rows[:, 0].max())
-        return int(rows[:, 1].sum()), int(rows[:, 2].sum())
+        values = torch.tensor([signal, forward_passes, tokens, rows], dtype=torch.int64)
+        gathered = self._gather(values, "a step")
+        if int(gathered[:, 0].max()):
+            stop.agreed["signal"] = int(gathered[:, 0].max())
+        passes, tokens, rows = (int(n) for n in gathered[:, 1:].sum(0).tolist())
+        return passes, tokens, rows
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], what: str) -> list[Any]:
         """[fn(item) for item in items], item i computed on rank i mod N and the results

@@ -94,6 +94,7 @@ class Objective:
         self.forward_passes = 0
         self.forward_seconds = 0.0  # time spent inside the model calls counted above
         self.forward_tokens = 0  # tokens those calls read (padding excluded)
+        self.forward_rows = 0  # rows (examples) those calls read: a 64-row call counts 64
 
     @property
     def model(self) -> torch.nn.Module:
@@ -109,6 +110,7 @@ class Objective:
 
     def _call(self, **inputs: Any) -> Any:
         self.forward_passes += 1
+        self.forward_rows += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
         self.forward_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         start = time.perf_counter()
@@ -362,6 +364,7 @@ class CausalObjective(Objective):
             if n < 2:
                 return None
             self.forward_passes += 1
+            self.forward_rows += 1
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
             cache = out.past_key_values
             self._demo_kv = (ids, [(layer.keys, layer.values) for layer in cache.layers])
@@ -504,6 +507,7 @@ class CausalObjective(Objective):
 
         def count(*_: Any) -> None:
             self.forward_passes += 1
+            self.forward_rows += int(ids.shape[0])
 
         hook = self._base.register_forward_hook(count)  # one call per decoding step
         try:

@@ -791,7 +791,10 @@ def _run(
             zero_shot = evaluate(task.dev)
             zero_shot_test = evaluate(task.test) if task.test else {}
         state = checkpoint.LoopState(
-            zero_shot=zero_shot, zero_shot_test=zero_shot_test, best={"step": 0, "dev": zero_shot}
+            train_rows=0,
+            zero_shot=zero_shot,
+            zero_shot_test=zero_shot_test,
+            best={"step": 0, "dev": zero_shot},
         )
         if cfg.keep == "best" and not getattr(opt, "replayable", False):
             _save_weights(model, opt, out / "best.safetensors", 0)  # until a step beats it
@@ -841,7 +844,7 @@ def _run(
             closure = world.closure(loss_fn, micro)  # one process: MicroBatches when k > 1
             t0 = time.perf_counter()
             before, before_s = objective.forward_passes, objective.forward_seconds
-            before_tokens = objective.forward_tokens
+            before_tokens, before_rows = objective.forward_tokens, objective.forward_rows
             lr = opt.param_groups[0]["lr"]
             loss = float(opt.step(closure))  # every optimizer: forward only
             if scheduler is not None:
@@ -849,16 +852,22 @@ def _run(
             seconds = time.perf_counter() - t0
             state.step_seconds += seconds
             state.forward_seconds += objective.forward_seconds - before_s
-            forwards, tokens = world.step_end(
-                stop, objective.forward_passes - before, objective.forward_tokens - before_tokens
+            forwards, tokens, rows = world.step_end(
+                stop,
+                objective.forward_passes - before,
+                objective.forward_tokens - before_tokens,
+                objective.forward_rows - before_rows,
             )
             state.train_forwards += forwards
             state.train_tokens += tokens
+            if state.train_rows is not None:
+                state.train_rows += rows
             state.step = step
             row: dict[str, Any] = {
                 "step": step,
                 "loss": loss,
                 "forward_passes": state.train_forwards,
+                **({"rows": state.train_rows} if state.train_rows is not None else {}),
                 "tokens": state.train_tokens,
                 "lr": lr,
                 "seconds": seconds,
@@ -934,6 +943,11 @@ def _run(
             else {}
         ),
         "forward_passes": state.train_forwards,
+        # rows (examples) the training forward passes read: the full batch's passes are
+        # rows / (batch_size x grad_accum), whatever the chunking (MeZO-SVRG's anchor)
+        **({"rows": state.train_rows} if state.train_rows is not None else {}),
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "zero_shot": state.zero_shot,
         "zero_shot_test": state.zero_shot_test,
         "dev": best["dev"],

@@ -540,12 +540,43 @@ def _mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
 
 
-def _passes(r: dict[str, Any], forward_passes: float) -> float:
-    """Forward passes over the step's whole batch (batch size x grad_accum examples), the papers'
-    unit: a run that cuts its batch into K micro-batches calls the model K times a pass (the
-    count `zotune train` logs), so runs of one task compare whatever their micro-batching."""
-    n = forward_passes / int(r.get("grad_accum") or 1)
+def _passes(r: dict[str, Any], x: dict[str, Any]) -> float:
+    """Forward passes over the step's whole batch (batch size x grad_accum rows), the papers'
+    unit, at `x` (a metrics row, or the run's summary `r`): the rows the training passes read
+    over the rows of a batch, so runs of one task compare whatever their micro-batching and
+    however MeZO-SVRG chunks its anchor's full batch. Runs logged before rows were counted
+    give model calls / grad_accum (a MeZO-SVRG run's anchor steps worked out from its calls)."""
+    k = int(r.get("grad_accum") or 1)
+    batch = int(r.get("batch_size") or TrainConfig.batch_size) * k
+    if "rows" in x:
+        n = x["rows"] / batch
+    elif r.get("method") == "mezo-svrg" and _anchor_rows(r):
+        n = _svrg_passes(r, x, k, batch)
+    else:
+        n = x["forward_passes"] / k
     return int(n) if n == int(n) else round(n, 1)
+
+
+def _anchor_rows(r: dict[str, Any]) -> int:
+    """The rows of a MeZO-SVRG run's full-batch anchor (0: unknown, all of a full dataset)."""
+    n_train, picked = r.get("num_train") or 0, r.get("full_batch_rows") or 0
+    return min(picked, n_train) if picked and n_train else picked or n_train
+
+
+def _svrg_passes(r: dict[str, Any], x: dict[str, Any], k: int, batch: int) -> float:
+    """A MeZO-SVRG run logged as calls: every `refresh`-th step from the first is an anchor step
+    (2 passes over `full_batch_rows` rows, in chunks), the others 4 passes over the batch (2 at
+    θ, 2 at the anchor), each K calls. The anchor steps' calls are checked against the log."""
+    refresh = int((r.get("extra") or {}).get("refresh") or 2)
+    step = int(x["step"] if "step" in x else x["steps"])  # a metrics row, or the summary
+    rows = _anchor_rows(r)
+    anchors = (step + refresh - 1) // refresh
+    chunk_calls = x["forward_passes"] - 4 * k * (step - anchors)
+    if anchors == 0 or chunk_calls % (2 * anchors) or not chunk_calls:
+        raise ValueError(
+            f"{r['id']}: {x['forward_passes']} calls by step {step} do not fit MeZO-SVRG's schedule"
+        )
+    return 4 * (step - anchors) + anchors * 2 * rows / batch
 
 
 def _seed_table(groups: list[list[dict]]) -> list[str]:
@@ -565,7 +596,7 @@ def _seed_table(groups: list[list[dict]]) -> list[str]:
             f"{r.get('init_head', 'fresh')} | {r.get('lr', '')} | {len(g)} | "
             f"{_mean_std([first(x['zero_shot']) for x in g])} | {_mean_std([first(x['dev']) for x in g])} | "
             f"{_mean_std([first(x['test']) for x in g])} | {_mean_std([first(x['final_dev']) for x in g])} | "
-            f"{sum(_passes(x, x['forward_passes']) for x in g) / len(g):.0f} | {sum(x['wall_seconds'] for x in g) / len(g):.0f} |"
+            f"{sum(_passes(x, x) for x in g) / len(g):.0f} | {sum(x['wall_seconds'] for x in g) / len(g):.0f} |"
         )
     return lines
 
@@ -595,9 +626,14 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                         json.loads,
                         (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines(),
                     )
-                    curve = [(x[x_key], next(iter(x["dev"].values()))) for x in rows if "dev" in x]
-                    if x_key == "forward_passes":
-                        curve = [(_passes(r, n), dev) for n, dev in curve]
+                    curve = [
+                        (
+                            _passes(r, x) if x_key == "forward_passes" else x[x_key],
+                            next(iter(x["dev"].values())),
+                        )
+                        for x in rows
+                        if "dev" in x
+                    ]
                     if r.get("zero_shot"):  # where each seed starts (its own probe's head)
                         curve.insert(0, (0, next(iter(r["zero_shot"].values()))))
                     curves.append(curve)
@@ -648,10 +684,12 @@ def _metric(d: dict | None) -> str:
 
 def _report(results: list[dict], out: Path, title: str) -> None:
     lines = [f"# {title}", ""]
-    if any(int(r.get("grad_accum") or 1) > 1 for r in results):
+    if any(int(r.get("grad_accum") or 1) > 1 or r["method"] == "mezo-svrg" for r in results):
         lines += [
-            "Forward passes are passes over a step's whole batch: a run that cuts it into K "
-            "micro-batches (grad_accum) makes K model calls a pass.",
+            "Forward passes are passes over a step's whole batch (batch size x grad_accum rows): "
+            "the rows the training passes read, over a batch's rows. A run that cuts its batch "
+            "into K micro-batches makes K model calls a pass; a MeZO-SVRG anchor step reads its "
+            "full batch twice, in chunks, and counts as many passes as it has batches' rows.",
             "",
         ]
     lines += [
@@ -666,7 +704,7 @@ def _report(results: list[dict], out: Path, title: str) -> None:
             continue
         lines.append(
             f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem}{' (empty template)' if r.get('template') == 'empty' else ''} | "
-            f"{r['method']}{' ({} demos)'.format(r['demos']) if 'demos' in r else ''} | {r.get('peft', 'full')} | {r.get('lr', '') if r['steps'] else ''} | {r['steps']} | {_passes(r, r['forward_passes'])} | {_metric(r.get('zero_shot'))} | "
+            f"{r['method']}{' ({} demos)'.format(r['demos']) if 'demos' in r else ''} | {r.get('peft', 'full')} | {r.get('lr', '') if r['steps'] else ''} | {r['steps']} | {_passes(r, r)} | {_metric(r.get('zero_shot'))} | "
             f"{_metric(r.get('dev'))} | {_metric(r.get('test'))} | {r['peak_memory_mb']:.0f} | {r['seconds_per_step']:.2f} | {r.get('step_to_forward_ratio', '-')} | {r.get('tokens_per_second', '-')} |"
         )
     lines += _to_target(results, out)
@@ -698,7 +736,7 @@ def _to_target(results: list[dict], out: Path) -> list[str]:
             continue  # MeZO never beat zero-shot: no target to reach
         log = (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
         hit = next(
-            (_passes(r, x["forward_passes"]) for x in map(json.loads, log) if "dev" in x and dev(x["dev"]) >= target),
+            (_passes(r, x) for x in map(json.loads, log) if "dev" in x and dev(x["dev"]) >= target),
             None,
         )  # fmt: skip
         rows.append(
@@ -748,9 +786,7 @@ def _plots(results: list[dict], out: Path) -> None:
             for x in (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
         ]
         pts = [(0, next(iter(r["zero_shot"].values())))] + [
-            (_passes(r, x["forward_passes"]), next(iter(x["dev"].values())))
-            for x in rows
-            if "dev" in x
+            (_passes(r, x), next(iter(x["dev"].values()))) for x in rows if "dev" in x
         ]
         ax.plot(
             [p[0] for p in pts],
