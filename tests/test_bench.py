@@ -213,7 +213,8 @@ def test_the_convergence_suite_keeps_its_finished_runs_and_sorts_later_sst2_batc
 def test_forward_passes_to_mezos_best_count_against_mezo_at_the_same_seed_and_head(tmp_path):
     def run(rid: str, method: str, dev: list[float], seed: int = 0, head: str = "linear-probe"):
         (tmp_path / "runs" / rid).mkdir(parents=True)
-        rows = [{"step": 10 * i, "forward_passes": 40 * i, "dev": {"accuracy": d}} for i, d in enumerate(dev, 1)]  # fmt: skip
+        # 40 calls of 16 rows = 20 passes over the batch of 2 micro-batches
+        rows = [{"step": 10 * i, "forward_passes": 40 * i, "rows": 640 * i, "dev": {"accuracy": d}} for i, d in enumerate(dev, 1)]  # fmt: skip
         (tmp_path / "runs" / rid / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
         return dict(id=rid, model="m", task="sst2", method=method, lr=1e-7, seed=seed, steps=30,
                     init_head=head, grad_accum=2, zero_shot={"accuracy": 0.5},

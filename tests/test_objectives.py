@@ -382,6 +382,18 @@ def test_forward_pass_counter(llama):
     assert obj.forward_passes == 5
 
 
+def test_counted_losses_count_examples_not_the_sequences_they_forward(llama):
+    """Training passes are counted in examples: multi-token candidates forward a sequence per
+    (example, candidate), yet a loss over 3 examples counts 3; evaluation counts none."""
+    obj = make_objective(llama, "classification")
+    batch = multi_token_examples()
+    loss, nondiff = obj.counted(obj.loss), obj.counted(obj.nondiff_loss)
+    with torch.no_grad():
+        loss(batch), nondiff(batch[:2])
+        obj.evaluate(batch, batch_size=2)
+    assert obj.forward_rows == 3 + 2 and obj.forward_passes == 2 + 2
+
+
 # ----------------------------------------------------------------------------- encoders
 
 

@@ -174,7 +174,7 @@ def test_full_batch_rows_is_a_fixed_seeded_subset_of_the_training_set():
     for rows, seed in [(0, 0), (10, 0), (10, 0), (10, 1)]:
         cfg = TrainConfig(full_batch_rows=rows, seed=seed, eval_batch_size=4)
         seen.append([])
-        value = full_batch_loss(Counting(), task, cfg)()
+        value = full_batch_loss(Counting().loss, task, cfg)()
         assert value == pytest.approx(sum(seen[-1]) / len(seen[-1]))
     assert seen[0] == list(range(100))
     assert len(seen[1]) == 10 and seen[1] == seen[2] and seen[1] != seen[3]

@@ -112,4 +112,6 @@ def load(
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
-    return LoopState(**json.loads((where / "loop.json").read_text()))
+    state = json.loads((where / "loop.json").read_text())
+    # fields a newer zotune added are left to it (workers on two commits may share a folder)
+    return LoopState(**{k: v for k, v in state.items() if k in LoopState.__dataclass_fields__})

@@ -19,7 +19,7 @@ import re
 import string
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,7 +94,9 @@ class Objective:
         self.forward_passes = 0
         self.forward_seconds = 0.0  # time spent inside the model calls counted above
         self.forward_tokens = 0  # tokens those calls read (padding excluded)
-        self.forward_rows = 0  # rows (examples) those calls read: a 64-row call counts 64
+        # examples the training losses read (`counted`): a loss over B examples counts B, however
+        # many sequences it forwards (one per candidate) or chunks it runs
+        self.forward_rows = 0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -110,7 +112,6 @@ class Objective:
 
     def _call(self, **inputs: Any) -> Any:
         self.forward_passes += 1
-        self.forward_rows += int(inputs["input_ids"].shape[0])
         mask = inputs.get("attention_mask")
         self.forward_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         start = time.perf_counter()
@@ -118,6 +119,18 @@ class Objective:
             return self.model(**inputs)
         finally:
             self.forward_seconds += time.perf_counter() - start
+
+    def counted(
+        self, loss: Callable[[Sequence[Example]], torch.Tensor]
+    ) -> Callable[[Sequence[Example]], torch.Tensor]:
+        """`loss` (this objective's `loss` or `nondiff_loss`), adding each call's examples to
+        `forward_rows`: the training loop's count of passes over a batch."""
+
+        def counted_loss(batch: Sequence[Example]) -> torch.Tensor:
+            self.forward_rows += len(batch)
+            return loss(batch)
+
+        return counted_loss
 
     def loss(self, batch: Sequence[Example]) -> torch.Tensor:
         """Mean loss of the batch: a 0-dim float32 tensor, differentiable when grad is enabled."""
@@ -364,7 +377,6 @@ class CausalObjective(Objective):
             if n < 2:
                 return None
             self.forward_passes += 1
-            self.forward_rows += 1
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
             cache = out.past_key_values
             self._demo_kv = (ids, [(layer.keys, layer.values) for layer in cache.layers])
@@ -507,7 +519,6 @@ class CausalObjective(Objective):
 
         def count(*_: Any) -> None:
             self.forward_passes += 1
-            self.forward_rows += int(ids.shape[0])
 
         hook = self._base.register_forward_hook(count)  # one call per decoding step
         try:

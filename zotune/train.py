@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -464,7 +465,11 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer a config names, over the model's trainable parameters (`build_for`; with
     the objective and task, MeZO-SVRG gets the full training set's loss)."""
-    full = full_batch_loss(objective, task, cfg) if objective is not None and task else None
+    full = (
+        full_batch_loss(objective.counted(objective.loss), task, cfg)
+        if objective is not None and task
+        else None
+    )
     return optim.build_for(
         model,
         cfg.method,
@@ -474,8 +479,10 @@ def build_optimizer(
     )
 
 
-def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
-    """The loss over the whole training set, in chunks (MeZO-SVRG's full-batch estimates), or
+def full_batch_loss(
+    loss: Callable[[Sequence[Example]], torch.Tensor], task: Task, cfg: TrainConfig
+) -> Callable[[], float]:
+    """`loss` over the whole training set, in chunks (MeZO-SVRG's full-batch estimates), or
     over a fixed subset of `--full-batch-rows` rows drawn from the run's seed."""
     examples, size = task.train, cfg.eval_batch_size
     if 0 < cfg.full_batch_rows < len(examples):
@@ -486,7 +493,7 @@ def full_batch_loss(objective: Any, task: Task, cfg: TrainConfig):
     def closure() -> float:
         total = 0.0  # (with several ranks, each computes some of the chunks)
         sums = distributed.world().map(
-            lambda chunk: float(objective.loss(chunk)) * len(chunk), chunks, "the full-batch loss"
+            lambda chunk: float(loss(chunk)) * len(chunk), chunks, "the full-batch loss"
         )
         for value in sums:
             total += value
@@ -809,7 +816,9 @@ def _run(
         else f"resumed at step {state.step} of {cfg.steps}"
     )
     metric = task.metric
-    loss_fn = objective.nondiff_loss if cfg.objective != "loss" else objective.loss
+    loss_fn = objective.counted(
+        objective.nondiff_loss if cfg.objective != "loss" else objective.loss
+    )
     k = cfg.grad_accum
     batch_iter = batches(len(task.train), cfg.batch_size * k, cfg.seed)
     for _ in range(state.step):  # the same data order as an uninterrupted run

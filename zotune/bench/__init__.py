@@ -550,7 +550,7 @@ def _passes(r: dict[str, Any], x: dict[str, Any]) -> float:
     batch = int(r.get("batch_size") or TrainConfig.batch_size) * k
     if "rows" in x:
         n = x["rows"] / batch
-    elif r.get("method") == "mezo-svrg" and _anchor_rows(r):
+    elif r.get("method") == "mezo-svrg":
         n = _svrg_passes(r, x, k, batch)
     else:
         n = x["forward_passes"] / k
@@ -558,21 +558,22 @@ def _passes(r: dict[str, Any], x: dict[str, Any]) -> float:
 
 
 def _anchor_rows(r: dict[str, Any]) -> int:
-    """The rows of a MeZO-SVRG run's full-batch anchor (0: unknown, all of a full dataset)."""
-    n_train, picked = r.get("num_train") or 0, r.get("full_batch_rows") or 0
-    return min(picked, n_train) if picked and n_train else picked or n_train
+    """The rows of a MeZO-SVRG run's full-batch anchor: `full_batch_rows` of the training rows,
+    or all of them."""
+    n_train = int(r.get("num_train") or TrainConfig.num_train)
+    picked = int(r.get("full_batch_rows") or 0)
+    return min(picked, n_train) if picked else n_train
 
 
 def _svrg_passes(r: dict[str, Any], x: dict[str, Any], k: int, batch: int) -> float:
     """A MeZO-SVRG run logged as calls: every `refresh`-th step from the first is an anchor step
-    (2 passes over `full_batch_rows` rows, in chunks), the others 4 passes over the batch (2 at
-    θ, 2 at the anchor), each K calls. The anchor steps' calls are checked against the log."""
+    (2 passes over the anchor's rows, in chunks of the eval batch size), the others 4 passes over
+    the batch (2 at θ, 2 at the anchor), each K calls. The log's calls must fit that schedule."""
     refresh = int((r.get("extra") or {}).get("refresh") or 2)
     step = int(x["step"] if "step" in x else x["steps"])  # a metrics row, or the summary
-    rows = _anchor_rows(r)
+    rows, chunk = _anchor_rows(r), int(r.get("eval_batch_size") or TrainConfig.eval_batch_size)
     anchors = (step + refresh - 1) // refresh
-    chunk_calls = x["forward_passes"] - 4 * k * (step - anchors)
-    if anchors == 0 or chunk_calls % (2 * anchors) or not chunk_calls:
+    if x["forward_passes"] != 4 * k * (step - anchors) + anchors * 2 * -(-rows // chunk):
         raise ValueError(
             f"{r['id']}: {x['forward_passes']} calls by step {step} do not fit MeZO-SVRG's schedule"
         )
