@@ -276,3 +276,23 @@ def test_mezo_svrg_passes_count_the_anchors_rows_and_match_the_calls_of_older_lo
     old = {k: v for k, v in r.items() if k != "rows"}
     assert [bench._passes(old, {k: v for k, v in x.items() if k != "rows"}) for x in log] == passes
     assert bench._passes(old, old) == passes[-1]
+
+
+def test_a_long_suite_plots_one_panel_per_task(tmp_path):
+    import struct
+
+    results = []
+    for i in range(22):
+        rid, task = f"r{i}", ("sst2", "rte")[i % 2]
+        (tmp_path / "runs" / rid).mkdir(parents=True)
+        rows = [{"step": 10, "forward_passes": 20, "rows": 320, "dev": {"accuracy": 0.6}}]
+        (tmp_path / "runs" / rid / "metrics.jsonl").write_text(json.dumps(rows[0]))
+        results.append(dict(id=rid, model="m", task=task, method="mezo", lr=1e-7, seed=i % 3,
+                            steps=10, batch_size=16, zero_shot={"accuracy": 0.5}, peak_memory_mb=1.0,
+                            seconds_per_step=0.1))  # fmt: skip
+    bench._plots(results, tmp_path)
+    width = struct.unpack(">I", (tmp_path / "dev_vs_forward_passes.png").read_bytes()[16:20])[0]
+    assert width == 2 * 7 * 120  # two panels, 7 inches each at 120 dpi
+    bench._plots(results[:20], tmp_path)  # a short suite: one panel
+    width = struct.unpack(">I", (tmp_path / "dev_vs_forward_passes.png").read_bytes()[16:20])[0]
+    assert width == 7 * 120

@@ -766,40 +766,50 @@ def _plots(results: list[dict], out: Path) -> None:
     several = len({r["model"] for r in ok}) > 1
     key = lambda r: (r["model"], r["task"], r["method"], r.get("peft"))  # noqa: E731
     rates = len({(key(r), r.get("lr")) for r in ok}) > len({key(r) for r in ok})
+    seeds = len({r.get("seed") or 0 for r in ok}) > 1
+    tasks = sorted({str(r["task"]) for r in ok}, key=lambda t: Path(t).stem)
+    panels = len(tasks) > 1 and len(ok) > 20  # a long suite: one panel per task
 
     def name(r: dict, sep: str = " ") -> str:
-        where = Path(str(r["task"])).stem + (f", {Path(str(r['model'])).name}" if several else "")
+        where = "" if panels else sep + Path(str(r["task"])).stem
+        if several:
+            where += f", {Path(str(r['model'])).name}"
         lr = f" lr {r.get('lr')}" if rates and r.get("steps") else ""
-        return f"{r['method']}/{r.get('peft', 'full')}{lr}{sep}{where}"
+        seed = f" seed {r.get('seed') or 0}" if seeds and r.get("steps") else ""
+        return f"{r['method']}/{r.get('peft', 'full')}{lr}{seed}{where}"
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    # one colour per run, baselines included (axhline does not advance the colour cycle);
-    # the default cycle repeats after 10 colours
-    colors = plt.cm.tab20.colors if len(ok) > 10 else plt.cm.tab10.colors
-    for i, r in enumerate(ok):
-        label, color = name(r), colors[i % len(colors)]
-        if r["steps"] == 0:  # a baseline (ICL, linear probe): one accuracy, drawn as a level
-            level = 100 * next(iter(r["dev"].values()))
-            ax.axhline(level, ls="--", lw=1, color=color, label=label)
-            continue
-        rows = [
-            json.loads(x)
-            for x in (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
-        ]
-        pts = [(0, next(iter(r["zero_shot"].values())))] + [
-            (_passes(r, x), next(iter(x["dev"].values()))) for x in rows if "dev" in x
-        ]
-        ax.plot(
-            [p[0] for p in pts],
-            [100 * p[1] for p in pts],
-            marker="o",
-            ms=3,
-            label=label,
-            color=color,
-        )
-    ax.set_xlabel("forward passes")
-    ax.set_ylabel("dev accuracy / F1 (%)")
-    ax.legend(fontsize=6, ncol=2)
+    groups = [[r for r in ok if str(r["task"]) == t] for t in tasks] if panels else [ok]
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        # one colour per run, baselines included (axhline does not advance the colour cycle);
+        # past 20 runs the colours repeat with another marker
+        colors = plt.cm.tab20.colors if len(group) > 10 else plt.cm.tab10.colors
+        for i, r in enumerate(group):
+            label, color = name(r), colors[i % len(colors)]
+            if r["steps"] == 0:  # a baseline (ICL, linear probe): one accuracy, drawn as a level
+                level = 100 * next(iter(r["dev"].values()))
+                ax.axhline(level, ls="--", lw=1, color=color, label=label)
+                continue
+            rows = [
+                json.loads(x)
+                for x in (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
+            ]
+            pts = [(0, next(iter(r["zero_shot"].values())))] + [
+                (_passes(r, x), next(iter(x["dev"].values()))) for x in rows if "dev" in x
+            ]
+            ax.plot(
+                [p[0] for p in pts],
+                [100 * p[1] for p in pts],
+                marker="os^Dv"[i // len(colors) % 5],
+                ms=3,
+                label=label,
+                color=color,
+            )
+        if panels:
+            ax.set_title(Path(str(group[0]["task"])).stem)
+        ax.set_xlabel("forward passes")
+        ax.set_ylabel("dev accuracy / F1 (%)")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "dev_vs_forward_passes.png", dpi=120)
     plt.close(fig)
