@@ -4,9 +4,9 @@ A checkpoint holds the trained tensors (safetensors, by parameter name), the opt
 LR scheduler's state dicts and torch's RNG state (`optimizer.pt`), and the loop's own state
 (`loop.json`: the step, forward passes and the rows they read, times, the best-on-dev record).
 It is written into `checkpoint.tmp/` and swapped in by renames, so a run killed at any moment
-keeps either the previous checkpoint or the new one whole. Writing costs one pass over the trained tensors (a
-LoRA or prefix run: kilobytes to a few MB; a full-parameter run: its weights, plus its rule
-state for momentum and Adam) — see `zotune train --save-every`.
+keeps either the previous checkpoint or the new one whole. Writing costs one pass over the
+trained tensors (a LoRA or prefix run: kilobytes to a few MB; a full-parameter run: its weights,
+plus its rule state for momentum and Adam) — see `zotune train --save-every`.
 """
 
 from __future__ import annotations
