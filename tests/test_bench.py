@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -75,7 +76,8 @@ def test_a_suite_adds_seeds_at_the_rate_chosen_on_dev(tiny_model_dir, tmp_path, 
     seeds = next(line for line in report.splitlines() if "| 3 |" in line)
     assert seeds.split(" | ")[10] == "8"
     for png in ("dev_vs_forward_passes_seeds.png", "dev_vs_wall_time_seeds.png"):
-        assert (tmp_path / png).stat().st_size > 1000
+        width, height = struct.unpack(">II", (tmp_path / png).read_bytes()[16:24])
+        assert (width, height) == (7.5 * 120, 8 * 120)  # one task: its panel over its zoom
 
 
 def test_run_ids_leave_out_where_and_when_a_run_stops_but_not_what_it_computes():
@@ -279,7 +281,6 @@ def test_mezo_svrg_passes_count_the_anchors_rows_and_match_the_calls_of_older_lo
 
 
 def test_a_long_suite_plots_one_panel_per_task(tmp_path):
-    import struct
 
     results = []
     for i in range(22):

@@ -604,7 +604,8 @@ def _seed_table(groups: list[list[dict]]) -> list[str]:
 
 def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> None:
     """Dev score against forward passes and against wall time, mean ± std over seeds as a band,
-    one panel per task; one-step baselines (linear probe) as levels."""
+    one column per task; one-step baselines (linear probe) as levels. The second row zooms to
+    ±5 points around where the runs start, where methods that hold their start are told apart."""
     try:
         import matplotlib
 
@@ -618,8 +619,11 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
         ("forward_passes", "dev_vs_forward_passes_seeds.png", "training forward passes"),
         ("elapsed", "dev_vs_wall_time_seeds.png", "wall time (s)"),
     ]:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
+        fig, axes = plt.subplots(
+            2, len(tasks), figsize=(7.5 * len(tasks), 8), squeeze=False, height_ratios=[3, 2]
+        )
+        for col, task in enumerate(tasks):
+            starts = []
             for g in (g for g in groups if str(g[0]["task"]) == task):
                 curves = []
                 for r in g:
@@ -641,26 +645,30 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                 n = min(len(c) for c in curves)
                 xs = np.mean([[p[0] for p in c[:n]] for c in curves], axis=0)
                 ys = 100 * np.array([[p[1] for p in c[:n]] for c in curves])
+                starts.append(ys[:, 0].mean())
                 head = (
                     ""
                     if g[0].get("init_head") == "linear-probe"
                     else f" ({g[0].get('init_head', 'fresh')} head)"
                 )
-                line = ax.plot(
-                    xs,
-                    ys.mean(0),
-                    label=f"{g[0]['method']}{head} lr {g[0].get('lr')} ({len(g)} seeds)",
-                )
-                ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=line[0].get_color())  # fmt: skip
+                label = f"{g[0]['method']}{head} lr {g[0].get('lr')} ({len(g)} seeds)"
+                for ax in axes[:, col]:
+                    line = ax.plot(xs, ys.mean(0), label=label)
+                    ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=line[0].get_color())  # fmt: skip
             for r in results:
                 if "error" not in r and not r.get("steps") and str(r["task"]) == task:
                     # one seed's probe; the curves start at each seed's own
                     label = f"{r['method']} (seed {r.get('seed') or 0}'s split)"
-                    ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="gray", label=label)  # fmt: skip
-            ax.set_title(Path(task).stem)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("dev accuracy / F1 (%)")
-            ax.legend(fontsize=7)
+                    for ax in axes[:, col]:
+                        ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="black", label=label)  # fmt: skip
+            centre = float(np.median(starts)) if starts else 50.0
+            axes[0, col].set_title(Path(task).stem)
+            axes[1, col].set_title(f"{Path(task).stem}, within 5 points of the runs' start")
+            axes[1, col].set_ylim(centre - 5, centre + 5)
+            for ax in axes[:, col]:
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel("dev accuracy / F1 (%)")
+        axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
