@@ -188,6 +188,9 @@ def test_the_convergence_suite_keeps_its_finished_runs_and_sorts_later_sst2_batc
         "minilm-l6-sst2-mezo-svrg-full-6133c4f3", "minilm-l6-sst2-mezo-full-de06e9c4",
     } <= set(ids)  # fmt: skip
     later = {"fo-adam", "fo-sgd", "fzoo", "lozo", "hizoo"}
+    fresh = {(r["method"], r["task"], r["lr"]) for r in runs if r["init_head"] == "fresh"}
+    assert fresh == {(m, t, lr) for t in ("sst2", "rte") for m, lrs in
+                     [("mezo", (1e-5, 1e-4)), ("fo-adam", (1e-5, 3e-5))] for lr in lrs}  # fmt: skip
     for r in runs:
         cut = (r.get("batch_size"), r.get("grad_accum", 1), r.get("sort_micro_batches", False))
         if r["task"] == "rte":
