@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from matplotlib.figure import Figure
 from test_resume import start, wait_for_step
 
 import zotune.bench as bench
@@ -78,6 +80,16 @@ def test_a_suite_adds_seeds_at_the_rate_chosen_on_dev(tiny_model_dir, tmp_path, 
     for png in ("dev_vs_forward_passes_seeds.png", "dev_vs_wall_time_seeds.png"):
         width, height = struct.unpack(">II", (tmp_path / png).read_bytes()[16:24])
         assert (width, height) == (7.5 * 120, 8 * 120)  # one task: its panel over its zoom
+    # the zoom row spans 5 points either side of where the seeds' curves start
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    [group] = bench._seed_groups(results)
+    bench._band_plots(results, [group], tmp_path)
+    start = sum(100 * next(iter(r["zero_shot"].values())) for r in group) / len(group)
+    for fig in figures:
+        full, zoom = fig.axes[:2]
+        assert zoom.get_ylim() == pytest.approx((start - 5, start + 5))
+        assert [len(ax.lines) for ax in (full, zoom)] == [1, 1]  # the same curves in both
 
 
 def test_run_ids_leave_out_where_and_when_a_run_stops_but_not_what_it_computes():
@@ -284,7 +296,6 @@ def test_mezo_svrg_passes_count_the_anchors_rows_and_match_the_calls_of_older_lo
 
 
 def test_a_long_suite_plots_one_panel_per_task(tmp_path):
-
     results = []
     for i in range(22):
         rid, task = f"r{i}", ("sst2", "rte")[i % 2]

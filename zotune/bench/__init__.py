@@ -145,15 +145,18 @@ CONVERGENCE_METHODS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
 # clipping at norm 1; 1,000 steps), then the newer methods with the strongest claims, FZOO at
 # MeZO's budget of forward passes (9 a step: 1,111 steps), LOZO and HiZOO at MeZO's steps;
 # last, FO-Adam from a fresh head, the FO side of the fresh-head ablation.
+CONVERGENCE_FO = dict(
+    steps=FO_STEPS, eval_every=50, lr_scheduler="linear", extra={"max_grad_norm": 1.0}
+)
 CONVERGENCE_LATER: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
-    "fo-adam": (dict(steps=FO_STEPS, eval_every=50, lr_scheduler="linear", extra={"max_grad_norm": 1.0}), (1e-5, 3e-5)),
-    "fo-sgd": (dict(steps=FO_STEPS, eval_every=50, lr_scheduler="linear", extra={"max_grad_norm": 1.0}), (1e-3, 1e-2)),
+    "fo-adam": (CONVERGENCE_FO, (1e-5, 3e-5)),
+    "fo-sgd": (CONVERGENCE_FO, (1e-3, 1e-2)),
     "fzoo": (dict(steps=2 * ZO_STEPS // 9, eval_every=50), (1e-6, 1e-5)),
     "lozo": ({}, (1e-7, 3e-7)),
     "hizoo": ({}, (1e-7, 3e-7)),
     # the fresh-head ablation's FO side: does the probe's start matter to FO as it does to ZO
     # (ZO-Bench's task alignment: a well-posed start matters more to ZO than to FO)?
-    "fo-adam/fresh-head": (dict(steps=FO_STEPS, eval_every=50, lr_scheduler="linear", extra={"max_grad_norm": 1.0}, init_head="fresh"), (1e-5, 3e-5)),
+    "fo-adam/fresh-head": (dict(CONVERGENCE_FO, init_head="fresh"), (1e-5, 3e-5)),
 }  # fmt: skip
 SEEDS = (0, 1, 2)
 # SST-2's runs begun after its first grids (every seed 1 and 2, and CONVERGENCE_LATER) cut each
@@ -665,7 +668,7 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                     label = f"{r['method']} (seed {r.get('seed') or 0}'s split)"
                     for ax in axes[:, col]:
                         ax.axhline(100 * next(iter(r["dev"].values())), ls="--", lw=1, color="black", label=label)  # fmt: skip
-            centre = float(np.median(starts)) if starts else 50.0
+            centre = float(np.median(starts))
             axes[0, col].set_title(Path(task).stem)
             axes[1, col].set_title(f"{Path(task).stem}, within 5 points of the runs' start")
             axes[1, col].set_ylim(centre - 5, centre + 5)
