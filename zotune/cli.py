@@ -232,6 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         report_only=args.report_only,
         device=args.device,
+        restore_from=args.restore,
     )
     failed = [r for r in results if "error" in r]
     if not args.dry_run:
@@ -351,6 +352,12 @@ def parser() -> argparse.ArgumentParser:
         "--report-only",
         action="store_true",
         help="write the report from the runs finished so far, running nothing",
+    )
+    b.add_argument(
+        "--restore",
+        metavar="DIR",
+        help="first take the finished runs a results folder from an earlier machine records "
+        "(its results.jsonl, or results.csv) that --out lacks: they are not run again",
     )
     b.set_defaults(func=cmd_bench)
     pl = sub.add_parser(

@@ -6,8 +6,10 @@ a finished run (`summary.json` says completed) is not redone when a grid is re-r
 interrupted one resumes from its last checkpoint (`zotune train --resume`). Several workers can
 share one results folder (start the same `zotune bench` command once per core or machine): each
 run is claimed with a lock under `<out>/locks/`, and a worker skips the runs others hold. Results land in
-`results.jsonl`, `results.csv`, `report.md` and PNG plots (dev accuracy against forward passes,
-peak memory and seconds per step per method).
+`results.jsonl` (each run's summary and dev curve), `results.csv`, `report.md` and PNG plots (dev
+accuracy against forward passes, peak memory and seconds per step per method). A results folder
+committed from another machine is taken back with `restore` (`zotune bench --restore DIR`), so a
+suite moved to a new machine neither redoes nor loses the runs it had finished.
 """
 
 from __future__ import annotations
@@ -499,10 +501,81 @@ def _status(target: Path) -> str | None:
     return None if summary is None else summary.get("status", "completed")
 
 
+def _curve(out: Path, r: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A run's dev evaluations (its metrics.jsonl rows with a dev score), None where the run's
+    log was not kept (a run restored from a results.csv)."""
+    try:
+        log = (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return [x for x in map(json.loads, log) if "dev" in x]
+
+
+def _from_csv(row: dict[str, str]) -> dict[str, Any]:
+    """A results.csv row back as the nested record it was flattened from: empty cells dropped,
+    numbers and booleans parsed (provenance's strings, a commit hash among them, kept)."""
+    record: dict[str, Any] = {}
+    for key, text in row.items():
+        if text == "":
+            continue
+        value: Any = text
+        if not key.startswith("provenance.") and key != "id":
+            if text in ("True", "False"):
+                value = text == "True"
+            else:
+                for kind in (int, float):
+                    try:
+                        value = kind(text)
+                        break
+                    except ValueError:
+                        pass
+        *parents, leaf = key.split(".")
+        node = record
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return record
+
+
+def restore(archive: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Take into `out` every finished run that `archive` (a suite's results folder, as committed
+    from an earlier machine) records and `out` lacks; returns how many. A restored run is skipped
+    by the workers, chosen from by the seeds' learning-rate choice and reported like any other.
+    Its dev curve comes back from results.jsonl; from a results.csv (where only that was kept)
+    its summary alone does, and the plots and the forward passes to a target leave it out."""
+    archive, out = Path(archive), Path(out)
+    if (archive / "results.jsonl").is_file():
+        lines = (archive / "results.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines if x.strip()]
+    elif (archive / "results.csv").is_file():
+        with open(archive / "results.csv", newline="", encoding="utf-8") as f:
+            records = [_from_csv(row) for row in csv.DictReader(f)]
+    else:
+        raise ConfigError(f"{archive}: no results.jsonl or results.csv to restore runs from")
+    taken = 0
+    for record in records:
+        if "error" in record or record.get("status", "completed") != "completed":
+            continue
+        target = out / "runs" / str(record["id"])
+        if _status(target) == "completed":
+            continue
+        curve = record.pop("curve", None)
+        summary = {k: v for k, v in record.items() if k != "id"}
+        summary.update(status="completed", restored_from=str(archive))
+        shutil.rmtree(target, ignore_errors=True)  # an unfinished try here: the archive's is done
+        target.mkdir(parents=True)
+        if curve is not None:
+            (target / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in curve))
+        (target / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        taken += 1
+    return taken
+
+
 def write_results(results: list[dict], out: Path, title: str) -> None:
     with open(out / "results.jsonl", "w", encoding="utf-8") as f:
         for r in results:
-            f.write(json.dumps(r, default=str) + "\n")
+            curve = None if "error" in r or not r.get("steps") else _curve(out, r)
+            f.write(json.dumps(r if curve is None else {**r, "curve": curve}, default=str) + "\n")
     flat = [_flatten(r) for r in results]
     keys = sorted({k for r in flat for k in r})
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
@@ -621,6 +694,10 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
         import numpy as np
     except ImportError:
         return
+    # a group is drawn where every seed's curve was kept (runs restored from a results.csv lost theirs)
+    groups = [g for g in groups if all(_curve(out, r) is not None for r in g)]
+    if not groups:
+        return
     tasks = sorted({str(g[0]["task"]) for g in groups})
     for x_key, fname, xlabel in [
         ("forward_passes", "dev_vs_forward_passes_seeds.png", "training forward passes"),
@@ -634,17 +711,12 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
             for g in (g for g in groups if str(g[0]["task"]) == task):
                 curves = []
                 for r in g:
-                    rows = map(
-                        json.loads,
-                        (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines(),
-                    )
                     curve = [
                         (
                             _passes(r, x) if x_key == "forward_passes" else x[x_key],
                             next(iter(x["dev"].values())),
                         )
-                        for x in rows
-                        if "dev" in x
+                        for x in _curve(out, r) or []
                     ]
                     if r.get("zero_shot"):  # where each seed starts (its own probe's head)
                         curve.insert(0, (0, next(iter(r["zero_shot"].values()))))
@@ -750,11 +822,10 @@ def _to_target(results: list[dict], out: Path) -> list[str]:
         target = dev(ref["dev"])
         if target <= dev(ref["zero_shot"]):
             continue  # MeZO never beat zero-shot: no target to reach
-        log = (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
-        hit = next(
-            (_passes(r, x) for x in map(json.loads, log) if "dev" in x and dev(x["dev"]) >= target),
-            None,
-        )  # fmt: skip
+        curve = _curve(out, r)
+        if curve is None:
+            continue  # restored without its log: when it got there is not known
+        hit = next((_passes(r, x) for x in curve if dev(x["dev"]) >= target), None)
         rows.append(
             f"| {Path(str(r['model'])).name} | {Path(str(r['task'])).stem} | {r['method']} | "
             f"{r.get('init_head') or '-'} | {r.get('lr', '')} | {r.get('seed', 0)} | "
@@ -805,12 +876,11 @@ def _plots(results: list[dict], out: Path) -> None:
                 level = 100 * next(iter(r["dev"].values()))
                 ax.axhline(level, ls="--", lw=1, color=color, label=label)
                 continue
-            rows = [
-                json.loads(x)
-                for x in (out / "runs" / r["id"] / "metrics.jsonl").read_text().splitlines()
-            ]
+            rows = _curve(out, r)
+            if rows is None:  # restored without its log
+                continue
             pts = [(0, next(iter(r["zero_shot"].values())))] + [
-                (_passes(r, x), next(iter(x["dev"].values()))) for x in rows if "dev" in x
+                (_passes(r, x), next(iter(x["dev"].values()))) for x in rows
             ]
             ax.plot(
                 [p[0] for p in pts],
@@ -850,11 +920,16 @@ def run_suite(
     dry_run: bool = False,
     report_only: bool = False,
     device: str | None = None,
+    restore_from: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Run a named suite into `out` and write its results; returns one dict per run.
     `report_only` writes the report from the runs finished so far (an interrupted grid);
-    `device` (auto, cpu, cuda, cuda:N, mps) where every run computes (default: auto)."""
+    `device` (auto, cpu, cuda, cuda:N, mps) where every run computes (default: auto);
+    `restore_from` a results folder whose finished runs `out` takes first (see `restore`)."""
     out = Path(out)
+    if restore_from is not None:
+        with claim(out, "report", wait=True):  # not while another worker writes the report
+            print(f"restored {restore(restore_from, out)} finished runs from {restore_from}")
     if name == "memory":
         from .memory import BASES, memory_suite
 
@@ -904,4 +979,4 @@ def run_suite(
     return results
 
 
-__all__ = ["claim", "execute", "make_tiny_model", "run_suite", "suite", "write_results"]
+__all__ = ["claim", "execute", "make_tiny_model", "restore", "run_suite", "suite", "write_results"]
