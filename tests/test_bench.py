@@ -311,3 +311,55 @@ def test_a_long_suite_plots_one_panel_per_task(tmp_path):
     bench._plots(results[:20], tmp_path)  # a short suite: one panel
     width = struct.unpack(">I", (tmp_path / "dev_vs_forward_passes.png").read_bytes()[16:20])[0]
     assert width == 7 * 120
+
+
+def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committed_results(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """What is committed (results.jsonl, or only results.csv) is enough to go on elsewhere:
+    the finished runs are not run again, report as before, and feed the seeds' rate choice."""
+    grid = [tiny_run(tiny_model_dir, lr=lr, seed=0, steps=4, eval_every=2) for lr in (1e-4, 1e-2)]
+    monkeypatch.setattr(bench, "suite", lambda name, out: grid + bench._seeds_at_best(grid, out))
+    first = run_suite("tiny", tmp_path / "old")
+    records = [json.loads(x) for x in (tmp_path / "old" / "results.jsonl").read_text().splitlines()]
+    assert all(len(r["curve"]) == 2 for r in records)  # each run's dev evaluations, kept
+    table = lambda out: [x for x in (out / "report.md").read_text().splitlines() if "| mezo |" in x]  # noqa: E731
+
+    def no_runs(*a, **k):
+        raise AssertionError("a restored run was run again")
+
+    monkeypatch.setattr(bench, "_run_child", no_runs)
+    for kept in ("results.jsonl", "results.csv"):
+        archive = tmp_path / f"committed-{kept}"
+        archive.mkdir()
+        (archive / kept).write_bytes((tmp_path / "old" / kept).read_bytes())
+        new = tmp_path / f"new-{kept}"
+        again = run_suite("tiny", new, restore_from=archive)
+        assert [(r["id"], r["dev"], r["test"], r["steps"]) for r in again] == [
+            (r["id"], r["dev"], r["test"], r["steps"]) for r in first
+        ]
+        # the run rows and the seed table; when each run first reached MeZO's best needs curves
+        to_target = lambda x: " | - | " in x  # noqa: E731 - its rows' head column
+        assert table(new) == [
+            x for x in table(tmp_path / "old") if kept == "results.jsonl" or not to_target(x)
+        ]
+        assert any(map(to_target, table(new))) == (kept == "results.jsonl")
+        curves = [(new / "runs" / r["id"] / "metrics.jsonl").is_file() for r in first]
+        assert curves == [kept == "results.jsonl"] * 4  # a CSV keeps no curve: none is made up
+        seeds_png = (new / "dev_vs_forward_passes_seeds.png").is_file()
+        assert seeds_png == (kept == "results.jsonl")
+        assert run_suite("tiny", new, restore_from=archive)  # a second restore takes nothing
+        assert "restored 0 finished runs" in (
+            subprocess.run(
+                [sys.executable, "-m", "zotune.cli", "bench", "smoke", "--out", str(new),
+                 "--restore", str(archive), "--dry-run"], capture_output=True, text=True,
+            ).stdout
+        )  # fmt: skip
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = subprocess.run(
+        [sys.executable, "-m", "zotune.cli", "bench", "smoke", "--out", str(tmp_path / "x"),
+         "--restore", str(empty), "--dry-run"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert err.returncode != 0 and "no results.jsonl or results.csv" in err.stderr
+    assert len(err.stderr.strip().splitlines()) == 1

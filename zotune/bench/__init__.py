@@ -894,7 +894,8 @@ def _plots(results: list[dict], out: Path) -> None:
             ax.set_title(Path(str(group[0]["task"])).stem)
         ax.set_xlabel("forward passes")
         ax.set_ylabel("dev accuracy / F1 (%)")
-        ax.legend(fontsize=6, ncol=2)
+        if ax.get_legend_handles_labels()[0]:  # none where every run was restored without a log
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "dev_vs_forward_passes.png", dpi=120)
     plt.close(fig)
