@@ -314,7 +314,7 @@ def test_a_long_suite_plots_one_panel_per_task(tmp_path):
 
 
 def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committed_results(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch, capsys
 ):
     """What is committed (results.jsonl, or only results.csv) is enough to go on elsewhere:
     the finished runs are not run again, report as before, and feed the seeds' rate choice."""
@@ -324,6 +324,7 @@ def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committ
     records = [json.loads(x) for x in (tmp_path / "old" / "results.jsonl").read_text().splitlines()]
     assert all(len(r["curve"]) == 2 for r in records)  # each run's dev evaluations, kept
     table = lambda out: [x for x in (out / "report.md").read_text().splitlines() if "| mezo |" in x]  # noqa: E731
+    to_target = lambda x: x.count("|") == 9  # noqa: E731 - its rows: 8 columns
 
     def no_runs(*a, **k):
         raise AssertionError("a restored run was run again")
@@ -334,12 +335,16 @@ def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committ
         archive.mkdir()
         (archive / kept).write_bytes((tmp_path / "old" / kept).read_bytes())
         new = tmp_path / f"new-{kept}"
+        # an earlier try of one run, stopped on the new machine before it finished
+        (new / "runs" / first[0]["id"]).mkdir(parents=True)
+        (new / "runs" / first[0]["id"] / "summary.json").write_text('{"status": "interrupted"}')
+        capsys.readouterr()
         again = run_suite("tiny", new, restore_from=archive)
+        assert "restored 4 finished runs" in capsys.readouterr().out
         assert [(r["id"], r["dev"], r["test"], r["steps"]) for r in again] == [
             (r["id"], r["dev"], r["test"], r["steps"]) for r in first
         ]
         # the run rows and the seed table; when each run first reached MeZO's best needs curves
-        to_target = lambda x: " | - | " in x  # noqa: E731 - its rows' head column
         assert table(new) == [
             x for x in table(tmp_path / "old") if kept == "results.jsonl" or not to_target(x)
         ]
@@ -348,18 +353,33 @@ def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committ
         assert curves == [kept == "results.jsonl"] * 4  # a CSV keeps no curve: none is made up
         seeds_png = (new / "dev_vs_forward_passes_seeds.png").is_file()
         assert seeds_png == (kept == "results.jsonl")
-        assert run_suite("tiny", new, restore_from=archive)  # a second restore takes nothing
-        assert "restored 0 finished runs" in (
-            subprocess.run(
-                [sys.executable, "-m", "zotune.cli", "bench", "smoke", "--out", str(new),
-                 "--restore", str(archive), "--dry-run"], capture_output=True, text=True,
-            ).stdout
-        )  # fmt: skip
+        run_suite("tiny", new, restore_from=archive)
+        assert "restored 0 finished runs" in capsys.readouterr().out  # none taken twice
+    # a run that another worker holds is left to it
+    held = tmp_path / "held"
+    with bench.claim(held, first[1]["id"]):
+        assert bench.restore(tmp_path / "committed-results.jsonl", held) == 3
+    assert not (held / "runs" / first[1]["id"]).exists()
+    # bad archives: one line that says what is wrong, and nothing written
     empty = tmp_path / "empty"
     empty.mkdir()
-    err = subprocess.run(
-        [sys.executable, "-m", "zotune.cli", "bench", "smoke", "--out", str(tmp_path / "x"),
-         "--restore", str(empty), "--dry-run"], capture_output=True, text=True,
-    )  # fmt: skip
-    assert err.returncode != 0 and "no results.jsonl or results.csv" in err.stderr
-    assert len(err.stderr.strip().splitlines()) == 1
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "results.jsonl").write_text('{"peak_memory_mb": 1.0}\n')
+    for archive, says in [(empty, "no results.jsonl or results.csv"), (tmp_path / "memory", "without a run id")]:  # fmt: skip
+        err = subprocess.run(
+            [sys.executable, "-m", "zotune.cli", "bench", "convergence", "--out",
+             str(tmp_path / "x"), "--restore", str(archive), "--report-only"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert err.returncode != 0 and says in err.stderr
+        assert len(err.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "x" / "runs").exists()
+
+
+def test_a_csv_row_comes_back_as_the_record_it_was_flattened_from():
+    record = {"id": "r", "dev": {"f1": 0.5, "em": 0.25}, "metric": "f1", "seed": 1, "lr": 1e-7,
+              "extra": {"refresh": 50}, "stopped_early": "no new best", "sort_micro_batches": True,
+              "provenance": {"git": {"commit": "1234e56", "dirty": False}}}  # fmt: skip
+    flat = {k: str(v) for k, v in bench._flatten(record).items()}
+    back = bench._from_csv(dict(sorted(flat.items())))  # the CSV sorts its columns
+    assert back == record and list(back["dev"]) == ["f1", "em"]

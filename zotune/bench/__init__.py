@@ -513,36 +513,47 @@ def _curve(out: Path, r: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 def _from_csv(row: dict[str, str]) -> dict[str, Any]:
     """A results.csv row back as the nested record it was flattened from: empty cells dropped,
-    numbers and booleans parsed (provenance's strings, a commit hash among them, kept)."""
+    booleans and numbers parsed (provenance's strings, a commit hash among them, kept), and each
+    score's `metric` first again (the CSV's columns are sorted; the first score is the one
+    reported and chosen on)."""
     record: dict[str, Any] = {}
     for key, text in row.items():
         if text == "":
             continue
         value: Any = text
-        if not key.startswith("provenance.") and key != "id":
-            if text in ("True", "False"):
-                value = text == "True"
-            else:
-                for kind in (int, float):
-                    try:
-                        value = kind(text)
-                        break
-                    except ValueError:
-                        pass
+        if text in ("True", "False"):
+            value = text == "True"
+        elif not key.startswith("provenance.") and key != "id":
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
         *parents, leaf = key.split(".")
         node = record
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    metric = record.get("metric")
+    for key, value in record.items():
+        if isinstance(value, dict) and metric in value:
+            record[key] = {metric: value[metric], **value}
     return record
 
 
-def restore(archive: str | os.PathLike, out: str | os.PathLike) -> int:
+# Where a run computed and read its data: the suite's own run says that on the new machine.
+_NOT_RESTORED = {"id", "curve", "device", "data_dir"}
+
+
+def restore(archive: str | os.PathLike, out: str | os.PathLike, *, dry_run: bool = False) -> int:
     """Take into `out` every finished run that `archive` (a suite's results folder, as committed
-    from an earlier machine) records and `out` lacks; returns how many. A restored run is skipped
-    by the workers, chosen from by the seeds' learning-rate choice and reported like any other.
-    Its dev curve comes back from results.jsonl; from a results.csv (where only that was kept)
-    its summary alone does, and the plots and the forward passes to a target leave it out."""
+    from an earlier machine) records and `out` lacks; returns how many (with `dry_run`, how many
+    it would take, writing nothing). A restored run is skipped by the workers, chosen from by
+    the seeds' learning-rate choice and reported like any other. Its dev curve comes back from
+    results.jsonl; from a results.csv (where only that was kept) its summary alone does, and the
+    plots and the forward passes to a target leave it out. A run another worker holds is left
+    to it, and a summary lands whole (renamed into place) or not at all."""
     archive, out = Path(archive), Path(out)
     if (archive / "results.jsonl").is_file():
         lines = (archive / "results.jsonl").read_text().splitlines()
@@ -554,20 +565,32 @@ def restore(archive: str | os.PathLike, out: str | os.PathLike) -> int:
         raise ConfigError(f"{archive}: no results.jsonl or results.csv to restore runs from")
     taken = 0
     for record in records:
-        if "error" in record or record.get("status", "completed") != "completed":
+        rid = str(record.get("id", ""))
+        if not rid or rid != Path(rid).name or rid.startswith("."):
+            raise ConfigError(
+                f"{archive}: a record without a run id ({rid!r}): not a suite of runs"
+            )
+        done = "error" not in record and record.get("status", "completed") == "completed"
+        target = out / "runs" / rid
+        if not done or _status(target) == "completed":
             continue
-        target = out / "runs" / str(record["id"])
-        if _status(target) == "completed":
+        if dry_run:
+            taken += 1
             continue
-        curve = record.pop("curve", None)
-        summary = {k: v for k, v in record.items() if k != "id"}
-        summary.update(status="completed", restored_from=str(archive))
-        shutil.rmtree(target, ignore_errors=True)  # an unfinished try here: the archive's is done
-        target.mkdir(parents=True)
-        if curve is not None:
-            (target / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in curve))
-        (target / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        taken += 1
+        with claim(out, rid) as fd:
+            if fd is None:  # another worker is running it here: its own run stands
+                continue
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished try: the archive's is done
+            target.mkdir(parents=True)
+            if record.get("curve") is not None:
+                lines = [json.dumps(x) + "\n" for x in record["curve"]]
+                (target / "metrics.jsonl").write_text("".join(lines))
+            summary = {k: v for k, v in record.items() if k not in _NOT_RESTORED}
+            summary.update(status="completed", restored_from=str(archive))
+            tmp = target / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+            os.replace(tmp, target / "summary.json")  # last: a run is finished once this lands
+            taken += 1
     return taken
 
 
@@ -592,10 +615,11 @@ def write_results(results: list[dict], out: Path, title: str) -> None:
 
 
 def _setting(r: dict[str, Any]) -> str:
-    """A run's configuration without its seed, with its whole batch in place of how that is cut
-    into micro-batches (the same examples and loss), and with the steps asked for, not those a
-    plateau (`patience`) let it run: the runs that differ only by seed share it."""
-    skip = {"seed", "data_dir", "grad_accum", "sort_micro_batches", "patience"}
+    """A run's configuration without its seed or where it ran (as its id), with its whole batch
+    in place of how that is cut into micro-batches (the same examples and loss), and with the
+    steps asked for, not those a plateau (`patience`) let it run: the runs that differ only by
+    seed share it."""
+    skip = {"seed", "data_dir", "device", "grad_accum", "sort_micro_batches", "patience"}
     setting = {k: v for k, v in r.items() if k in TRAIN_KEYS and k not in skip}
     if "batch_size" in setting:
         setting["batch_size"] *= int(r.get("grad_accum") or 1)
@@ -929,8 +953,13 @@ def run_suite(
     `restore_from` a results folder whose finished runs `out` takes first (see `restore`)."""
     out = Path(out)
     if restore_from is not None:
-        with claim(out, "report", wait=True):  # not while another worker writes the report
-            print(f"restored {restore(restore_from, out)} finished runs from {restore_from}")
+        if name == "memory":
+            raise ConfigError("the memory suite measures, it has no finished runs to restore")
+        if dry_run:
+            print(f"would restore {restore(restore_from, out, dry_run=True)} finished runs")
+        else:
+            with claim(out, "report", wait=True):  # not while another worker writes the report
+                print(f"restored {restore(restore_from, out)} finished runs from {restore_from}")
     if name == "memory":
         from .memory import BASES, memory_suite
 
