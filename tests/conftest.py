@@ -14,6 +14,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_4bit_model_dir(tmp_path_factory) -> str:
+    """The tiny Llama at hidden size 64: bitsandbytes' 4-bit CPU kernel (on CPUs with AVX512-BF16)
+    packs each layer's weights in blocks of 64 input features, as every real model's widths
+    allow and hidden size 32 does not."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-64", hidden_size=64)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tiny_model_dir, tmp_path_factory) -> str:
     """A bare 2-layer BERT (no head: zotune loads it as a classifier) with the tiny tokenizer."""
     import torch

@@ -156,9 +156,9 @@ def test_load_model_refuses_max_memory_without_a_map_and_unknown_quantize(tiny_m
 
 @needs_bnb
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
-def test_lora_on_a_quantized_base_trains_and_replays(tiny_model_dir, tmp_path, bits):
-    full = load_model(tiny_model_dir)
-    loaded = load_model(tiny_model_dir, quantize=bits)
+def test_lora_on_a_quantized_base_trains_and_replays(tiny_4bit_model_dir, tmp_path, bits):
+    full = load_model(tiny_4bit_model_dir)
+    loaded = load_model(tiny_4bit_model_dir, quantize=bits)
     assert loaded.quantize == bits
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
     # the attention and MLP projections are stored in 1 byte (8bit) or half a byte (4bit)
@@ -171,18 +171,18 @@ def test_lora_on_a_quantized_base_trains_and_replays(tiny_model_dir, tmp_path, b
     after = [p.detach().clone() for p in lora.model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     path = opt.trajectory.save(tmp_path / "t.zot")
-    fresh = apply_peft(load_model(tiny_model_dir, quantize=bits), "lora", seed=1)
+    fresh = apply_peft(load_model(tiny_4bit_model_dir, quantize=bits), "lora", seed=1)
     replay(fresh.model, path)
     got = [p.detach() for p in fresh.model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(after, got))
 
 
 @needs_bnb
-def test_prefix_tuning_on_a_4bit_base_is_a_training_run(tiny_model_dir, tmp_path):
+def test_prefix_tuning_on_a_4bit_base_is_a_training_run(tiny_4bit_model_dir, tmp_path):
     from zotune.train import train
 
     cfg = TrainConfig(
-        model=tiny_model_dir, task="sst2", peft="prefix", quantize="4bit", device="cpu", steps=2,
+        model=tiny_4bit_model_dir, task="sst2", peft="prefix", quantize="4bit", device="cpu", steps=2,
         eval_every=2, batch_size=2, num_train=8, num_dev=4, num_test=4, lr=1e-2, eps=1e-1,
         out=str(tmp_path / "run"),
     )  # fmt: skip
@@ -394,10 +394,10 @@ def test_cuda_training_run_reports_the_allocators_peak(tiny_model_dir, tmp_path)
 
 
 @needs_bnb
-def test_memory_bench_measures_lora_on_a_quantized_base(tiny_model_dir):
+def test_memory_bench_measures_lora_on_a_quantized_base(tiny_4bit_model_dir):
     from zotune.bench.memory import measure
 
-    row = measure(tiny_model_dir, "mezo", 2, 8, 1, device="cpu", peft="lora", quantize="4bit")
+    row = measure(tiny_4bit_model_dir, "mezo", 2, 8, 1, device="cpu", peft="lora", quantize="4bit")
     assert row["quantize"] == "4bit" and row["dtype"] == "float32" and row["device"] == "cpu"
     assert row["peak_mb"] > 0 and row["loaded_mb"] > 0
 

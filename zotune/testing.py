@@ -25,9 +25,9 @@ def bert_config(vocab: int, **kw) -> BertConfig:
     return BertConfig(vocab_size=vocab, max_position_embeddings=512, **dims, **kw)
 
 
-def make_tiny_model(path: str | os.PathLike) -> str:
-    """A 2-layer random Llama with a byte-level tokenizer trained on the shipped SST-2 sample:
-    seconds to build, for smoke runs and tests."""
+def make_tiny_model(path: str | os.PathLike, hidden_size: int = 32) -> str:
+    """A 2-layer random Llama (MLP width 2 x `hidden_size`) with a byte-level tokenizer trained
+    on the shipped SST-2 sample: seconds to build, for smoke runs and tests."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -46,8 +46,8 @@ def make_tiny_model(path: str | os.PathLike) -> str:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
