@@ -330,6 +330,7 @@ def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committ
         raise AssertionError("a restored run was run again")
 
     monkeypatch.setattr(bench, "_run_child", no_runs)
+    restored = {}
     for kept in ("results.jsonl", "results.csv"):
         archive = tmp_path / f"committed-{kept}"
         archive.mkdir()
@@ -353,8 +354,17 @@ def test_a_suite_moved_to_a_new_machine_takes_its_finished_runs_from_the_committ
         assert curves == [kept == "results.jsonl"] * 4  # a CSV keeps no curve: none is made up
         seeds_png = (new / "dev_vs_forward_passes_seeds.png").is_file()
         assert seeds_png == (kept == "results.jsonl")
+        restored[kept] = (again, new)
         run_suite("tiny", new, restore_from=archive)
         assert "restored 0 finished runs" in capsys.readouterr().out  # none taken twice
+    # the plot of every run says where the curves went, rather than look as if nothing ran
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    for kept, (results, out) in restored.items():
+        bench._plots(results, out)
+        title = figures[-3].axes[0].get_title()  # then memory and step time
+        lost = "(4 runs restored without their curves: results.csv rows only)"
+        assert title == ("" if kept == "results.jsonl" else lost)
     # a run that another worker holds is left to it
     held = tmp_path / "held"
     with bench.claim(held, first[1]["id"]):

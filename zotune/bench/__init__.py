@@ -914,8 +914,11 @@ def _plots(results: list[dict], out: Path) -> None:
                 label=label,
                 color=color,
             )
-        if panels:
-            ax.set_title(Path(str(group[0]["task"])).stem)
+        title = [Path(str(group[0]["task"])).stem] if panels else []
+        lost = sum(r["steps"] > 0 and _curve(out, r) is None for r in group)
+        if lost:  # say so on the panel, rather than leave it looking as if nothing ran
+            title.append(f"({lost} runs restored without their curves: results.csv rows only)")
+        ax.set_title("\n".join(title), fontsize=10)
         ax.set_xlabel("forward passes")
         ax.set_ylabel("dev accuracy / F1 (%)")
         if ax.get_legend_handles_labels()[0]:  # none where every run was restored without a log
