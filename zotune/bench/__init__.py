@@ -39,7 +39,7 @@ import yaml
 
 from ..checkpoint import CHECKPOINT
 from ..testing import make_tiny_model
-from ..train import ConfigError, TrainConfig
+from ..train import ConfigError, TrainConfig, _write_json
 
 TRAIN_KEYS = set(TrainConfig.__dataclass_fields__)
 
@@ -587,9 +587,7 @@ def restore(archive: str | os.PathLike, out: str | os.PathLike, *, dry_run: bool
                 (target / "metrics.jsonl").write_text("".join(lines))
             summary = {k: v for k, v in record.items() if k not in _NOT_RESTORED}
             summary.update(status="completed", restored_from=str(archive))
-            tmp = target / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2, default=str))
-            os.replace(tmp, target / "summary.json")  # last: a run is finished once this lands
+            _write_json(target / "summary.json", summary)  # last: the run is finished once it lands
             taken += 1
     return taken
 
