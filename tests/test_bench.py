@@ -90,6 +90,15 @@ def test_a_suite_adds_seeds_at_the_rate_chosen_on_dev(tiny_model_dir, tmp_path, 
         full, zoom = fig.axes[:2]
         assert zoom.get_ylim() == pytest.approx((start - 5, start + 5))
         assert [len(ax.lines) for ax in (full, zoom)] == [1, 1]  # the same curves in both
+    # a seed restored without its curve (from a results.csv): the others are drawn, and the
+    # label says so, rather than the method vanishing from the plot
+    (tmp_path / "runs" / group[0]["id"] / "metrics.jsonl").unlink()
+    figures.clear()
+    bench._band_plots(results, [group], tmp_path)
+    [label] = {fig.axes[0].get_legend_handles_labels()[1][0] for fig in figures}
+    assert label.endswith("(2 of 3 seeds; the rest restored without their curves)")
+    for fig in figures:
+        assert [len(ax.lines) for ax in fig.axes[:2]] == [1, 1]
 
 
 def test_run_ids_leave_out_where_and_when_a_run_stops_but_not_what_it_computes():

@@ -716,11 +716,14 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
         import numpy as np
     except ImportError:
         return
-    # a group is drawn where every seed's curve was kept (runs restored from a results.csv lost theirs)
-    groups = [g for g in groups if all(_curve(out, r) is not None for r in g)]
-    if not groups:
+    # a group is drawn from the seeds whose curves were kept (runs restored from a results.csv
+    # lost theirs), and its label says how many of its seeds that is
+    drawn = [
+        (kept, len(g)) for g in groups if (kept := [r for r in g if _curve(out, r) is not None])
+    ]
+    if not drawn:
         return
-    tasks = sorted({str(g[0]["task"]) for g in groups})
+    tasks = sorted({str(g[0]["task"]) for g, _ in drawn})
     for x_key, fname, xlabel in [
         ("forward_passes", "dev_vs_forward_passes_seeds.png", "training forward passes"),
         ("elapsed", "dev_vs_wall_time_seeds.png", "wall time (s)"),
@@ -730,7 +733,7 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
         )
         for col, task in enumerate(tasks):
             starts = []
-            for g in (g for g in groups if str(g[0]["task"]) == task):
+            for g, total in ((g, n) for g, n in drawn if str(g[0]["task"]) == task):
                 curves = []
                 for r in g:
                     curve = [
@@ -752,7 +755,12 @@ def _band_plots(results: list[dict], groups: list[list[dict]], out: Path) -> Non
                     if g[0].get("init_head") == "linear-probe"
                     else f" ({g[0].get('init_head', 'fresh')} head)"
                 )
-                label = f"{g[0]['method']}{head} lr {g[0].get('lr')} ({len(g)} seeds)"
+                seeds = (
+                    f"{len(g)} seeds"
+                    if len(g) == total
+                    else (f"{len(g)} of {total} seeds; the rest restored without their curves")
+                )
+                label = f"{g[0]['method']}{head} lr {g[0].get('lr')} ({seeds})"
                 for ax in axes[:, col]:
                     line = ax.plot(xs, ys.mean(0), label=label)
                     ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2, color=line[0].get_color())  # fmt: skip
